@@ -1,0 +1,245 @@
+"""`kotune` command line: a thin layer over the library.
+
+Heavy modules (torch, transformers) are imported inside the commands, so
+`kotune --help` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="kotune: fine-tune Korean language models with LoRA, then chat, ask and merge.")
+
+_KNOWN_ERRORS = ("ConfigError", "DataError", "ModelError", "TrainError", "TemplateError", "ValueError", "FileNotFoundError")
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    """Known problems become one clear message and exit code 2 — no traceback."""
+    from .train import Interrupted
+
+    try:
+        return fn(*args, **kwargs)
+    except Interrupted as e:
+        typer.echo(f"\nstopped: checkpoint saved at {e.checkpoint}. Continue with `kotune train --config … --resume`.", err=True)
+        raise typer.Exit(130)
+    except Exception as e:  # noqa: BLE001 - narrowed just below
+        if type(e).__name__ in _KNOWN_ERRORS:
+            _fail(e)
+        raise
+
+
+def _config(config: Optional[Path], sets: List[str], flags: dict, run_dir: Optional[str] = None):
+    try:
+        if config is None and run_dir is not None:
+            config = Path(run_dir) / "config.yaml"
+        return load_config(config, sets, flags)
+    except ConfigError as e:
+        _fail(e)
+
+
+@app.command()
+def train(
+    config_arg: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="YAML config (same as --config)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file, e.g. configs/civil_law.yaml."),
+    sets: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set training.learning_rate=1e-4 (repeatable)."),
+    csv_path: Optional[str] = typer.Option(None, "--csv_path", help="Training data file (data.train_file)."),
+    output_dir: Optional[str] = typer.Option(None, "--output_dir", help="Run folder (model.output_dir)."),
+    max_steps: Optional[int] = typer.Option(None, "--max_steps", help="Stop after N optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch_size", help="Micro-batch size (data.batch_size)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning_rate", help="Peak learning rate."),
+    model_name: Optional[str] = typer.Option(None, "--model_name", help="Base model (model.name)."),
+    max_length: Optional[int] = typer.Option(None, "--max_length", help="Longest sample in tokens (data.max_length)."),
+    dry_run: bool = typer.Option(False, "--dry_run", help="Validate config and data, print statistics and one rendered sample, then exit."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from the latest checkpoint of the run folder, or from PATH."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already has checkpoints."),
+):
+    """Fine-tune with LoRA (causal-LM SFT: loss on answer tokens and EOS)."""
+    cfg = _config(config or config_arg, sets, dict(csv_path=csv_path, output_dir=output_dir, max_steps=max_steps,
+                  batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, model_name=model_name, max_length=max_length))
+    from .train import train as run_train
+
+    result = _run(run_train, cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if dry_run:
+        typer.echo(result)
+    else:
+        typer.echo(f"done: {result}  (try: kotune chat {result} --quick_test)")
+
+
+def _bot(run: Optional[str], model_path: Optional[str], **gen):
+    path = run or model_path
+    if not path:
+        _fail(ValueError("give the run folder: kotune chat RUN (or --model_path RUN)."))
+    from .generate import Chatbot
+
+    return _run(Chatbot.from_run, path, **gen)
+
+
+def _print_answer(bot, question: str) -> None:
+    typer.echo(f"질문: {question}")
+    typer.echo("답변: ", nl=False)
+    a = bot.answer(question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    end = "EOS" if a.stopped else f"max_new_tokens ({a.new_tokens} tokens)"
+    typer.echo(f"\n  [{a.new_tokens} tokens, {a.seconds:.1f}s, stopped by {end}]\n")
+
+
+@app.command()
+def chat(
+    run: Optional[str] = typer.Argument(None, help="Run folder written by `kotune train`."),
+    model_path: Optional[str] = typer.Option(None, "--model_path", help="Same as RUN (the seed's flag)."),
+    interactive: bool = typer.Option(False, "--interactive", help="Interactive chat (the default when no question is given)."),
+    question: Optional[str] = typer.Option(None, "--question", "-q", help="Answer one question and exit."),
+    quick_test: bool = typer.Option(False, "--quick_test", help="Answer the config's fixed quick-test questions."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    top_p: Optional[float] = typer.Option(None, "--top_p"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition_penalty"),
+    greedy: Optional[bool] = typer.Option(None, "--greedy/--sample", help="Deterministic decoding, or sampling."),
+):
+    """Chat with a trained run: REPL, one --question, or --quick_test."""
+    from .generate import EXIT_WORDS
+
+    bot = _bot(run, model_path, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+               repetition_penalty=repetition_penalty, greedy=greedy)
+    if question:
+        _print_answer(bot, question)
+    if quick_test:
+        qs = bot.gen.quick_test_questions
+        stopped = 0
+        for q in qs:
+            typer.echo(f"질문: {q}")
+            typer.echo("답변: ", nl=False)
+            a = bot.answer(q, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            stopped += a.stopped
+            typer.echo(f"\n  [{a.new_tokens} tokens, {a.seconds:.1f}s, {'EOS' if a.stopped else 'cut at max_new_tokens'}]\n")
+        typer.echo(f"quick test: {stopped}/{len(qs)} answers ended with EOS before max_new_tokens")
+    if interactive or not (question or quick_test):
+        typer.echo("민법 부동산·전세 상담 챗봇입니다. 종료: quit / exit / 종료 / 나가기")
+        while True:
+            try:
+                q = input("\n질문> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                typer.echo("")
+                break
+            if q.lower() in EXIT_WORDS:
+                break
+            if q:
+                typer.echo("답변: ", nl=False)
+                a = bot.answer(q, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+                typer.echo("" if a.stopped else "  […]")
+
+
+@app.command()
+def ask(
+    run: str = typer.Argument(..., help="Run folder."),
+    questions: Path = typer.Option(..., "--questions", help='JSONL input, lines {"id": …, "question": …}.'),
+    output: Path = typer.Option(..., "--output", help="JSONL output: the input lines plus \"answer\"."),
+    batch_size: int = typer.Option(8, "--batch_size", help="Questions generated together."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
+    greedy: Optional[bool] = typer.Option(None, "--greedy/--sample"),
+):
+    """Answer a batch file of questions."""
+    from .generate import ask_file
+
+    if not questions.is_file():
+        _fail(FileNotFoundError(f"{questions}: file not found."))
+    bot = _bot(run, None, max_new_tokens=max_new_tokens, greedy=greedy)
+    stats = _run(ask_file, bot, questions, output, batch_size)
+    typer.echo(f"wrote {output}: {stats['questions']} answers, {stats['stopped_at_eos']} ended with EOS, "
+               f"{stats['mean_seconds']:.2f}s per answer")
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="CSV or JSONL file (or save_to_disk folder) to check."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Also check against this config's columns and template tokenizer."),
+):
+    """Check a data file: columns, encoding, empty cells, duplicates — every problem with its row."""
+    from .data import DataError, load_examples
+
+    cfg = _config(config, [], {})
+    d = cfg.data
+    try:
+        examples, report = load_examples(file, encoding=d.encoding, question_column=d.question_column,
+                                         answer_column=d.answer_column, bad_rows="skip", duplicates="keep")
+    except DataError as e:
+        _fail(e)
+    typer.echo(report.summary())
+    for msg in report.problems + report.duplicates:
+        typer.echo(f"  - {msg}")
+    cats = {}
+    for ex in examples:
+        cats[ex.category or "(none)"] = cats.get(ex.category or "(none)", 0) + 1
+    typer.echo("categories: " + ", ".join(f"{k} {v}" for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
+    if config is not None:
+        from .prompt import encode_all, length_stats
+        from .model import load_tokenizer, resolve_model
+
+        tok = _run(load_tokenizer, _run(resolve_model, cfg.model.name, cfg.model.cache_dir),
+                   trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+        _, long_rows, errors, lengths = encode_all(tok, examples, d.template, d.max_length)
+        s = length_stats(lengths, d.max_length)
+        typer.echo(f"tokens: p50 {s['p50']}, p95 {s['p95']}, max {s['max']}; over max_length {d.max_length}: {s['over_max_length']}")
+        for msg in long_rows + errors:
+            typer.echo(f"  - {msg}")
+        report.problems += errors
+    if report.problems or report.duplicates:
+        raise typer.Exit(1)
+    typer.echo("ok")
+
+
+@app.command()
+def merge(
+    run: str = typer.Argument(..., help="Run folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged safetensors model."),
+):
+    """Merge the LoRA adapter into the base model and save it (safetensors)."""
+    from .model import merge_run
+
+    out = _run(merge_run, run, output)
+    typer.echo(f"merged model written to {out}")
+
+
+@app.command(name="config")
+def show_config(
+    config: Optional[Path] = typer.Argument(None, help="YAML config to resolve (defaults when omitted)."),
+    sets: List[str] = typer.Option([], "--set", "-s", help="Override a key (repeatable)."),
+    reference: bool = typer.Option(False, "--reference", help="Print the reference of every key (markdown)."),
+):
+    """Print the resolved config, or the reference of all keys."""
+    if reference:
+        from .config import config_reference
+
+        typer.echo(config_reference())
+        return
+    typer.echo(_config(config, sets, {}).to_yaml())
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """`--resume` may stand alone (latest checkpoint) or take a PATH."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-") or argv[i + 1].endswith((".yaml", ".yml"))):
+            out.append("latest")
+    return out
+
+
+def main() -> None:
+    app(args=_normalise_argv(sys.argv[1:]), prog_name="kotune")
+
+
+if __name__ == "__main__":
+    main()

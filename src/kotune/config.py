@@ -1,0 +1,338 @@
+"""Typed run configuration: the YAML file is the saved form of `KotuneConfig`.
+
+Section and key names follow the seed tool's `config.yaml` (model / data /
+training / memory / logging) so its users find what they know; kotune adds
+`lora` and `generation`. Every field is documented where it is defined; the
+same descriptions feed `docs/config.md` (see `config_reference`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_TEMPLATE = "질문: {question}\n답변: {answer}"
+DEFAULT_QUICK_TEST = [
+    "전세권이란 무엇인가요?",
+    "전입신고를 하면 대항력은 언제부터 생기나요?",
+    "집주인이 계약 만료 때 보증금을 안 돌려주면 어떻게 해야 하나요?",
+    "계약금만 낸 상태에서 계약을 해제할 수 있나요?",
+    "지상권 존속기간을 정하지 않으면 어떻게 되나요?",
+]
+
+
+class ConfigError(ValueError):
+    """All problems found in a config, one per line, each with its fix."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"{source}: " if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{head}{len(problems)} problem(s) in the config:\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field(
+        "gemma3-270m",
+        description="Base model: a preset name (`gemma3-270m`, `kogpt2`), a Hugging Face hub id "
+        "(e.g. `skt/kogpt2-base-v2`, used when the hub is reachable or the model is cached), "
+        "a local folder in HF format, or a `.gguf` file.",
+    )
+    task: Literal["causal-lm"] = Field("causal-lm", description="What is trained. `causal-lm`: supervised fine-tuning of a decoder on question → answer.")
+    output_dir: str = Field("runs/civil_law", description="Run folder: config, adapter, tokenizer, metrics, logs and checkpoints go here.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where converted models (GGUF → safetensors) are cached. Default: `$KOTUNE_CACHE` or `~/.cache/kotune`.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub repository. Off: turn on only for repositories you trust."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the frozen base weights are loaded in. LoRA weights are always float32."
+    )
+
+
+class DataSection(_Section):
+    train_file: str | None = Field(
+        "data/civil_law_qa.csv",
+        description="Training data: a CSV (`question,answer[,category,difficulty]`), a JSONL file "
+        "(`question/answer`, alpaca `instruction/input/output`, or chat `messages`), or a `save_to_disk` folder.",
+    )
+    eval_file: str | None = Field(None, description="Optional separate evaluation file (same formats). When unset, `eval_ratio` of the training rows are held out.")
+    dataset_name: str | None = Field(
+        None, description="A Hugging Face dataset instead of `train_file`: hub name (when reachable), local data file, or `save_to_disk` folder."
+    )
+    dataset_split: str = Field("train", description="Split of `dataset_name` to train on.")
+    dataset_cache_dir: str | None = Field(None, description="Cache folder for `dataset_name` downloads.")
+    encoding: str | None = Field(None, description="Text encoding of CSV/JSONL files. Unset: detect utf-8, utf-8 with BOM, cp949/euc-kr.")
+    question_column: str = Field("question", description="Column holding the question (CSV, JSONL, HF datasets).")
+    answer_column: str = Field("answer", description="Column holding the answer.")
+    template: str = Field(
+        DEFAULT_TEMPLATE,
+        description="Prompt template with `{question}` and `{answer}`; `{answer}` must come last. "
+        "The tokenizer's EOS id is appended after the answer; never write `</s>` into the template.",
+    )
+    max_length: int = Field(256, ge=16, description="Longest training sample in tokens (prompt + answer + EOS).")
+    too_long: Literal["drop", "error"] = Field(
+        "drop", description="Rows longer than `max_length`: `drop` (counted and listed in the log) or `error`. They are never truncated, which would cut off EOS."
+    )
+    duplicates: Literal["drop", "keep", "error"] = Field("drop", description="Rows whose question and answer repeat an earlier row.")
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="Rows with an empty question/answer or broken JSON: `error` stops with the list; `skip` drops them with a count in the log."
+    )
+    eval_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation when `eval_file` is unset (0 disables evaluation).")
+    batch_size: int = Field(4, ge=1, description="Micro-batch size per optimizer micro-step.")
+    group_by_length: bool = Field(True, description="Batch rows of similar length together so little compute is spent on padding.")
+
+
+class LoraSection(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt. Unset: the model preset's choice (e.g. `c_attn`,`c_proj` for GPT-2/KoGPT2; attention and MLP projections for Gemma/Llama)."
+    )
+    fan_in_fan_out: bool | None = Field(None, description="Set for GPT-2 style Conv1D layers. Unset: detected from the architecture.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+
+
+class TrainingSection(_Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA weights.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Warm-up as a share of all steps, used when `warmup_steps` is 0.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warm-up.")
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm (unset: no clipping).")
+    seed: int = Field(42, description="Seed for the eval split, data order, LoRA init and dropout.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps. Unset: at the end of each epoch and of training.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    logging_steps: int = Field(5, ge=1, description="Log loss and speed every N optimizer steps.")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch. Unset: one per physical core.")
+
+
+class MemorySection(_Section):
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; the loss is averaged over all answer tokens of the whole step.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast dtype. `auto`: bf16 on a CUDA GPU that supports it or a CPU with native bf16 (AVX-512 BF16 / AMX), else none. `true`/`false` are accepted as `auto`/`no`.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, about 30% slower.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bool_precision(cls, v: Any) -> Any:
+        if v is True:
+            return "auto"
+        if v is False:
+            return "no"
+        return v
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level for the console and the run's log file.")
+    format: str = Field("%(asctime)s - %(levelname)s - %(message)s", description="Python logging format of the log file.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to `<output_dir>/tensorboard` (extra `kotune[tensorboard]`).")
+    progress_bar: bool = Field(True, description="Show a progress bar with loss, tokens/s and ETA.")
+
+
+class GenerationSection(_Section):
+    max_new_tokens: int = Field(256, ge=1, description="Longest answer in tokens; generation stops earlier at EOS.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature (ignored when `greedy`).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(50, ge=0, description="Sample among the k most likely tokens (0: no limit).")
+    repetition_penalty: float = Field(1.1, ge=1.0, description="Penalty on repeating tokens (1.0: none).")
+    greedy: bool = Field(False, description="Always pick the most likely token (deterministic).")
+    quick_test_questions: list[str] = Field(default_factory=lambda: list(DEFAULT_QUICK_TEST), description="Questions asked by `kotune chat --quick_test`.")
+
+
+class KotuneConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+
+SECTIONS = {name: field.annotation for name, field in KotuneConfig.model_fields.items()}
+
+# The seed's flags (`main_train_cpu.py` / `main_inference_cpu.py`) map onto dotted keys.
+FLAG_KEYS = {
+    "csv_path": "data.train_file",
+    "output_dir": "model.output_dir",
+    "max_steps": "training.max_steps",
+    "batch_size": "data.batch_size",
+    "epochs": "training.epochs",
+    "learning_rate": "training.learning_rate",
+    "max_new_tokens": "generation.max_new_tokens",
+    "temperature": "generation.temperature",
+    "top_p": "generation.top_p",
+    "repetition_penalty": "generation.repetition_penalty",
+    "greedy": "generation.greedy",
+    "model_name": "model.name",
+    "max_length": "data.max_length",
+}
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" Did you mean `{close[0]}`?" if close else f" Known keys: {', '.join(options)}."
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """Field names valid at the parent of `loc` (for 'did you mean' hints)."""
+    model: type[BaseModel] = KotuneConfig
+    for part in loc[:-1]:
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"`{key}`: unknown key.{_suggest(loc[-1], _known_keys(loc))}"
+    if err["type"] == "missing":
+        return f"`{key}`: required key is missing."
+    value = err.get("input")
+    return f"`{key}`: {err['msg']} (got {value!r})."
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str]) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        problems.append(f"override `{dotted}`: use `section.key=value`, e.g. `training.learning_rate=1e-4`.")
+        return
+    section, key = parts
+    if section not in SECTIONS:
+        problems.append(f"override `{dotted}`: unknown section `{section}`.{_suggest(section, list(SECTIONS))}")
+        return
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        problems.append(f"override `{dotted}`: `{section}` in the file is not a mapping.")
+        return
+    node[key] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`training.learning_rate=1e-4` → ('training.learning_rate', 0.0001); values are YAML."""
+    if "=" not in text:
+        raise ConfigError([f"override `{text}`: expected `section.key=value`."])
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads `1e-4` as a string (it wants `1.0e-4`); users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> KotuneConfig:
+    """Read YAML (optional), apply `--set` overrides then seed-style flags, validate.
+
+    Every problem — YAML, unknown keys, bad values, bad overrides — is gathered
+    and raised together in one `ConfigError`.
+    """
+    source = str(path) if path else None
+    problems: list[str] = []
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"file not found. Check the path, or start from `configs/civil_law.yaml`."], source)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(["top level must be a mapping of sections (model:, data:, …)."], source)
+        tree = loaded
+    for text in overrides or []:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        _set_dotted(tree, key, value, problems)
+    for flag, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(tree, FLAG_KEYS[flag], value, problems)
+    try:
+        config = KotuneConfig.model_validate(tree)
+    except ValidationError as e:
+        problems.extend(_describe(err) for err in e.errors())
+        config = None
+    if config is not None:
+        problems.extend(_semantic_problems(config))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _semantic_problems(cfg: KotuneConfig) -> list[str]:
+    out = []
+    t = cfg.data.template
+    if "{question}" not in t or "{answer}" not in t:
+        out.append("`data.template`: must contain `{question}` and `{answer}`.")
+    elif not t.rstrip().endswith("{answer}"):
+        out.append("`data.template`: `{answer}` must be the last thing in the template (EOS is appended right after it).")
+    if "</s>" in t or "<eos>" in t:
+        out.append("`data.template`: remove the literal EOS string; kotune appends the tokenizer's real EOS id.")
+    if cfg.data.train_file is None and cfg.data.dataset_name is None:
+        out.append("`data.train_file` or `data.dataset_name`: one of them must be set.")
+    return out
+
+
+def cache_root(cfg_cache_dir: str | None = None) -> Path:
+    if cfg_cache_dir:
+        return Path(cfg_cache_dir).expanduser()
+    env = os.environ.get("KOTUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kotune"
+
+
+def config_reference() -> str:
+    """Markdown reference of every key, generated from the field definitions."""
+    lines = ["# Config reference", "", "Generated from `src/kotune/config.py` (`kotune config --reference`).", ""]
+    for section, model in SECTIONS.items():
+        lines += [f"## `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
+        for name, field in model.model_fields.items():
+            default = field.default_factory() if field.default_factory else field.default
+            shown = yaml.safe_dump(default, allow_unicode=True, default_flow_style=True).strip().removesuffix("...").strip()
+            shown = shown.replace("\n", " ").replace("|", "\\|")
+            if len(shown) > 60:
+                shown = shown[:57] + "…"
+            desc = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{name}` | `{shown}` | {desc} |")
+        lines.append("")
+    return "\n".join(lines)

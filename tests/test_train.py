@@ -1,0 +1,186 @@
+"""Training on tiny models: falling loss, run folder, exact resume, sparse LM-head loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import qa_rows, tiny_config, write_csv
+from kotune import checkpoint as ckpt
+from kotune.report import read_metrics
+from kotune.train import answer_loss_sum, epoch_batches, lr_factor, train
+
+
+@pytest.fixture(params=["tiny_gpt2", "tiny_gemma"])
+def tiny_model(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_trains_with_falling_loss_and_writes_run_folder(tiny_model, qa_csv, tmp_path):
+    cfg = tiny_config(tiny_model, qa_csv, tmp_path / "run", training={"max_steps": 12})
+    out = train(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8, losses
+    assert any("eval_loss" in r for r in rows)
+    for name in ("config.yaml", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                 "tokenizer.json", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("training_*.log"))
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) or all(p.name == "state.pt" for p in out.rglob("*.pt"))
+
+
+def test_adapter_loads_with_plain_peft(tiny_gpt2, qa_csv, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = train(tiny_config(tiny_gpt2, qa_csv, tmp_path / "run", training={"max_steps": 2}))
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_matches_uninterrupted_run(tiny_model, qa_csv, tmp_path):
+    full = train(tiny_config(tiny_model, qa_csv, tmp_path / "full", training={"save_total_limit": 5}))
+    # Resume a fresh run folder from the step-3 checkpoint of the full run.
+    part = tiny_config(tiny_model, qa_csv, tmp_path / "part")
+    resumed = train(part, resume=str(ckpt.checkpoint_dir(full / "checkpoints", 3)))
+    a, b = _adapter(full), _adapter(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_refuses_to_mix_runs_without_resume_or_overwrite(tiny_gpt2, qa_csv, tmp_path):
+    from kotune.train import TrainError
+
+    cfg = tiny_config(tiny_gpt2, qa_csv, tmp_path / "run", training={"max_steps": 1})
+    train(cfg)
+    with pytest.raises(TrainError, match="--resume"):
+        train(cfg)
+    train(cfg, overwrite=True)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_gemma"])
+def test_sparse_lm_head_loss_equals_full_forward(fixture, request, qa_csv, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kotune.prompt import collate, encode_example
+
+    folder = request.getfixturevalue(fixture)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    encs = [encode_example(tok, "질문: {question}\n답변: {answer}", r["question"], r["answer"], tok.eos_token_id)
+            for r in qa_rows(3)]
+    batch = collate(encs, tok.pad_token_id)
+    with torch.no_grad():
+        s, n = answer_loss_sum(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_gradient_accumulation_equals_large_batch(tiny_gpt2):
+    # One batch of 8 must give the same gradient as 4 uneven micro-batches of 2:
+    # the loss is averaged over all trained tokens of the step, not per micro-batch.
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kotune.model import add_lora
+    from kotune.prompt import collate, encode_example
+    from kotune.train import accumulate_gradients
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    rows = qa_rows(8)
+    encs = [encode_example(tok, "질문: {question}\n답변: {answer}", r["question"], r["answer"] + " 추가" * (3 * i),
+                           tok.eos_token_id) for i, r in enumerate(rows)]
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_gpt2), r=4, alpha=8, dropout=0.0,
+                     target_modules=["c_attn"], fan_in_fan_out=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # non-zero B so every LoRA weight gets a gradient
+
+    def grads(batches):
+        model.zero_grad()
+        loss, n_tok, _ = accumulate_gradients(model, batches, "cpu", nullcontext)
+        return loss / n_tok, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    big_loss, big = grads([collate(encs, tok.pad_token_id)])
+    small_loss, small = grads([collate(encs[k:k + 2], tok.pad_token_id) for k in range(0, 8, 2)])
+    assert big_loss == pytest.approx(small_loss, rel=1e-5)
+    for n in big:
+        torch.testing.assert_close(big[n], small[n], rtol=1e-4, atol=1e-7)
+    # A per-micro-batch mean (the common mistake) would differ here.
+    naive = sum(accumulate_gradients(model, [collate(encs[k:k + 2], tok.pad_token_id)], "cpu", nullcontext)[0] /
+                accumulate_gradients(model, [collate(encs[k:k + 2], tok.pad_token_id)], "cpu", nullcontext)[1]
+                for k in range(0, 8, 2)) / 4
+    assert abs(naive - big_loss) > 1e-3
+
+
+def test_epoch_batches_deterministic_and_complete():
+    lengths = [5, 9, 3, 7, 2, 8, 6, 1, 4]
+    b1 = epoch_batches(lengths, 2, seed=1, epoch=0, group_by_length=True)
+    assert b1 == epoch_batches(lengths, 2, seed=1, epoch=0, group_by_length=True)
+    assert sorted(i for b in b1 for i in b) == list(range(9))
+    assert b1 != epoch_batches(lengths, 2, seed=1, epoch=1, group_by_length=True)
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+
+
+def test_checkpoint_ignores_half_written_folder(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(root, 2, {"w": torch.ones(2)}, {"step": 2}, keep=3)
+    (root / ".tmp-step-0000004-123").mkdir()  # a save killed before its rename
+    (root / "step-0000005").mkdir()  # a folder without state: never taken for a checkpoint
+    assert ckpt.find_checkpoint(tmp_path).name == "step-0000002"
+    for s in (3, 4, 6):
+        ckpt.save_checkpoint(root, s, {"w": torch.ones(2) * s}, {"step": s}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-0000004", "step-0000006"]
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_ctrl_c_writes_checkpoint_and_resume_finishes(tiny_gpt2, tmp_path):
+    data = write_csv(tmp_path / "qa.csv", qa_rows(64))
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "kotune", "train", "--set", f"model.name={tiny_gpt2}", "--output_dir", str(out),
+            "--csv_path", str(data), "--max_steps", "400", "--set", "training.save_steps=1000",
+            "--set", "logging.progress_bar=false", "--set", "data.batch_size=2", "--set", "memory.mixed_precision=no"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(2)  # SIGINT, as Ctrl+C
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "checkpoint saved" in output
+    found = ckpt.find_checkpoint(out)
+    assert found is not None
+    step = int(found.name.split("-")[1])
+    assert 0 < step < 400
+    done = subprocess.run(args[:-0 or None] + ["--resume", "--max_steps", str(step + 2)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 2
