@@ -151,6 +151,11 @@ def _hf_rows(name: str, split: str, cache_dir: str | None, qcol: str, acol: str,
                 if split not in ds:
                     raise DataError([f"{name}: no split `{split}`; it has {', '.join(ds)}. Set `data.dataset_split`."])
                 ds = ds[split]
+        elif p.is_file():
+            builder = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(p.suffix.lower())
+            if builder is None:
+                raise DataError([f"{name}: unsupported data file type; use .csv, .jsonl, .json or .parquet."])
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir)
         else:
             ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     except DataError:

@@ -46,7 +46,7 @@ class HangulSafeStreamer:
         self._flush(final=True)
 
     def _flush(self, final: bool) -> None:
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
         if not final:
             text = text.rstrip("\ufffd")
         if len(text) > self.sent:

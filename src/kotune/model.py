@@ -12,10 +12,13 @@ import hashlib
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("kotune")
+# PEFT still calls the old name; the warning is noise for users.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 GEMMA_NOTICE = (
     "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n\n"

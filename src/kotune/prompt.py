@@ -72,6 +72,7 @@ def check_encoded(enc: Encoded, eos_id: int, pad_id: int) -> None:
 def render_sample(tokenizer, enc: Encoded) -> str:
     """Human-readable view: prompt tokens plain, trained tokens inside ⟦ ⟧."""
     pieces = tokenizer.convert_ids_to_tokens(enc.input_ids)
+    pieces = [p.replace("\n", "\\n") for p in pieces]
     prompt = "".join(f"[{p}]" for p, lab in zip(pieces, enc.labels) if lab == IGNORE)
     trained = "".join(f"⟦{p}⟧" for p, lab in zip(pieces, enc.labels) if lab != IGNORE)
     return (
