@@ -108,3 +108,13 @@ def tiny_config(model: Path, data_file: Path, out: Path, **sections):
     for section, values in sections.items():
         sets += [f"{section}.{k}={v}" for k, v in values.items()]
     return load_config(None, sets)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_gpt2, tmp_path_factory) -> Path:
+    """A finished run folder on the tiny GPT-2 (shared by inference tests; treat as read-only)."""
+    from kotune.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = write_csv(root / "qa.csv", qa_rows())
+    return train(tiny_config(tiny_gpt2, data, root / "run", training={"max_steps": 8}))

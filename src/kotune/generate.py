@@ -66,9 +66,13 @@ class Chatbot:
         gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         return cls(model, tok, cfg.data.template, gen)
 
-    def _kwargs(self, max_new_tokens: int | None = None) -> dict:
+    def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
         g = self.gen
-        kw = dict(max_new_tokens=max_new_tokens or g.max_new_tokens, eos_token_id=self.tok.eos_token_id,
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        new = max_new_tokens or g.max_new_tokens
+        if limit:  # past the position table the model fails (GPT-2) or degrades
+            new = max(1, min(new, limit - prompt_len))
+        kw = dict(max_new_tokens=new, eos_token_id=self.tok.eos_token_id,
                   pad_token_id=self.tok.pad_token_id, repetition_penalty=g.repetition_penalty)
         if g.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -88,7 +92,7 @@ class Chatbot:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                      **self._kwargs(max_new_tokens))
+                                      **self._kwargs(ids.shape[1], max_new_tokens))
         new = out[0, ids.shape[1]:].tolist()
         return self._answer(question, new, time.perf_counter() - t0)
 
@@ -106,7 +110,7 @@ class Chatbot:
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs())
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width))
             dt = (time.perf_counter() - t0) / len(chunk)
             for q, row in zip(chunk, out[:, width:].tolist()):
                 results.append(self._answer(q, row, dt))

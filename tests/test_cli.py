@@ -1,0 +1,134 @@
+"""Every CLI command end to end on tiny models, and `--help` without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, qa_rows, write_csv
+from kotune.cli import _normalise_argv, app
+
+runner = CliRunner()
+
+
+def run(*args, input=None):
+    return runner.invoke(app, _normalise_argv([str(a) for a in args]), input=input)
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from kotune.cli import main; sys.argv=['kotune','--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "train" in out.stdout and "chat" in out.stdout and out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("cmd", ["train", "chat", "ask", "validate", "merge", "config"])
+def test_every_command_has_help(cmd):
+    res = run(cmd, "--help")
+    assert res.exit_code == 0 and "Usage" in res.output
+
+
+def _train_args(model, data, out):
+    return ["train", "--set", f"model.name={model}", "--csv_path", data, "--output_dir", out, "--max_steps", "4",
+            "--batch_size", "4", "--learning_rate", "0.03", "--set", "logging.progress_bar=false",
+            "--set", "memory.mixed_precision=no", "--set", "training.save_steps=2", "--set", "generation.max_new_tokens=8"]
+
+
+def test_train_dry_run_shows_stats_and_marked_sample(tiny_gpt2, qa_csv, tmp_path):
+    res = run(*_train_args(tiny_gpt2, qa_csv, tmp_path / "r"), "--dry_run")
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "# resolved config" in out and "max_steps: 4" in out
+    assert "train rows: 22, eval rows: 2" in out and "p95" in out and "rows over max_length" in out
+    assert "⟦</s>⟧" in out  # EOS is trained
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_train_then_resume_then_chat_ask_merge(tiny_gpt2, qa_csv, tmp_path):
+    out = tmp_path / "run"
+    res = run(*_train_args(tiny_gpt2, qa_csv, out))
+    assert res.exit_code == 0, res.output
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # --resume with no path continues from the latest checkpoint; a larger max_steps trains on
+    args = _train_args(tiny_gpt2, qa_csv, out)
+    args[args.index("--max_steps") + 1] = "6"
+    res = run(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-2])["step"] == 6
+
+    res = run("chat", out, "--question", "전세권이란?", "--greedy")
+    assert res.exit_code == 0, res.output
+    assert "질문: 전세권이란?" in res.output and "답변:" in res.output and "stopped by" in res.output
+
+    res = run("chat", "--model_path", out, "--quick_test", "--max_new_tokens", "4")
+    assert res.exit_code == 0, res.output
+    assert "quick test:" in res.output and res.output.count("질문:") == 5
+
+    res = run("chat", out, "--interactive", input="전세권?\n종료\n")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("질문>") == 2
+
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": 1, "question": "전세권?"}\n{"id": 2, "question": "계약금?"}\n', encoding="utf-8")
+    res = run("ask", out, "--questions", q, "--output", tmp_path / "a.jsonl")
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["id"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == [1, 2]
+
+    res = run("merge", out, "--output", tmp_path / "merged")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_bad_config_exits_2_with_all_problems_no_traceback(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("training:\n  learning_rat: 1\n  epochs: 0\n", encoding="utf-8")
+    res = run("train", "--config", cfg)
+    assert res.exit_code == 2
+    assert "learning_rat" in res.output and "epochs" in res.output and "Traceback" not in res.output
+
+
+def test_bad_data_exits_2_naming_row(tiny_gpt2, tmp_path):
+    rows = qa_rows(12)
+    rows[4]["answer"] = ""
+    data = write_csv(tmp_path / "bad.csv", rows)
+    res = run(*_train_args(tiny_gpt2, data, tmp_path / "r"), "--dry_run")
+    assert res.exit_code == 2
+    assert "bad.csv: row 6: empty answer" in res.output and "Traceback" not in res.output
+
+
+def test_validate(tmp_path, qa_csv, tiny_gpt2):
+    res = run("validate", qa_csv)
+    assert res.exit_code == 0 and "24 rows read" in res.output and "ok" in res.output
+    rows = qa_rows(4) + [qa_rows(4)[1]]
+    rows[2]["question"] = ""
+    bad = write_csv(tmp_path / "bad.csv", rows)
+    res = run("validate", bad)
+    assert res.exit_code == 1
+    assert "row 4: empty question" in res.output and "row 6: duplicate of row 3" in res.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  name: {tiny_gpt2}\ndata:\n  max_length: 40\n", encoding="utf-8")
+    res = run("validate", qa_csv, "--config", cfg)
+    assert "tokens: p50" in res.output and "> max_length 40" in res.output
+
+
+def test_chat_without_run_folder_is_a_clear_error(tmp_path):
+    res = run("chat", tmp_path, "--question", "x")
+    assert res.exit_code == 2 and "not a finished kotune run" in res.output
+
+
+def test_config_command(tmp_path):
+    res = run("config", ROOT / "configs" / "civil_law.yaml", "--set", "training.epochs=1")
+    assert res.exit_code == 0 and "epochs: 1" in res.output
+    res = run("config", "--reference")
+    assert res.exit_code == 0 and "| `learning_rate` |" in res.output
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "kotune", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Usage" in out.stdout

@@ -1,0 +1,64 @@
+"""Generation: Hangul-safe streaming, EOS stop, batch answers, the ask file format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from kotune.generate import Chatbot, HangulSafeStreamer, ask_file
+
+
+def test_streamer_never_splits_a_hangul_syllable(tiny_gpt2):
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    text = "임차권등기명령을 신청하세요. 대항력은 다음 날부터!"
+    ids = tok(text)["input_ids"]
+    assert len(ids) > len(text) / 2  # byte-level pieces: syllables are split across tokens
+    chunks = []
+    s = HangulSafeStreamer(tok, chunks.append)
+    s.put(torch.tensor([[0]]))  # the prompt, skipped
+    for i in ids:
+        s.put(torch.tensor([i]))
+    s.end()
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in c for c in chunks)
+    assert len(chunks) > 3  # it did stream
+
+
+@pytest.fixture(scope="module")
+def bot(tiny_run):
+    return Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=12)
+
+
+def test_answer_reports_stop_and_streams_same_text(bot):
+    streamed = []
+    a = bot.answer("전세권이란?", on_text=streamed.append)
+    assert a.new_tokens <= 12 and a.seconds > 0
+    assert "".join(streamed).strip() == a.text
+    assert a.stopped or a.new_tokens == 12  # without EOS it can only have run out of tokens
+
+
+def test_batch_answers_match_single_answers(bot):
+    qs = ["전세권이란?", "대항력은 언제 생기나요 아주 길게 물어봅니다?", "계약금"]
+    single = [bot.answer(q).text for q in qs]
+    batch = [a.text for a in bot.answer_batch(qs, batch_size=3)]
+    assert batch == single
+
+
+def test_ask_file_keeps_ids_and_adds_answers(bot, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a1", "question": "전세권이란?"}\n\n{"id": 2, "question": "계약금 해제?", "extra": 1}\n', encoding="utf-8")
+    stats = ask_file(bot, src, tmp_path / "out.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [x["id"] for x in lines] == ["a1", 2] and lines[1]["extra"] == 1
+    assert all(isinstance(x["answer"], str) for x in lines)
+    assert stats["questions"] == 2
+
+
+def test_ask_file_bad_line_named(bot, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "question": "q"}\n{"id": 2}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 needs a non-empty"):
+        ask_file(bot, src, tmp_path / "out.jsonl")
