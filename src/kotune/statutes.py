@@ -1,0 +1,66 @@
+"""The shipped statute knowledge base and citation parsing.
+
+Records live in `data/statutes/*.jsonl`, one article per line:
+`{"law", "article" ("3의2" form), "title", "paragraphs", "keywords"}`.
+Citations are written `법령명 제N조` or `법령명 제N조의M`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+LAWS = ("민법", "주택임대차보호법")
+CITATION = re.compile(r"(민법|주택임대차보호법)\s*제\s*(\d+)\s*조(?:\s*의\s*(\d+))?")
+DEFAULT_KB = Path(__file__).resolve().parents[2] / "data" / "statutes"
+
+
+@dataclass(frozen=True)
+class Article:
+    law: str
+    article: str
+    title: str
+    paragraphs: tuple[str, ...]
+    keywords: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.law, self.article)
+
+    @property
+    def cite(self) -> str:
+        num, _, branch = self.article.partition("의")
+        return f"{self.law} 제{num}조" + (f"의{branch}" if branch else "")
+
+
+def find_citations(text: str) -> list[tuple[str, str]]:
+    """Every `(law, article)` cited in `text`, in order, without repeats."""
+    out: list[tuple[str, str]] = []
+    for law, num, branch in CITATION.findall(text):
+        key = (law, f"{num}의{branch}" if branch else num)
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def load_kb(folder: str | Path = DEFAULT_KB) -> dict[tuple[str, str], Article]:
+    kb: dict[tuple[str, str], Article] = {}
+    problems = []
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                art = Article(r["law"], str(r["article"]), r["title"], tuple(r["paragraphs"]), tuple(r.get("keywords", ())))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                problems.append(f"{path}: line {i}: {type(e).__name__}: {e}")
+                continue
+            if art.key in kb:
+                problems.append(f"{path}: line {i}: duplicate article {art.cite}")
+            kb[art.key] = art
+    if problems:
+        raise ValueError("statute knowledge base problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return kb

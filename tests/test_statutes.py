@@ -1,0 +1,75 @@
+"""The statute knowledge base and the shipped Q&A data agree: every citation exists."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+
+import pytest
+
+from conftest import ROOT
+from kotune.data import load_examples
+from kotune.statutes import find_citations, load_kb
+
+QA = ROOT / "data" / "civil_law_qa.csv"
+
+
+@pytest.fixture(scope="module")
+def kb():
+    return load_kb()
+
+
+def test_citation_parser():
+    text = "주택임대차보호법 제3조의2 제1항과 민법 제303조, 다시 민법 제303조 그리고 민법 제 618 조"
+    assert find_citations(text) == [("주택임대차보호법", "3의2"), ("민법", "303"), ("민법", "618")]
+
+
+def test_kb_covers_required_articles(kb):
+    need = {("민법", str(n)) for n in [186, 187, 245, 280, 281, *range(303, 320), 356, 357, 366, 536, 544,
+                                       *range(563, 585), *range(618, 651), 652, 653, 654]}
+    need |= {("주택임대차보호법", a) for a in ["2", "3", "3의2", "3의3", "3의5", "3의6", "4", "6", "6의2", "6의3", "7",
+                                          "7의2", "8", "10", "11", "12"]}
+    assert need - set(kb) == set()
+    assert ("민법", "651") not in kb  # deleted in 2016
+    for art in kb.values():
+        assert art.title and art.paragraphs and all(p.strip() for p in art.paragraphs), art.cite
+
+
+def _affirms_perpetual(text: str) -> bool:
+    """A sentence that says '영구' without negating it."""
+    return any("영구" in s and "아니" not in s and "않" not in s for s in text.replace("?", ".").split("."))
+
+
+def test_superficies_term_is_not_perpetual(kb):
+    text = " ".join(kb[("민법", "281")].paragraphs)
+    assert "280" in text and "15년" in text and not _affirms_perpetual(text)
+
+
+def test_qa_csv_shape():
+    examples, report = load_examples(QA, duplicates="error")
+    assert len(examples) >= 300
+    assert not report.problems
+    with QA.open(encoding="utf-8") as f:
+        header = next(csv.reader(f))
+    assert header == ["question", "answer", "category", "difficulty"]
+    cats = Counter(e.category for e in examples)
+    for topic in ["전세권", "주택임대차", "민법임대차", "매매", "물권변동", "취득시효", "담보물권", "지상권"]:
+        assert cats[topic] >= 5, (topic, cats)
+    assert {e.difficulty for e in examples} <= {"초급", "중급", "고급"}
+
+
+def test_every_answer_cites_an_article_that_exists(kb):
+    examples, _ = load_examples(QA)
+    missing = []
+    for e in examples:
+        cites = find_citations(e.answer)
+        if not cites:
+            missing.append(f"{e.source}: no citation")
+        missing += [f"{e.source}: cites {law} 제{art}조, not in the knowledge base" for law, art in cites if (law, art) not in kb]
+    assert not missing, "\n".join(missing[:20])
+
+
+def test_no_row_calls_an_unspecified_superficies_perpetual():
+    examples, _ = load_examples(QA)
+    wrong = [e.source for e in examples if "지상권" in e.question + e.answer and _affirms_perpetual(e.answer)]
+    assert not wrong, wrong
