@@ -208,7 +208,6 @@ def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, fan_i
 def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = None):
     """Load a run folder for inference: (model, tokenizer, config). The run folder is all
     that is needed: its config names the base model, its adapter and tokenizer are inside."""
-    import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -225,7 +224,8 @@ def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = Non
     if merge:
         model = model.merge_and_unload()
     model.eval()
-    torch.set_grad_enabled(False)
+    for p in model.parameters():  # inference only; generate() also runs under inference_mode
+        p.requires_grad_(False)
     return model, tok, cfg
 
 
