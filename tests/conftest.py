@@ -110,11 +110,24 @@ def tiny_config(model: Path, data_file: Path, out: Path, **sections):
     return load_config(None, sets)
 
 
+def _finished_run(model: Path, root: Path) -> Path:
+    from kotune.train import train
+
+    data = write_csv(root / "qa.csv", qa_rows())
+    return train(tiny_config(model, data, root / "run", training={"max_steps": 8}))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_gpt2, tmp_path_factory) -> Path:
     """A finished run folder on the tiny GPT-2 (shared by inference tests; treat as read-only)."""
-    from kotune.train import train
+    return _finished_run(tiny_gpt2, tmp_path_factory.mktemp("tiny_run"))
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    data = write_csv(root / "qa.csv", qa_rows())
-    return train(tiny_config(tiny_gpt2, data, root / "run", training={"max_steps": 8}))
+
+@pytest.fixture(scope="session")
+def tiny_gemma_run(tiny_gemma, tmp_path_factory) -> Path:
+    return _finished_run(tiny_gemma, tmp_path_factory.mktemp("tiny_gemma_run"))
+
+
+@pytest.fixture(params=["tiny_run", "tiny_gemma_run"])
+def any_run(request) -> Path:
+    return request.getfixturevalue(request.param)

@@ -27,9 +27,9 @@ def test_streamer_never_splits_a_hangul_syllable(tiny_gpt2):
     assert len(chunks) > 3  # it did stream
 
 
-@pytest.fixture(scope="module")
-def bot(tiny_run):
-    return Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=12)
+@pytest.fixture
+def bot(any_run):
+    return Chatbot.from_run(any_run, greedy=True, max_new_tokens=12)
 
 
 def test_answer_reports_stop_and_streams_same_text(bot):

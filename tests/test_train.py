@@ -184,3 +184,30 @@ def test_ctrl_c_writes_checkpoint_and_resume_finishes(tiny_gpt2, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 2
+
+
+def test_tensorboard_option(tiny_gpt2, qa_csv, tmp_path):
+    from kotune.train import TrainError
+
+    cfg = tiny_config(tiny_gpt2, qa_csv, tmp_path / "run", training={"max_steps": 2}, logging={"tensorboard": "true"})
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(TrainError, match=r"kotune\[tensorboard\]"):
+            train(cfg)
+        return
+    out = train(cfg)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_too_long_rows_dropped_with_count_or_refused(tiny_gpt2, tmp_path):
+    from kotune.data import DataError
+
+    rows = qa_rows(12)
+    rows[3]["answer"] = "아주 긴 답변입니다. " * 40
+    data = write_csv(tmp_path / "qa.csv", rows)
+    out = train(tiny_config(tiny_gpt2, data, tmp_path / "run", training={"max_steps": 1}))
+    log_text = next(out.glob("training_*.log")).read_text(encoding="utf-8")
+    assert "too long (drop)" in log_text and "qa.csv:5" in log_text
+    with pytest.raises(DataError, match="qa.csv:5.*max_length"):
+        train(tiny_config(tiny_gpt2, data, tmp_path / "run2", training={"max_steps": 1}, data={"too_long": "error"}))

@@ -35,6 +35,7 @@ class Preset:
     fan_in_fan_out: bool = False
     special_tokens: dict = field(default_factory=dict)
     notice: str | None = None
+    revision: str | None = None  # hub revision holding safetensors weights, when `main` has only pickles
 
 
 PRESETS: dict[str, Preset] = {
@@ -49,6 +50,8 @@ PRESETS: dict[str, Preset] = {
         fan_in_fan_out=True,
         # KoGPT2's tokenizer files do not declare these; without them bos/eos are missing.
         special_tokens={"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"},
+        # `main` ships only pytorch_model.bin (a pickle); the hub's safetensors conversion lives in PR 3.
+        revision="refs/pr/3",
     ),
 }
 PRESETS["skt/kogpt2-base-v2"] = PRESETS["kogpt2"]
@@ -69,6 +72,9 @@ class ResolvedModel:
     path: str  # local folder or hub id given to from_pretrained
     preset: Preset | None
     notice: str | None
+
+    def revision(self, configured: str | None) -> str | None:
+        return configured or (self.preset.revision if self.preset else None)
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -137,7 +143,8 @@ def load_tokenizer(resolved: ResolvedModel, *, trust_remote_code: bool = False, 
 
     extra = dict(resolved.preset.special_tokens) if resolved.preset else {}
     try:
-        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code, revision=revision, **extra)
+        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code,
+                                            revision=resolved.revision(revision), **extra)
     except OSError as e:
         raise ModelError(_hub_hint(resolved.path, e)) from None
     if tok.eos_token_id is None:
@@ -175,7 +182,7 @@ def load_base_model(resolved: ResolvedModel, *, dtype: str = "float32", trust_re
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            revision=revision, use_safetensors=True,
+            revision=resolved.revision(revision), use_safetensors=True,
         )
     except OSError as e:
         raise ModelError(_hub_hint(resolved.path, e) + " kotune reads safetensors weights only.") from None

@@ -7,7 +7,6 @@ resumed run continues exactly where the checkpoint left it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
