@@ -37,7 +37,8 @@ def test_every_command_has_help(cmd):
 def _train_args(model, data, out):
     return ["train", "--set", f"model.name={model}", "--csv_path", data, "--output_dir", out, "--max_steps", "4",
             "--batch_size", "4", "--learning_rate", "0.03", "--set", "logging.progress_bar=false",
-            "--set", "memory.mixed_precision=no", "--set", "training.save_steps=2", "--set", "generation.max_new_tokens=8"]
+            "--set", "memory.mixed_precision=no", "--set", "training.save_steps=2", "--set", "generation.max_new_tokens=8",
+            "--set", "generation.notice=법률 자문이 아닙니다"]
 
 
 def test_train_dry_run_shows_stats_and_marked_sample(tiny_gpt2, qa_csv, tmp_path):
@@ -65,6 +66,7 @@ def test_train_then_resume_then_chat_ask_merge(tiny_gpt2, qa_csv, tmp_path):
     res = run("chat", out, "--question", "전세권이란?", "--greedy")
     assert res.exit_code == 0, res.output
     assert "질문: 전세권이란?" in res.output and "답변:" in res.output and "stopped by" in res.output
+    assert "※ 법률 자문이 아닙니다" in res.output
 
     res = run("chat", "--model_path", out, "--quick_test", "--max_new_tokens", "4")
     assert res.exit_code == 0, res.output

@@ -113,6 +113,8 @@ def chat(
 
     bot = _bot(run, model_path, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                repetition_penalty=repetition_penalty, greedy=greedy)
+    if bot.gen.notice:
+        typer.echo(f"※ {bot.gen.notice}\n")
     if question:
         _print_answer(bot, question)
     if quick_test:
