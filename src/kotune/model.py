@@ -178,7 +178,9 @@ def _hub_hint(path: str, err: Exception) -> str:
 def load_base_model(resolved: ResolvedModel, *, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # kotune prints its own progress; per-tensor bars are noise
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
