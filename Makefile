@@ -23,6 +23,8 @@ setup: $(VENV)/.installed
 demo: setup
 	@if [ -f $(RUN)/adapter/adapter_model.safetensors ]; then \
 		echo "$(RUN) is already trained (delete it, or use 'make train', to train again)"; \
+	elif [ -d $(RUN)/checkpoints ] && ls $(RUN)/checkpoints | grep -q '^step-'; then \
+		$(BIN)/kotune train --config $(CONFIG) --resume; \
 	else \
 		$(BIN)/kotune train --config $(CONFIG); \
 	fi
