@@ -35,6 +35,7 @@ from .statutes import load_kb
 _HEADER = re.compile(r"^제\s*\d+\s*조(?:\s*의\s*\d+)?\s*")
 _NOTES = re.compile(r"<[^<>]*(?:개정|신설)[^<>]*>|<[\d.,\s]+>|\[[^\[\]]*(?:신설|개정|이동|시행일)[^\[\]]*\]")
 _DELETED = re.compile(r"삭제\s*(?:<[^<>]*>)?")
+_NUMBERED = re.compile(r"[\u2460-\u2473\u3251-\u325f\u32b1-\u32bf]|\d+\.?\s")  # ①..㊿, "1."
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -97,7 +98,7 @@ def _paragraph(hang: Any) -> tuple[str, list[str]]:
     if not isinstance(hang, dict):
         return _text(hang), []
     number, body = _text(hang.get("항번호")), _text(hang.get("항내용"))
-    if body and number and not body.startswith(number):
+    if body and number and not _NUMBERED.match(body):
         body = f"{number} {body}"
     items: list[str] = []
     for ho in _as_list(hang.get("호")):
@@ -148,7 +149,7 @@ def parse_law_export(path: str | Path) -> tuple[list[dict], list[str]]:
         where = _cite(law, article)
         if _text(unit.get("조문여부")) == "전문":
             # A heading carries the number of the article after it, so keeping it would duplicate that article.
-            skipped.append(f"{content or where}: heading (조문여부 전문)")
+            skipped.append(f"{law} {content}: heading (조문여부 전문)")
             continue
         hangs = _as_list(unit.get("항"))
         if _DELETED.fullmatch(lead) or (not title and not hangs and "삭제" in content):
