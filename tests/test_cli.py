@@ -141,3 +141,18 @@ def test_retrieve_shows_ranked_articles():
     res = run("retrieve", "전입신고를 하면 대항력은 언제 생기나요?", "--k", "3")
     assert res.exit_code == 0, res.output
     assert "1. 주택임대차보호법 제3조" in res.output and "bm25 #" in res.output and "dense #" in res.output
+
+
+def test_kb_import_then_retrieve_from_it(tmp_path):
+    fixtures = ROOT / "tests" / "fixtures" / "lawgokr"
+    res = run("kb", "import", fixtures / "minbeop_excerpt.xml", fixtures / "housing_excerpt.json", "--out", tmp_path / "kb")
+    assert res.exit_code == 0, res.output
+    assert "articles written" in res.output and "skipped" in res.output
+    from kotune.statutes import load_kb
+
+    kb = load_kb(tmp_path / "kb")
+    assert ("민법", "312의2") in kb and ("주택임대차보호법", "3의2") in kb
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not a law", encoding="utf-8")
+    res = run("kb", "import", bad, "--out", tmp_path / "kb2")
+    assert res.exit_code == 2 and "bad.txt" in res.output and "Traceback" not in res.output

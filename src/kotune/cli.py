@@ -233,6 +233,26 @@ def retrieve(
         typer.echo(f"   {hit.article.paragraphs[0][:120]}")
 
 
+kb_app = typer.Typer(no_args_is_help=True, help="Statute knowledge base: import official text.")
+app.add_typer(kb_app, name="kb")
+
+
+@kb_app.command("import")
+def kb_import(
+    files: List[Path] = typer.Argument(..., help="law.go.kr lawService exports (XML or JSON), one law each."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the imported KB (use a new folder, then point --kb at it)."),
+    keep_keywords_from: Optional[Path] = typer.Option(None, "--keep_keywords_from", help="Existing KB folder whose keywords are kept for the same articles."),
+):
+    """Import official statute text exported from the law.go.kr Open API."""
+    from .kb_import import import_law_file
+
+    for f in files:
+        n, skipped = _run(import_law_file, f, out, keep_keywords_from)
+        typer.echo(f"{f}: {n} articles written to {out}")
+        for msg in skipped:
+            typer.echo(f"  skipped: {msg}")
+
+
 @app.command(name="config")
 def show_config(
     config: Optional[Path] = typer.Argument(None, help="YAML config to resolve (defaults when omitted)."),

@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from .statutes import load_kb
+from .statutes import format_cite, load_kb
 
 _HEADER = re.compile(r"^제\s*\d+\s*조(?:\s*의\s*\d+)?\s*")
 _NOTES = re.compile(r"<[^<>]*(?:개정|신설)[^<>]*>|<[\d.,\s]+>|\[[^\[\]]*(?:신설|개정|이동|시행일)[^\[\]]*\]")
@@ -88,11 +88,6 @@ def _load(path: Path) -> dict[str, Any]:
     raise ValueError(f"{path.name}: not a law.go.kr export (expected XML or a JSON object); {fix}")
 
 
-def _cite(law: str, article: str) -> str:
-    num, _, branch = article.partition("의")
-    return f"{law} 제{num}조" + (f"의{branch}" if branch else "")
-
-
 def _paragraph(hang: Any) -> tuple[str, list[str]]:
     """A 항's own text (numbered) and the texts of its 호 and their 목, in order."""
     if not isinstance(hang, dict):
@@ -146,13 +141,13 @@ def parse_law_export(path: str | Path) -> tuple[list[dict], list[str]]:
     seen: set[str] = set()
     for unit in (u for u in units if isinstance(u, dict)):
         article, title, lead, content = _article(unit)
-        where = _cite(law, article)
+        where = format_cite(law, article)
         if _text(unit.get("조문여부")) == "전문":
             # A heading carries the number of the article after it, so keeping it would duplicate that article.
             skipped.append(f"{law} {content}: heading (조문여부 전문)")
             continue
         hangs = _as_list(unit.get("항"))
-        if _DELETED.fullmatch(lead) or (not title and not hangs and "삭제" in content):
+        if _DELETED.fullmatch(lead) or (not title and not hangs and lead.startswith("삭제")):
             skipped.append(f"{where}: deleted ({content})")
             continue
         if not article or article in seen:
