@@ -65,7 +65,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     _train_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2, initializer_range=0.2,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=64, n_layer=2, n_head=2, initializer_range=0.2,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     GPT2LMHeadModel(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
@@ -81,7 +81,7 @@ def tiny_gemma(tmp_path_factory) -> Path:
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, initializer_range=0.2, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
                            sliding_window=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id, final_logit_softcapping=30.0)
     Gemma3ForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)

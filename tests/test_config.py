@@ -62,6 +62,12 @@ def test_template_rules():
         load_config(None, ["data.template='{answer} {question}'"])
 
 
+def test_literal_backslash_n_in_template_refused():
+    with pytest.raises(ConfigError, match="double quotes"):
+        load_config(None, ["data.template='질문: {question}\\n답변: {answer}'"])
+    assert "\n답변" in load_config(None, ['data.template="질문: {question}\\n답변: {answer}"']).data.template
+
+
 def test_mixed_precision_accepts_seed_booleans():
     assert load_config(None, ["memory.mixed_precision=true"]).memory.mixed_precision == "auto"
     assert load_config(None, ["memory.mixed_precision=false"]).memory.mixed_precision == "no"

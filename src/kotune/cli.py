@@ -88,12 +88,22 @@ def _bot(run: Optional[str], model_path: Optional[str], **gen):
     return _run(Chatbot.from_run, path, **gen)
 
 
-def _print_answer(bot, question: str) -> None:
-    typer.echo(f"질문: {question}")
+def _show_answer(bot, question: str, echo_question: bool = True):
+    """Stream one answer, then its checked citations and how it ended."""
+    if echo_question:
+        typer.echo(f"질문: {question}")
     typer.echo("답변: ", nl=False)
     a = bot.answer(question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    typer.echo("")
+    if a.flagged and bot.retrieval is not None and bot.retrieval.citation_policy != "off":
+        typer.echo(f"  (검토: {a.text})")
+    if a.citations:
+        typer.echo("  근거 조문: " + "; ".join(f"{c.cite}({c.title})" for c in a.citations))
+    if a.flagged:
+        typer.echo("  확인되지 않은 인용: " + ", ".join(a.flagged))
     end = "EOS" if a.stopped else f"max_new_tokens ({a.new_tokens} tokens)"
-    typer.echo(f"\n  [{a.new_tokens} tokens, {a.seconds:.1f}s, stopped by {end}]\n")
+    typer.echo(f"  [{a.new_tokens} tokens, {a.seconds:.1f}s, stopped by {end}]\n")
+    return a
 
 
 @app.command()
@@ -117,16 +127,10 @@ def chat(
     if bot.gen.notice:
         typer.echo(f"※ {bot.gen.notice}\n")
     if question:
-        _print_answer(bot, question)
+        _show_answer(bot, question)
     if quick_test:
         qs = bot.gen.quick_test_questions
-        stopped = 0
-        for q in qs:
-            typer.echo(f"질문: {q}")
-            typer.echo("답변: ", nl=False)
-            a = bot.answer(q, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-            stopped += a.stopped
-            typer.echo(f"\n  [{a.new_tokens} tokens, {a.seconds:.1f}s, {'EOS' if a.stopped else 'cut at max_new_tokens'}]\n")
+        stopped = sum(_show_answer(bot, q).stopped for q in qs)
         typer.echo(f"quick test: {stopped}/{len(qs)} answers ended with EOS before max_new_tokens")
     if interactive or not (question or quick_test):
         typer.echo("민법 부동산·전세 상담 챗봇입니다. 종료: quit / exit / 종료 / 나가기")
@@ -139,9 +143,7 @@ def chat(
             if q.lower() in EXIT_WORDS:
                 break
             if q:
-                typer.echo("답변: ", nl=False)
-                a = bot.answer(q, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-                typer.echo("" if a.stopped else "  […]")
+                _show_answer(bot, q, echo_question=False)
 
 
 @app.command()

@@ -159,6 +159,15 @@ class GenerationSection(_Section):
     quick_test_questions: list[str] = Field(default_factory=lambda: list(DEFAULT_QUICK_TEST), description="Questions asked by `kotune chat --quick_test`.")
 
 
+class RetrievalSection(_Section):
+    enabled: bool = Field(False, description="Ground answers in statute articles: the top-k retrieved articles fill `{context}` in `data.template`, in training and at inference (extra `kotune[retrieval]`).")
+    kb_dir: str | None = Field(None, description="Statute knowledge-base folder (`*.jsonl`). Unset: the KB shipped in `data/statutes`. Training copies it into the run folder.")
+    method: Literal["bm25", "dense", "hybrid"] = Field("hybrid", description="Retriever: BM25 over Kiwi morphemes, multilingual-e5-small vectors, or both fused by reciprocal rank.")
+    k: int = Field(3, ge=1, description="Articles put into the prompt. Training rows get their cited (gold) articles plus retrieved distractors, in shuffled order.")
+    snippet_chars: int = Field(160, ge=20, description="Characters of each article's summary shown in the prompt (keeps prompts short).")
+    citation_policy: Literal["mark", "drop", "off"] = Field("mark", description="Citations of articles that do not exist or were not retrieved: `mark` them in the answer, `drop` them, or leave them (`off`).")
+
+
 class KotuneConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -167,6 +176,7 @@ class KotuneConfig(_Section):
     memory: MemorySection = Field(default_factory=MemorySection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    retrieval: RetrievalSection = Field(default_factory=RetrievalSection)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
@@ -308,8 +318,16 @@ def _semantic_problems(cfg: KotuneConfig) -> list[str]:
         out.append("`data.template`: must contain `{question}` and `{answer}`.")
     elif not t.rstrip().endswith("{answer}"):
         out.append("`data.template`: `{answer}` must be the last thing in the template (EOS is appended right after it).")
+    if "\\n" in t:
+        out.append("`data.template` contains a literal backslash-n: in YAML write the template in double quotes "
+                   "(\"질문: {question}\\n답변: {answer}\") or as a block, so `\\n` becomes a newline.")
     if "</s>" in t or "<eos>" in t:
         out.append("`data.template`: remove the literal EOS string; kotune appends the tokenizer's real EOS id.")
+    if cfg.retrieval.enabled and "{context}" not in t:
+        out.append("`data.template`: with `retrieval.enabled`, the template needs `{context}` before `{answer}`, e.g. "
+                   "`참고 조문:\\n{context}\\n질문: {question}\\n답변: {answer}`.")
+    if not cfg.retrieval.enabled and "{context}" in t:
+        out.append("`data.template` uses `{context}`: set `retrieval.enabled: true` (or remove `{context}`).")
     if cfg.data.train_file is None and cfg.data.dataset_name is None:
         out.append("`data.train_file` or `data.dataset_name`: one of them must be set.")
     return out

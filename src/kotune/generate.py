@@ -8,7 +8,7 @@ printed half-way.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +24,12 @@ class Answer:
     new_tokens: int
     stopped: bool  # ended with EOS before max_new_tokens
     seconds: float
+    citations: list = field(default_factory=list)  # valid cited Articles (law, article, title)
+    flagged: list = field(default_factory=list)  # citations not in the KB or not retrieved
+    context: list = field(default_factory=list)  # Articles put into the prompt
+
+    def citation_records(self) -> list[dict]:
+        return [{"law": a.law, "article": a.article, "title": a.title, "cite": a.cite} for a in self.citations]
 
 
 class HangulSafeStreamer:
@@ -55,8 +61,9 @@ class HangulSafeStreamer:
 
 
 class Chatbot:
-    def __init__(self, model, tokenizer, template: str, generation):
+    def __init__(self, model, tokenizer, template: str, generation, retrieval=None, kb=None, retriever=None):
         self.model, self.tok, self.template, self.gen = model, tokenizer, template, generation
+        self.retrieval, self.kb, self.retriever = retrieval, kb, retriever
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
@@ -64,7 +71,19 @@ class Chatbot:
 
         model, tok, cfg = load_run(run_dir)
         gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-        return cls(model, tok, cfg.data.template, gen)
+        if not cfg.retrieval.enabled:
+            return cls(model, tok, cfg.data.template, gen)
+        from .retrieval import Retriever
+        from .statutes import load_kb
+
+        kb = load_kb(Path(run_dir) / "statutes")
+        return cls(model, tok, cfg.data.template, gen, cfg.retrieval, kb, Retriever(kb))
+
+    def context_for(self, question: str) -> list:
+        if self.retriever is None:
+            return []
+        r = self.retrieval
+        return [h.article for h in self.retriever.search(question, k=r.k, method=r.method)]
 
     def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
         g = self.gen
@@ -80,21 +99,27 @@ class Chatbot:
             kw.update(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or None)
         return kw
 
-    def prompt_ids(self, question: str) -> list[int]:
-        prompt, _ = split_template(self.template, question.strip())
+    def prompt_ids(self, question: str, context: list | None = None) -> list[int]:
+        text = ""
+        if context:
+            from .retrieval import format_context
+
+            text = format_context(context, self.retrieval.snippet_chars)
+        prompt, _ = split_template(self.template, question.strip(), context=text)
         return encode_prompt(self.tok, prompt)
 
     def answer(self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None) -> Answer:
         import torch
 
-        ids = torch.tensor([self.prompt_ids(question)], device=self.model.device)
+        context = self.context_for(question)
+        ids = torch.tensor([self.prompt_ids(question, context)], device=self.model.device)
         streamer = HangulSafeStreamer(self.tok, on_text) if on_text else None
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                       **self._kwargs(ids.shape[1], max_new_tokens))
         new = out[0, ids.shape[1]:].tolist()
-        return self._answer(question, new, time.perf_counter() - t0)
+        return self._answer(question, new, time.perf_counter() - t0, context)
 
     def answer_batch(self, questions: list[str], batch_size: int = 8) -> list[Answer]:
         """Left-padded batches; each answer is cut at its own EOS."""
@@ -104,7 +129,8 @@ class Chatbot:
         pad = self.tok.pad_token_id
         for k in range(0, len(questions), batch_size):
             chunk = questions[k:k + batch_size]
-            rows = [self.prompt_ids(q) for q in chunk]
+            contexts = [self.context_for(q) for q in chunk]
+            rows = [self.prompt_ids(q, c) for q, c in zip(chunk, contexts)]
             width = max(map(len, rows))
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
@@ -112,17 +138,26 @@ class Chatbot:
             with torch.inference_mode():
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width))
             dt = (time.perf_counter() - t0) / len(chunk)
-            for q, row in zip(chunk, out[:, width:].tolist()):
-                results.append(self._answer(q, row, dt))
+            for q, row, ctx in zip(chunk, out[:, width:].tolist(), contexts):
+                results.append(self._answer(q, row, dt, ctx))
         return results
 
-    def _answer(self, question: str, new: list[int], seconds: float) -> Answer:
+    def _answer(self, question: str, new: list[int], seconds: float, context: list | None = None) -> Answer:
         eos = self.tok.eos_token_id
         stopped = eos in new
         if stopped:
             new = new[: new.index(eos) + 1]
         text = self.tok.decode(new, skip_special_tokens=True).strip()
-        return Answer(question, text, len(new), stopped, seconds)
+        answer = Answer(question, text, len(new), stopped, seconds, context=context or [])
+        if self.kb is not None:
+            from .retrieval import apply_citation_policy, check_citations
+
+            check = check_citations(text, self.kb, context)
+            answer.citations = check.valid
+            answer.flagged = check.invented + check.out_of_context
+            if self.retrieval.citation_policy != "off":
+                answer.text = apply_citation_policy(text, check, self.retrieval.citation_policy)
+        return answer
 
 
 def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: int = 8) -> dict:
@@ -144,7 +179,11 @@ def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with output_path.open("w", encoding="utf-8") as f:
         for rec, a in zip(records, answers):
-            f.write(json.dumps({**rec, "answer": a.text, "stopped": a.stopped}, ensure_ascii=False) + "\n")
+            out = {**rec, "answer": a.text, "stopped": a.stopped}
+            if bot.kb is not None:
+                out["citations"] = a.citation_records()
+                out["flagged_citations"] = a.flagged
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
     n = len(answers)
     return {"questions": n, "stopped_at_eos": sum(a.stopped for a in answers),
             "mean_seconds": sum(a.seconds for a in answers) / max(n, 1)}

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 IGNORE = -100
 
 
-def split_template(template: str, question: str, answer: str = "") -> tuple[str, str]:
+def split_template(template: str, question: str, answer: str = "", context: str = "") -> tuple[str, str]:
     """Return (prompt, answer_text). Whitespace before `{answer}` moves to the answer
     side: a prompt ending in a space tokenises differently alone than in context."""
-    head = template.split("{answer}")[0].replace("{question}", question)
+    head = template.split("{answer}")[0].replace("{context}", context).replace("{question}", question)
     prompt = head.rstrip()
     return prompt, head[len(prompt):] + answer
 
@@ -43,8 +43,9 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def encode_example(tokenizer, template: str, question: str, answer: str, eos_id: int, source: str = "") -> Encoded:
-    prompt, answer_text = split_template(template, question, answer)
+def encode_example(tokenizer, template: str, question: str, answer: str, eos_id: int, source: str = "",
+                   context: str = "") -> Encoded:
+    prompt, answer_text = split_template(template, question, answer, context)
     p_ids = encode_prompt(tokenizer, prompt)
     full = encode_prompt(tokenizer, prompt + answer_text)
     if full[: len(p_ids)] != p_ids:
@@ -119,13 +120,14 @@ def collate(batch: list[Encoded], pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def encode_all(tokenizer, examples, template: str, max_length: int, too_long: str = "drop"):
-    """Encode every example. Returns (kept, too_long_messages, template_errors, all_lengths)."""
+def encode_all(tokenizer, examples, template: str, max_length: int, too_long: str = "drop", contexts: list[str] | None = None):
+    """Encode every example (with its retrieved `contexts`, if any).
+    Returns (kept, too_long_messages, template_errors, all_lengths)."""
     eos = tokenizer.eos_token_id
     kept, long_rows, errors, lengths = [], [], [], []
-    for ex in examples:
+    for i, ex in enumerate(examples):
         try:
-            enc = encode_example(tokenizer, template, ex.question, ex.answer, eos, ex.source)
+            enc = encode_example(tokenizer, template, ex.question, ex.answer, eos, ex.source, contexts[i] if contexts else "")
         except TemplateError as e:
             errors.append(str(e))
             continue

@@ -156,3 +156,39 @@ def apply_citation_policy(answer: str, check: CitationCheck, policy: str = "mark
         out = re.sub(r"\(근거:\s*[,\s]*\)", "", out)
         out = re.sub(r",\s*,", ",", out).replace("(근거: ,", "(근거:").replace(", )", ")")
     return out.strip()
+
+
+def format_context(articles: list[Article], snippet_chars: int) -> str:
+    """One line per article: citation, title and the start of its summary."""
+    lines = []
+    for a in articles:
+        text = " ".join(a.paragraphs)
+        if len(text) > snippet_chars:
+            text = text[:snippet_chars].rstrip() + "…"
+        lines.append(f"- {a.cite}({a.title}): {text}")
+    return "\n".join(lines)
+
+
+def training_contexts(retriever: Retriever, kb: dict, examples, k: int, snippet_chars: int, seed: int,
+                      method: str = "hybrid") -> tuple[list[str], list[str]]:
+    """Context for each training row: the articles its answer cites (gold) plus retrieved
+    distractors up to k, shuffled so the gold article's position teaches nothing.
+    Returns (contexts, problems) — a problem is a row citing an article the KB lacks."""
+    import random
+
+    contexts, problems = [], []
+    for i, ex in enumerate(examples):
+        gold_keys = find_citations(ex.answer)
+        missing = [format_cite(*g) for g in gold_keys if g not in kb]
+        if missing:
+            problems.append(f"{ex.source}: cites {', '.join(missing)}, which the knowledge base does not have.")
+        gold = [kb[g] for g in gold_keys if g in kb]
+        chosen = list(gold)
+        for hit in retriever.search(ex.question, k=k + len(gold), method=method):
+            if len(chosen) >= max(k, len(gold)):
+                break
+            if hit.article.key not in {a.key for a in chosen}:
+                chosen.append(hit.article)
+        random.Random(seed * 100003 + i).shuffle(chosen)
+        contexts.append(format_context(chosen, snippet_chars))
+    return contexts, problems

@@ -196,8 +196,11 @@ def prepare(cfg: KotuneConfig):
     resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tok = load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     d = cfg.data
-    train_enc, long_rows, errors, lengths = encode_all(tok, train_ex, d.template, d.max_length, d.too_long)
-    eval_enc, elong, eerrors, _ = encode_all(tok, eval_ex, d.template, d.max_length, d.too_long)
+    train_ctx = eval_ctx = None
+    if cfg.retrieval.enabled:
+        train_ctx, eval_ctx = grounding_contexts(cfg, train_ex, eval_ex)
+    train_enc, long_rows, errors, lengths = encode_all(tok, train_ex, d.template, d.max_length, d.too_long, train_ctx)
+    eval_enc, elong, eerrors, _ = encode_all(tok, eval_ex, d.template, d.max_length, d.too_long, eval_ctx)
     errors += eerrors
     long_rows += elong
     if errors:
@@ -210,6 +213,24 @@ def prepare(cfg: KotuneConfig):
     stats = length_stats(lengths, d.max_length)
     return dict(resolved=resolved, tokenizer=tok, train=train_enc, eval=eval_enc, reports=reports,
                 long_rows=long_rows, stats=stats)
+
+
+def grounding_contexts(cfg: KotuneConfig, train_ex, eval_ex):
+    """Retrieved statute context for every row (gold articles + distractors)."""
+    from .retrieval import Retriever, training_contexts
+    from .statutes import DEFAULT_KB, load_kb
+
+    r = cfg.retrieval
+    kb = load_kb(r.kb_dir or DEFAULT_KB)
+    retriever = Retriever(kb)
+    out, problems = [], []
+    for rows in (train_ex, eval_ex):
+        ctx, bad = training_contexts(retriever, kb, rows, r.k, r.snippet_chars, cfg.training.seed, r.method)
+        out.append(ctx)
+        problems += bad
+    if problems:
+        raise DataError(problems + ["fix the citation, or add the article to the knowledge base (`retrieval.kb_dir`)."])
+    return out[0], out[1]
 
 
 def dry_run_report(cfg: KotuneConfig, prep: dict) -> str:
@@ -407,6 +428,12 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path) -> None:
     cfg.save(out / "config.yaml")
     if prep["resolved"].notice:
         (out / "NOTICE").write_text(prep["resolved"].notice, encoding="utf-8")
+    if cfg.retrieval.enabled:  # the run folder answers from the exact KB it was trained with
+        import shutil
+
+        from .statutes import DEFAULT_KB
+
+        shutil.copytree(cfg.retrieval.kb_dir or DEFAULT_KB, out / "statutes", dirs_exist_ok=True)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     log.info("run folder ready: %s (adapter, tokenizer, config.yaml, metrics.jsonl, loss.png%s)", out,
              f", {log_path.name}" if log_path else "")

