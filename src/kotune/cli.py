@@ -6,6 +6,7 @@ Heavy modules (torch, transformers) are imported inside the commands, so
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -233,6 +234,48 @@ def retrieve(
         where = ", ".join(f"{m} #{r}" for m, r in hit.ranks.items())
         typer.echo(f"{rank}. {hit.article.cite}({hit.article.title})  [{where}]")
         typer.echo(f"   {hit.article.paragraphs[0][:120]}")
+
+
+@app.command(name="eval")
+def evaluate(
+    run: Optional[str] = typer.Argument(None, help="Run folder (omit with --retrieval_only)."),
+    questions: Path = typer.Option(Path("data/civil_law_dev.jsonl"), "--questions", help="Dev set JSONL with gold citations and key facts."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the report (summary and per-question rows) as JSON."),
+    retrieval_only: bool = typer.Option(False, "--retrieval_only", help="Baseline: answer with the top-1 retrieved article's summary."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
+    batch_size: int = typer.Option(8, "--batch_size"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
+):
+    """Score answers on a dev set: citation hit/precision/recall, key facts, ROUGE-L, stop rate, latency."""
+    from .evaluate import evaluate_answers, load_dev, markdown_table, retrieval_only_answers
+    from .statutes import DEFAULT_KB, load_kb
+
+    items = _run(load_dev, questions)[:limit]
+    qs = [i["question"] for i in items]
+    kb = _run(load_kb, DEFAULT_KB)
+    if retrieval_only:
+        from .retrieval import Retriever
+
+        name, answers = "retrieval-only", _run(retrieval_only_answers, _run(Retriever, kb), qs)
+    else:
+        if not run:
+            _fail(ValueError("give a run folder, or --retrieval_only."))
+        bot = _bot(run, None, greedy=True, max_new_tokens=max_new_tokens)
+        kb = bot.kb or kb
+        name, answers = Path(run).name, bot.answer_batch(qs, batch_size=batch_size)
+    try:
+        from .retrieval import Morphemes
+
+        tokenize = Morphemes()
+    except ImportError:
+        tokenize = None
+    summary, rows = evaluate_answers(items, answers, kb, tokenize)
+    typer.echo(markdown_table({name: summary}))
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"system": name, "questions": str(questions), "summary": summary, "rows": rows},
+                                     ensure_ascii=False, indent=2), encoding="utf-8")
+        typer.echo(f"report written to {output}")
 
 
 kb_app = typer.Typer(no_args_is_help=True, help="Statute knowledge base: import official text.")

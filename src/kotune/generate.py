@@ -27,6 +27,7 @@ class Answer:
     citations: list = field(default_factory=list)  # valid cited Articles (law, article, title)
     flagged: list = field(default_factory=list)  # citations not in the KB or not retrieved
     context: list = field(default_factory=list)  # Articles put into the prompt
+    raw_text: str = ""  # the generation before a citation policy marked or dropped anything
 
     def citation_records(self) -> list[dict]:
         return [{"law": a.law, "article": a.article, "title": a.title, "cite": a.cite} for a in self.citations]
@@ -148,7 +149,7 @@ class Chatbot:
         if stopped:
             new = new[: new.index(eos) + 1]
         text = self.tok.decode(new, skip_special_tokens=True).strip()
-        answer = Answer(question, text, len(new), stopped, seconds, context=context or [])
+        answer = Answer(question, text, len(new), stopped, seconds, context=context or [], raw_text=text)
         if self.kb is not None:
             from .retrieval import apply_citation_policy, check_citations
 
