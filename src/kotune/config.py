@@ -279,7 +279,7 @@ def load_config(
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError([f"file not found. Check the path, or start from `configs/civil_law.yaml`."], source)
+            raise ConfigError(["file not found. Check the path, or start from `configs/civil_law.yaml`."], source)
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:

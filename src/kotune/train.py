@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import signal
 import time
 from contextlib import nullcontext
@@ -19,8 +18,8 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .config import KotuneConfig
-from .data import DataError, load_examples
-from .prompt import IGNORE, check_encoded, collate, encode_all, length_stats, render_sample
+from .prepare import dry_run_report, epoch_batches, prepare
+from .prompt import IGNORE, collate
 
 log = logging.getLogger("kotune")
 
@@ -63,45 +62,6 @@ def setup_logging(out_dir: Path | None, level: str, fmt: str) -> Path | None:
     fh.setFormatter(logging.Formatter(fmt))
     log.addHandler(fh)
     return path
-
-
-# ---------------------------------------------------------------- data
-
-def load_split(cfg: KotuneConfig):
-    """Training and evaluation examples with every problem counted in the log."""
-    d = cfg.data
-    common = dict(encoding=d.encoding, question_column=d.question_column, answer_column=d.answer_column,
-                  bad_rows=d.bad_rows, duplicates=d.duplicates)
-    train_ex, rep = load_examples(d.train_file, dataset_name=d.dataset_name, dataset_split=d.dataset_split,
-                                  dataset_cache_dir=d.dataset_cache_dir, **common)
-    reports = [rep]
-    if d.eval_file:
-        eval_ex, erep = load_examples(d.eval_file, **common)
-        reports.append(erep)
-    elif d.eval_ratio > 0 and len(train_ex) >= 10:
-        order = list(range(len(train_ex)))
-        random.Random(cfg.training.seed).shuffle(order)
-        n_eval = max(1, int(round(len(train_ex) * d.eval_ratio)))
-        held = set(order[:n_eval])
-        eval_ex = [e for i, e in enumerate(train_ex) if i in held]
-        train_ex = [e for i, e in enumerate(train_ex) if i not in held]
-    else:
-        eval_ex = []
-    return train_ex, eval_ex, reports
-
-
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    if group_by_length:
-        # Sort within shuffled mega-batches: little padding, order still random across epochs.
-        mega = batch_size * 16
-        order = [i for k in range(0, len(order), mega) for i in sorted(order[k:k + mega], key=lambda i: -lengths[i])]
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    perm = torch.randperm(len(batches), generator=g).tolist()
-    return [batches[i] for i in perm]
 
 
 # ---------------------------------------------------------------- model pieces
@@ -187,65 +147,6 @@ def trainable_state(model) -> dict:
 
 
 # ---------------------------------------------------------------- entry point
-
-def prepare(cfg: KotuneConfig):
-    """Load data and tokenizer, encode, and check one sample. Shared by dry-run and training."""
-    from .model import load_tokenizer, resolve_model
-
-    train_ex, eval_ex, reports = load_split(cfg)
-    resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
-    tok = load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    d = cfg.data
-    train_ctx = eval_ctx = None
-    if cfg.retrieval.enabled:
-        train_ctx, eval_ctx = grounding_contexts(cfg, train_ex, eval_ex)
-    train_enc, long_rows, errors, lengths = encode_all(tok, train_ex, d.template, d.max_length, d.too_long, train_ctx)
-    eval_enc, elong, eerrors, _ = encode_all(tok, eval_ex, d.template, d.max_length, d.too_long, eval_ctx)
-    errors += eerrors
-    long_rows += elong
-    if errors:
-        raise DataError(errors)
-    if long_rows and d.too_long == "error":
-        raise DataError([r + "; raise `data.max_length` or shorten the row" for r in long_rows])
-    if not train_enc:
-        raise DataError([f"no training rows fit in max_length {d.max_length}; raise `data.max_length`."])
-    check_encoded(train_enc[0], tok.eos_token_id, tok.pad_token_id)
-    stats = length_stats(lengths, d.max_length)
-    return dict(resolved=resolved, tokenizer=tok, train=train_enc, eval=eval_enc, reports=reports,
-                long_rows=long_rows, stats=stats)
-
-
-def grounding_contexts(cfg: KotuneConfig, train_ex, eval_ex):
-    """Retrieved statute context for every row (gold articles + distractors)."""
-    from .retrieval import Retriever, training_contexts
-    from .statutes import DEFAULT_KB, load_kb
-
-    r = cfg.retrieval
-    kb = load_kb(r.kb_dir or DEFAULT_KB)
-    retriever = Retriever(kb)
-    out, problems = [], []
-    for rows in (train_ex, eval_ex):
-        ctx, bad = training_contexts(retriever, kb, rows, r.k, r.snippet_chars, cfg.training.seed, r.method)
-        out.append(ctx)
-        problems += bad
-    if problems:
-        raise DataError(problems + ["fix the citation, or add the article to the knowledge base (`retrieval.kb_dir`)."])
-    return out[0], out[1]
-
-
-def dry_run_report(cfg: KotuneConfig, prep: dict) -> str:
-    lines = ["# resolved config", cfg.to_yaml(), "# data"]
-    lines += [r.summary() for r in prep["reports"]]
-    lines.append(f"train rows: {len(prep['train'])}, eval rows: {len(prep['eval'])}")
-    s = prep["stats"]
-    lines.append(f"token lengths ({prep['resolved'].path} tokenizer): p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, "
-                 f"p99 {s['p99']}, max {s['max']}; rows over max_length {cfg.data.max_length}: {s['over_max_length']} "
-                 f"({'dropped' if cfg.data.too_long == 'drop' else 'error'})")
-    for r in prep["long_rows"][:10]:
-        lines.append(f"  too long: {r}")
-    lines += ["", "# one training sample (⟦trained⟧ tokens; the rest is masked)", render_sample(prep["tokenizer"], prep["train"][0])]
-    return "\n".join(lines)
-
 
 def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False):
     """Train and return the run folder (or, with dry_run, the report text)."""
