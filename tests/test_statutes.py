@@ -88,7 +88,8 @@ def test_dev_set_shape_and_citations_exist(kb):
     items = _dev()
     assert len(items) >= 60 and len({i["id"] for i in items}) == len(items)
     for i in items:
-        assert set(i) == {"id", "question", "citations", "key_facts", "category"}, i["id"]
+        assert set(i) == {"id", "question", "citations", "key_facts", "reference", "category"}, i["id"]
+        assert all(c in i["reference"] for c in i["citations"]), i["id"]
         cites = [c for text in i["citations"] for c in find_citations(text)]
         assert cites and all(c in kb for c in cites), i["id"]
         assert i["key_facts"] and all(isinstance(f, list) and f and all(isinstance(x, str) and x for x in f)
