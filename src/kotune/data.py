@@ -238,3 +238,24 @@ def load_examples(
     if not examples:
         raise DataError([f"{origin}: no usable rows. Expected columns `{qcol}` and `{acol}` with text."])
     return examples, report
+
+
+def read_question_lines(path: str | Path, required: tuple[str, ...] = ("question",)) -> list[dict]:
+    """JSONL of question records (for `ask` and `eval`): every line an object whose
+    `required` keys are present and whose `question` is non-empty; `id` defaults to the line number."""
+    records = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg}).") from None
+        if not isinstance(rec, dict) or not str(rec.get("question") or "").strip():
+            raise ValueError(f"{path}: line {i} needs a non-empty \"question\" field.")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise ValueError(f"{path}: line {i} lacks {', '.join(missing)}.")
+        rec.setdefault("id", i)
+        records.append(rec)
+    return records

@@ -8,10 +8,10 @@ uses the raw generation, before any citation policy removed or marked them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import read_question_lines
 from .statutes import find_citations
 
 
@@ -29,20 +29,7 @@ class Scored:
 
 
 def load_dev(path: str | Path) -> list[dict]:
-    items = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg}).") from None
-        missing = [k for k in ("question", "citations", "key_facts") if k not in rec]
-        if missing:
-            raise ValueError(f"{path}: line {i} lacks {', '.join(missing)}.")
-        rec.setdefault("id", str(i))
-        items.append(rec)
-    return items
+    return read_question_lines(path, ("question", "citations", "key_facts"))
 
 
 def lcs(a: list[str], b: list[str]) -> int:

@@ -165,17 +165,9 @@ def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: 
     """`{"id","question"}` lines in, the same lines plus `"answer"` out."""
     import json
 
-    records = []
-    for i, line in enumerate(questions_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{questions_path}: line {i} is not valid JSON ({e.msg}).") from None
-        if not isinstance(rec, dict) or not str(rec.get("question") or "").strip():
-            raise ValueError(f"{questions_path}: line {i} needs a non-empty \"question\" field.")
-        records.append(rec)
+    from .data import read_question_lines
+
+    records = read_question_lines(questions_path)
     answers = bot.answer_batch([r["question"] for r in records], batch_size=batch_size)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with output_path.open("w", encoding="utf-8") as f:
