@@ -38,6 +38,14 @@ def test_training_context_holds_gold_article_and_distractors():
         assert len(lines) == 3
         gold = find_citations(e.answer)[0]
         assert any(kb[gold].cite + "(" in line for line in lines)  # the cited article is always there
+    # Distractors keep their retrieval order: the context is what chat would show, plus the gold article.
+    retriever = Retriever(kb)
+    for e, c in zip(ex, ctx):
+        shown = [line.split("(")[0][2:] for line in c.splitlines()]
+        gold = kb[find_citations(e.answer)[0]].cite
+        ranked = [h.article.cite for h in retriever.search(e.question, k=3)]
+        others = [s for s in shown if s != gold]
+        assert others == [s for s in ranked if s in others]
     bad = [Example("q", "답 (근거: 민법 제999조)", "x.csv:9")]
     assert "민법 제999조" in training_contexts(Retriever(kb), kb, bad, 3, 30, 1)[1][0]
 
@@ -57,6 +65,8 @@ def test_grounded_run_carries_its_kb_and_dry_run_shows_context(grounded_run, tin
     from kotune.train import train
 
     assert (grounded_run / "statutes" / "minbeop.jsonl").is_file()
+    examples = [json.loads(x) for x in (grounded_run / "retrieval_examples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert examples and all(e["citations"] for e in examples)  # the training split, as retrieval hints
     cfg = tiny_config(tiny_gpt2, write_csv(tmp_path / "qa.csv", qa_rows()), tmp_path / "r", retrieval=GROUNDED,
                       data={"template": TEMPLATE, "max_length": 900})
     report = train(cfg, dry_run=True)
@@ -67,6 +77,7 @@ def test_answers_carry_checked_citations(grounded_run, tmp_path):
     from kotune.generate import Chatbot, ask_file
 
     bot = Chatbot.from_run(grounded_run, greedy=True, max_new_tokens=4)
+    assert bot.retriever.examples  # read back from the run folder
     context = bot.context_for("전세권이란 무엇인가요?")
     assert context and context[0].law in ("민법", "주택임대차보호법")
     inside = context[0].cite

@@ -82,3 +82,49 @@ def test_marking_a_main_article_leaves_its_branch_article_alone():
     assert check.invented == ["주택임대차보호법 제3조"]
     assert apply_citation_policy(answer, check, "mark") == \
         "(근거: 주택임대차보호법 제3조의3, 주택임대차보호법 제3조[확인 필요: 존재하지 않는 조문])"
+
+
+# Example questions: colloquial training questions vote for the articles their answers cite.
+EXAMPLES = [
+    ("집주인이 만기 됐는데 돈을 안 돌려줘서 이사를 못 가고 있어요", [("주택임대차보호법", "3의3")]),
+    ("땅 빌려서 건물 지었는데 몇 년 쓸 수 있는지 안 정했어요", [("민법", "281")]),
+    ("계약하고 며칠 뒤에 마음이 바뀌었는데 물릴 수 있나요", [("민법", "565")]),
+]
+
+
+@pytest.fixture(scope="module")
+def with_examples(tmp_path_factory):
+    return Retriever(_kb(), cache_dir=tmp_path_factory.mktemp("ret-ex"), examples=EXAMPLES)
+
+
+def test_example_questions_vote_for_their_articles(with_examples):
+    # Shares words with the 281 example, not with the 281 article's text.
+    hits = with_examples.search("건물 짓고 몇 년 쓸 수 있는지 안 정했어요", k=1, method="examples")
+    assert hits[0].article.key == ("민법", "281")
+    top = with_examples.search("건물 짓고 몇 년 쓸 수 있는지 안 정했어요", k=4, method="hybrid")
+    assert top[0].article.key == ("민법", "281") and {"ex-bm25", "ex-dense"} <= set(top[0].ranks)
+
+
+def test_skip_example_leaves_the_question_itself_out(with_examples):
+    q = EXAMPLES[2][0]
+    assert with_examples.search(q, k=1, method="examples")[0].article.key == ("민법", "565")
+    left_out = with_examples.search(q, k=4, method="examples", skip_example=q)
+    assert ("민법", "565") not in [h.article.key for h in left_out[:1]]
+
+
+def test_examples_citing_unknown_articles_are_ignored_and_methods_checked(tmp_path):
+    r = Retriever(_kb(), cache_dir=tmp_path, examples=[("아무 질문", [("민법", "999")])])
+    assert r.examples == [] and r.ex_index is None
+    with pytest.raises(ValueError, match="needs example questions"):
+        r.search("지상권 기간", method="examples")
+    with pytest.raises(ValueError, match="unknown retrieval method"):
+        r.search("지상권 기간", method="sparse")
+
+
+def test_example_files_round_trip(tmp_path):
+    from conftest import qa_rows, write_csv
+
+    pairs = retrieval.load_examples_file(write_csv(tmp_path / "qa.csv", qa_rows(4)))
+    assert pairs[0] == (qa_rows(4)[0]["question"], [("민법", "303")])
+    retrieval.save_examples(pairs, tmp_path / "retrieval_examples.jsonl")
+    assert retrieval.load_examples_file(tmp_path / "retrieval_examples.jsonl") == pairs

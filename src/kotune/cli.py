@@ -218,18 +218,28 @@ def merge(
     typer.echo(f"merged model written to {out}")
 
 
+EXAMPLES_HELP = ("Example questions for retrieval: a Q&A training file (e.g. data/civil_law_qa.csv) or a run's "
+                 "retrieval_examples.jsonl.")
+
+
+def _retriever(kb_dir: Optional[Path], examples: Optional[Path]):
+    from .retrieval import Retriever, load_examples_file
+    from .statutes import DEFAULT_KB, load_kb
+
+    pairs = _run(load_examples_file, examples) if examples else None
+    return _run(Retriever, _run(load_kb, kb_dir or DEFAULT_KB), examples=pairs)
+
+
 @app.command()
 def retrieve(
     question: str = typer.Argument(..., help="A question, as a user would ask it."),
     k: int = typer.Option(5, "--k", help="How many articles to show."),
-    method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small) or hybrid (reciprocal-rank fusion)."),
+    method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (similar training questions) or hybrid (reciprocal-rank fusion of all)."),
     kb: Optional[Path] = typer.Option(None, "--kb", help="Statute knowledge-base folder (default: data/statutes)."),
+    examples: Optional[Path] = typer.Option(None, "--examples", help=EXAMPLES_HELP),
 ):
     """Show the statute articles retrieved for a question."""
-    from .retrieval import Retriever
-    from .statutes import DEFAULT_KB, load_kb
-
-    retriever = _run(Retriever, _run(load_kb, kb or DEFAULT_KB))
+    retriever = _retriever(kb, examples)
     for rank, hit in enumerate(_run(retriever.search, question, k, method), start=1):
         where = ", ".join(f"{m} #{r}" for m, r in hit.ranks.items())
         typer.echo(f"{rank}. {hit.article.cite}({hit.article.title})  [{where}]")
@@ -242,6 +252,7 @@ def evaluate(
     questions: Path = typer.Option(Path("data/civil_law_dev.jsonl"), "--questions", help="Dev set JSONL with gold citations and key facts."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the report (summary and per-question rows) as JSON."),
     retrieval_only: bool = typer.Option(False, "--retrieval_only", help="Baseline: answer with the top-1 retrieved article's summary."),
+    examples: Optional[Path] = typer.Option(None, "--examples", help="With --retrieval_only: " + EXAMPLES_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
     batch_size: int = typer.Option(8, "--batch_size"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
@@ -254,9 +265,7 @@ def evaluate(
     qs = [i["question"] for i in items]
     kb = _run(load_kb, DEFAULT_KB)
     if retrieval_only:
-        from .retrieval import Retriever
-
-        name, answers = "retrieval-only", _run(retrieval_only_answers, _run(Retriever, kb), qs)
+        name, answers = "retrieval-only", _run(retrieval_only_answers, _retriever(None, examples), qs)
     else:
         if not run:
             _fail(ValueError("give a run folder, or --retrieval_only."))

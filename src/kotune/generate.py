@@ -74,11 +74,13 @@ class Chatbot:
         gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         if not cfg.retrieval.enabled:
             return cls(model, tok, cfg.data.template, gen)
-        from .retrieval import Retriever
+        from .retrieval import Retriever, load_examples_file
         from .statutes import load_kb
 
         kb = load_kb(Path(run_dir) / "statutes")
-        return cls(model, tok, cfg.data.template, gen, cfg.retrieval, kb, Retriever(kb))
+        ex_file = Path(run_dir) / "retrieval_examples.jsonl"
+        examples = load_examples_file(ex_file) if ex_file.is_file() else None
+        return cls(model, tok, cfg.data.template, gen, cfg.retrieval, kb, Retriever(kb, examples=examples))
 
     def context_for(self, question: str) -> list:
         if self.retriever is None:

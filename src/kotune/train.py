@@ -332,6 +332,10 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path) -> None:
         from .statutes import DEFAULT_KB
 
         shutil.copytree(cfg.retrieval.kb_dir or DEFAULT_KB, out / "statutes", dirs_exist_ok=True)
+        if prep["retrieval_examples"]:
+            from .retrieval import save_examples
+
+            save_examples(prep["retrieval_examples"], out / "retrieval_examples.jsonl")
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     log.info("run folder ready: %s (adapter, tokenizer, config.yaml, metrics.jsonl, loss.png%s)", out,
              f", {log_path.name}" if log_path else "")
