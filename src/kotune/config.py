@@ -166,6 +166,7 @@ class RetrievalSection(_Section):
     example_questions: bool = Field(True, description="Use the training questions as retrieval hints: the articles cited by the most similar training questions rank higher. The run folder keeps them (`retrieval_examples.jsonl`).")
     k: int = Field(3, ge=1, description="Articles put into the prompt, in retrieval order. In training, a row's cited (gold) article replaces the last distractor when retrieval misses it, and the row's own question is left out of the example votes.")
     snippet_chars: int = Field(160, ge=20, description="Characters of each article's summary shown in the prompt (keeps prompts short).")
+    constrain_citations: bool = Field(True, description="While the model writes `(근거: …)`, let it cite only the retrieved articles (and paragraphs they have): a rule on the decoder, so no citation can be invented or come from outside the context.")
     citation_policy: Literal["mark", "drop", "off"] = Field("mark", description="Citations of articles that do not exist or were not retrieved: `mark` them in the answer, `drop` them, or leave them (`off`).")
 
 

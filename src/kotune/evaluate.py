@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import read_question_lines
-from .statutes import find_citations
+from .statutes import find_citations, format_cite
 
 
 @dataclass
@@ -90,6 +90,8 @@ def evaluate_answers(items: list[dict], answers, kb: dict, tokenize=None) -> tup
     scored = [score_one(it, a.text, a.raw_text or a.text, kb, tokenize) for it, a in zip(items, answers)]
     summary = summarise(scored, [a.stopped for a in answers], [a.seconds for a in answers])
     rows = [{"id": s.id, "question": it["question"], "answer": a.text, "hit": s.hit,
+             "cited": [format_cite(*c) for c in s.cited], "gold": [format_cite(*c) for c in s.gold],
+             "retrieved": [c.cite for c in getattr(a, "context", [])], "flagged": list(getattr(a, "flagged", [])),
              "key_facts": f"{s.facts_found}/{s.facts_total}", "rouge_l": s.rouge_l, "stopped": a.stopped}
             for s, it, a in zip(scored, items, answers)]
     return summary, rows

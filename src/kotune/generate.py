@@ -111,6 +111,15 @@ class Chatbot:
         prompt, _ = split_template(self.template, question.strip(), context=text)
         return encode_prompt(self.tok, prompt)
 
+    def _constraint(self, contexts: list[list], prompt_len: int) -> dict:
+        if self.retrieval is None or not self.retrieval.constrain_citations:
+            return {}
+        from transformers import LogitsProcessorList
+
+        from .constrain import CitationConstraint
+
+        return {"logits_processor": LogitsProcessorList([CitationConstraint(self.tok, contexts, prompt_len)])}
+
     def answer(self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None) -> Answer:
         import torch
 
@@ -120,7 +129,7 @@ class Chatbot:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                      **self._kwargs(ids.shape[1], max_new_tokens))
+                                      **self._kwargs(ids.shape[1], max_new_tokens), **self._constraint([context], ids.shape[1]))
         new = out[0, ids.shape[1]:].tolist()
         return self._answer(question, new, time.perf_counter() - t0, context)
 
@@ -139,7 +148,8 @@ class Chatbot:
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width))
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width),
+                                          **self._constraint(contexts, width))
             dt = (time.perf_counter() - t0) / len(chunk)
             for q, row, ctx in zip(chunk, out[:, width:].tolist(), contexts):
                 results.append(self._answer(q, row, dt, ctx))
