@@ -104,3 +104,20 @@ def test_dev_questions_do_not_overlap_training_questions():
         assert q not in train, i["id"]
         shared = [q[k:k + 20] for k in range(max(1, len(q) - 19)) if q[k:k + 20] in spans]
         assert not shared, (i["id"], shared[:1])
+
+
+def test_installed_package_ships_the_kb(tmp_path):
+    """A wheel (a non-editable install) carries the knowledge base as package data."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path)], capture_output=True, text=True)
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip(f"cannot build a wheel here: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("kotune-*.whl"))).namelist()
+    assert {"kotune/kb/minbeop.jsonl", "kotune/kb/housing_lease.jsonl"} <= set(names)

@@ -235,7 +235,7 @@ def retrieve(
     question: str = typer.Argument(..., help="A question, as a user would ask it."),
     k: int = typer.Option(5, "--k", help="How many articles to show."),
     method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (similar training questions) or hybrid (reciprocal-rank fusion of all)."),
-    kb: Optional[Path] = typer.Option(None, "--kb", help="Statute knowledge-base folder (default: data/statutes)."),
+    kb: Optional[Path] = typer.Option(None, "--kb", help="Statute knowledge-base folder (default: the KB shipped with kotune, src/kotune/kb)."),
     examples: Optional[Path] = typer.Option(None, "--examples", help=EXAMPLES_HELP),
 ):
     """Show the statute articles retrieved for a question."""

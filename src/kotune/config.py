@@ -161,7 +161,7 @@ class GenerationSection(_Section):
 
 class RetrievalSection(_Section):
     enabled: bool = Field(False, description="Ground answers in statute articles: the top-k retrieved articles fill `{context}` in `data.template`, in training and at inference (extra `kotune[retrieval]`).")
-    kb_dir: str | None = Field(None, description="Statute knowledge-base folder (`*.jsonl`). Unset: the KB shipped in `data/statutes`. Training copies it into the run folder.")
+    kb_dir: str | None = Field(None, description="Statute knowledge-base folder (`*.jsonl`). Unset: the KB shipped with kotune (`src/kotune/kb`, installed as package data). Training copies it into the run folder.")
     method: Literal["bm25", "dense", "examples", "hybrid"] = Field("hybrid", description="Retriever: BM25 over Kiwi morphemes, multilingual-e5-small vectors, the training questions most like the user's (`examples`), or all of them fused by reciprocal rank (`hybrid`).")
     example_questions: bool = Field(True, description="Use the training questions as retrieval hints: the articles cited by the most similar training questions rank higher. The run folder keeps them (`retrieval_examples.jsonl`).")
     k: int = Field(3, ge=1, description="Articles put into the prompt, in retrieval order. In training, a row's cited (gold) article replaces the last distractor when retrieval misses it, and the row's own question is left out of the example votes.")

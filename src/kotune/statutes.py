@@ -1,6 +1,6 @@
 """The shipped statute knowledge base and citation parsing.
 
-Records live in `data/statutes/*.jsonl`, one article per line:
+Records live in `src/kotune/kb/*.jsonl` (package data, so an installed kotune has them), one article per line:
 `{"law", "article" ("3의2" form), "title", "paragraphs", "keywords"}`.
 Citations are written `법령명 제N조` or `법령명 제N조의M`.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 LAWS = ("민법", "주택임대차보호법")
 CITATION = re.compile(r"(민법|주택임대차보호법)\s*제\s*(\d+)\s*조(?:\s*의\s*(\d+))?")
-DEFAULT_KB = Path(__file__).resolve().parents[2] / "data" / "statutes"
+DEFAULT_KB = Path(__file__).resolve().parent / "kb"
 
 
 @dataclass(frozen=True)
