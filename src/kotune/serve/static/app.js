@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const conversation = [];
 let modelId = null;
+let grounded = false; // ungrounded runs: cited articles are only checked to exist, not to fit the answer
 let busy = null; // AbortController of the answer being streamed
 
 function el(tag, cls, text) {
@@ -52,7 +53,7 @@ function chipGroup(aside, heading, records, cls) {
 
 function showCitations(row, final) {
   const aside = el("aside", "cites");
-  chipGroup(aside, "인용 조문", final.citations || [], "cited");
+  chipGroup(aside, grounded ? "인용 조문" : "인용 조문 (있는 조문인지만 확인)", final.citations || [], "cited");
   if ((final.flagged_citations || []).length) {
     aside.append(el("h2", "", "확인되지 않은 인용"));
     const chips = el("div", "chips");
@@ -164,6 +165,7 @@ $("stop").addEventListener("click", () => busy?.abort());
   try {
     const h = await (await fetch("/health")).json();
     modelId = h.model;
+    grounded = h.grounded;
     $("model").textContent = `모델: ${h.model}${h.grounded ? " · 조문 검색 사용" : ""}`;
     if (h.notice) { $("notice").textContent = `※ ${h.notice}`; $("notice").hidden = false; }
     if (h.auth) $("keyrow").hidden = false;
