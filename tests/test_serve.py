@@ -15,7 +15,7 @@ pytest.importorskip("httpx")
 
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from serving import CITING_ANSWER, CITING_QUESTION, citing_bot  # noqa: E402,F401
+from serving import CITING_ANSWER, CITING_QUESTION  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 

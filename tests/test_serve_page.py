@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from serving import CITING_ANSWER, CITING_QUESTION, citing_bot  # noqa: E402,F401
+from serving import CITING_ANSWER, CITING_QUESTION  # noqa: E402
 
 CHROMIUM = os.environ.get("KOTUNE_CHROMIUM", "/usr/bin/chromium")
 
