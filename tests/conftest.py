@@ -131,3 +131,6 @@ def tiny_gemma_run(tiny_gemma, tmp_path_factory) -> Path:
 @pytest.fixture(params=["tiny_run", "tiny_gemma_run"])
 def any_run(request) -> Path:
     return request.getfixturevalue(request.param)
+
+
+from serving import citing_bot  # noqa: E402,F401  (one session fixture for the server and page tests)

@@ -287,6 +287,29 @@ def evaluate(
         typer.echo(f"report written to {output}")
 
 
+@app.command()
+def serve(
+    run: str = typer.Argument(..., help="Run folder written by `kotune train`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The default is loopback only; set an API key before binding others."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", "--api_key", envvar="KOTUNE_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on every /v1 route (or set KOTUNE_API_KEY)."),
+    max_tokens_limit: int = typer.Option(1024, "--max_tokens_limit", help="Largest max_tokens a request may ask for."),
+    max_queue: int = typer.Option(64, "--max_queue", help="Requests waiting or generating at once; more get HTTP 429."),
+    greedy: Optional[bool] = typer.Option(None, "--greedy/--sample", help="Default decoding (a request's temperature overrides it)."),
+):
+    """Serve a run: OpenAI-compatible API (/v1/chat/completions, /v1/models), /health and a chat page at /."""
+    try:
+        from .serve import Limits, create_app, run_server
+    except ImportError as e:
+        _fail(e)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        typer.echo(f"warning: serving on {host} without an API key: anyone who can reach it can use it.", err=True)
+    app_ = _run(create_app, run, api_key=api_key, limits=Limits(max_tokens=max_tokens_limit, max_queue=max_queue), greedy=greedy)
+    typer.echo(f"serving {app_.state.model_id} on http://{host}:{port}/ (API: /v1, requests answered one at a time)")
+    run_server(app_, host=host, port=port)
+
+
 kb_app = typer.Typer(no_args_is_help=True, help="Statute knowledge base: import official text.")
 app.add_typer(kb_app, name="kb")
 

@@ -1,0 +1,160 @@
+"""Load test for `kotune serve`: N concurrent streaming clients for a bounded time.
+
+    .venv/bin/python bench/load_server.py --run runs/civil_law [--clients 32] [--duration 60] [--max-tokens 64]
+    .venv/bin/python bench/load_server.py --url http://127.0.0.1:8000 [--api-key KEY]
+
+With --run the server is started in this process (uvicorn in a thread, loopback, a free port); with --url
+an already running server is used (loopback addresses only). Each client sends a streaming chat request,
+reads it to the end, and sends the next one until --duration has passed; requests under way then finish.
+Time to first token (TTFT) is measured to the first non-empty content piece, so it includes the time a
+request waits in the server's queue. Prints a markdown table and writes the figures as JSON (--output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from urllib.parse import urlparse
+
+QUESTIONS = [
+    "전세권이란 무엇인가요?",
+    "전입신고를 하면 대항력은 언제부터 생기나요?",
+    "집주인이 계약 만료 때 보증금을 안 돌려주면 어떻게 해야 하나요?",
+    "계약금만 낸 상태에서 계약을 해제할 수 있나요?",
+    "확정일자는 왜 받아야 하나요?",
+    "임대차 계약을 갱신하자고 요구할 수 있나요?",
+]
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+async def one_request(client, url: str, model: str, question: str, max_tokens: int, headers: dict) -> dict:
+    import httpx
+
+    payload = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+               "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens, done = None, 0, False
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=payload, headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    return {"error": event["error"].get("message", "error event")}
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices", []):
+                    if ttft is None and choice["delta"].get("content"):
+                        ttft = time.perf_counter() - t0
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    if not done:
+        return {"error": "stream ended without [DONE]"}
+    total = time.perf_counter() - t0
+    return {"ttft": ttft if ttft is not None else total, "latency": total, "tokens": tokens}
+
+
+async def run_load(url: str, model: str, clients: int, duration: float, max_tokens: int, api_key: str | None) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.perf_counter() + duration
+    results: list[dict] = []
+
+    async def client_loop(i: int, client) -> None:
+        n = 0
+        while time.perf_counter() < deadline:
+            results.append(await one_request(client, url, model, QUESTIONS[(i + n) % len(QUESTIONS)], max_tokens, headers))
+            n += 1
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # A request may wait behind every other client's answer: allow for the whole queue.
+    async with httpx.AsyncClient(timeout=httpx.Timeout(duration + 600), limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    ttft, lat = [r["ttft"] for r in ok], [r["latency"] for r in ok]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"url": url, "model": model, "clients": clients, "duration_s": duration, "max_tokens": max_tokens,
+            "wall_s": round(wall, 2), "requests": len(ok), "errors": len(errors), "error_samples": errors[:5],
+            "ttft_s": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
+            "latency_s": {"p50": percentile(lat, 50), "p95": percentile(lat, 95)},
+            "requests_per_s": len(ok) / wall if wall else 0.0, "completion_tokens": tokens,
+            "tokens_per_s": tokens / wall if wall else 0.0}
+
+
+def table(r: dict) -> str:
+    def f(x):
+        return "–" if x is None else f"{x:.2f}"
+
+    return "\n".join([
+        "| clients | duration (s) | max_tokens | requests | errors | TTFT p50 (s) | TTFT p95 (s) | latency p50 (s) | latency p95 (s) | requests/s | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {r['clients']} | {r['wall_s']:.0f} | {r['max_tokens']} | {r['requests']} | {r['errors']} | {f(r['ttft_s']['p50'])} | "
+        f"{f(r['ttft_s']['p95'])} | {f(r['latency_s']['p50'])} | {f(r['latency_s']['p95'])} | {r['requests_per_s']:.2f} | "
+        f"{r['tokens_per_s']:.1f} |",
+    ])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = ap.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", help="Run folder: start a server for it in this process.")
+    target.add_argument("--url", help="Base URL of a running server on this machine, e.g. http://127.0.0.1:8000")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=60.0, help="Seconds during which clients start new requests.")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--output", default=None, help="Write the figures as JSON here.")
+    args = ap.parse_args(argv)
+    if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        ap.error("--url must be a loopback address: this bench only loads servers on this machine")
+
+    if args.run:
+        from kotune.serve import Limits, create_app, running_server
+
+        app = create_app(args.run, api_key=args.api_key, limits=Limits(max_queue=args.clients + 8))
+        server = running_server(app)
+        model = app.state.model_id
+    else:
+        import httpx
+
+        server = nullcontext((args.url.rstrip("/"), None))
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        model = httpx.get(f"{args.url.rstrip('/')}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    with server as (url, _):
+        report = asyncio.run(run_load(url, model, args.clients, args.duration, args.max_tokens, args.api_key))
+    report["run"] = args.run
+    print(table(report))
+    if report["errors"]:
+        print("errors:", *report["error_samples"], sep="\n  ")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
