@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, qa_rows, tiny_config, topic_rows, write_csv
 from kotune import distributed as dd

@@ -7,6 +7,7 @@ Heavy modules (torch, transformers) are imported inside the commands, so
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -83,6 +84,8 @@ def train(
         resume = checkpoint_path
 
     result = _run(run_train, cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun/accelerate only rank 0 reports
+        return
     if dry_run:
         typer.echo(result)
     else:

@@ -10,64 +10,21 @@ every process takes its slice of the same global batches (`distributed.py`).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
-import signal
 import time
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from . import distributed as dd
-from .config import KotuneConfig
-from .memory import apply_cap, choose_precision, cpu_has_bf16, memory_line, memory_stats, release_cache  # noqa: F401
-from .prepare import dry_run_report, epoch_batches, prepare  # noqa: F401
-from .tasks import answer_loss_sum, classification_metrics, collate, confusion, count, item_length, loss_sum  # noqa: F401
-
-log = logging.getLogger("kotune")
-
-
-class TrainError(RuntimeError):
-    pass
-
-
-class Interrupted(Exception):
-    """Raised after Ctrl+C once the checkpoint is safely written."""
-
-    def __init__(self, checkpoint: Path):
-        self.checkpoint = checkpoint
-        super().__init__(f"interrupted; checkpoint saved at {checkpoint}")
-
-
-# ---------------------------------------------------------------- logging
-
-class _TqdmHandler(logging.Handler):
-    def emit(self, record):
-        from tqdm import tqdm
-
-        tqdm.write(self.format(record))
-
-
-def setup_logging(out_dir: Path | None, level: str, fmt: str) -> Path | None:
-    log.setLevel(level)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(console)
-    if out_dir is None:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"training_{datetime.now():%Y%m%d_%H%M%S}.log"
-    fh = logging.FileHandler(path, encoding="utf-8")
-    fh.setFormatter(logging.Formatter(fmt))
-    log.addHandler(fh)
-    return path
+from .. import checkpoint as ckpt
+from .. import distributed as dd
+from ..config import KotuneConfig
+from ..memory import apply_cap, choose_precision, memory_line, memory_stats, release_cache
+from ..prepare import dry_run_report, epoch_batches, prepare
+from ..tasks import classification_metrics, collate, confusion, count, item_length, loss_sum
+from .logs import (Interrupted, StopFlag, TrainError, early_stop_update, epoch_report, format_eval, log, progress,
+                   setup_logging, tensorboard)
 
 
 # ---------------------------------------------------------------- model pieces
@@ -107,18 +64,6 @@ def trainable_state(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def improved(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "eval_loss" else value > best
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 # ---------------------------------------------------------------- entry point
 
 def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False):
@@ -133,8 +78,8 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
 
     import torch
 
-    from .memory import quantization_problem
-    from .model import ModelError
+    from ..memory import quantization_problem
+    from ..model import ModelError
 
     problem = quantization_problem(cfg.model.quantization, torch.cuda.is_available())
     if problem:
@@ -201,7 +146,7 @@ def _build_model(cfg: KotuneConfig, prep: dict, device: str):
     """Base model with the task's head, then LoRA (or everything trainable for a full fine-tune)."""
     import torch
 
-    from .model import add_lora, default_targets, load_base_model
+    from ..model import add_lora, default_targets, load_base_model
 
     task, mc, lc = cfg.model.task, cfg.memory, cfg.lora
     torch.manual_seed(cfg.training.seed)  # a new classification head is initialised while loading
@@ -232,7 +177,7 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
           d: dd.Dist, device: str) -> Path:
     import torch
 
-    from .report import MetricsLog
+    from ..report import MetricsLog
 
     task, tok, train_set, eval_set = cfg.model.task, prep["tokenizer"], prep["train"], prep["eval"]
     mc = cfg.memory
@@ -279,7 +224,7 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         log.info("resumed from %s at step %d of %d", start_ckpt, step, total)
 
     metrics = MetricsLog(out / "metrics.jsonl", truncate_after=step) if d.main else None
-    tb = _tensorboard(out) if cfg.logging.tensorboard and d.main else None
+    tb = tensorboard(out) if cfg.logging.tensorboard and d.main else None
     dev_type = device.split(":")[0]
     autocast = (lambda: torch.autocast(dev_type, dtype=getattr(torch, amp))) if amp else nullcontext
     pad = tok.pad_token_id
@@ -335,9 +280,9 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         dd.barrier(d)
         return path or ckpt.checkpoint_dir(out / "checkpoints", at)
 
-    stop = _StopFlag()
+    stop = StopFlag()
     model.train()
-    bar = _progress(total, step, cfg.logging.progress_bar and d.main)
+    bar = progress(total, step, cfg.logging.progress_bar and d.main)
     win_loss, win_tok, win_real, win_t0 = 0.0, 0, 0, time.perf_counter()
     t_start = time.perf_counter()
     n_epochs = total * ga / n_batches
@@ -382,14 +327,14 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
                     ev = evaluate()
                     if ev is not None:
                         write({"step": step, "epoch": round(epoch, 3), **ev})
-                        log.info("step %d: %s", step, _format_eval(ev))
+                        log.info("step %d: %s", step, format_eval(ev))
                         if tb:
                             for k, v in ev.items():
                                 tb.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step)
                         if t.early_stopping_metric:
-                            _early_stop_update(early, t, ev, step, params)
+                            early_stop_update(early, t, ev, step, params)
                 if crossed_epoch or step == total or early["stopped"]:
-                    _epoch_report(step, epoch, n_epochs, epoch_acc, lr, ev, device, time.perf_counter() - t_start, write)
+                    epoch_report(step, epoch, n_epochs, epoch_acc, lr, ev, device, time.perf_counter() - t_start, write)
                     epoch_acc = [0.0, 0]
                     if mc.optimize_memory_usage:
                         release_cache(device)
@@ -413,40 +358,8 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
     return out
 
 
-def _format_eval(ev: dict) -> str:
-    parts = [f"eval loss {ev['eval_loss']:.4f}"]
-    if "accuracy" in ev:
-        parts += [f"accuracy {ev['accuracy']:.4f}", f"macro-F1 {ev['macro_f1']:.4f}"]
-    return ", ".join(parts)
-
-
-def _early_stop_update(early: dict, t, ev: dict, step: int, params: dict) -> None:
-    value = ev[t.early_stopping_metric]
-    if improved(t.early_stopping_metric, value, early["best"]):
-        early.update(best=value, best_step=step, bad=0,
-                     weights={k: v.detach().to("cpu", copy=True) for k, v in params.items()})
-        return
-    early["bad"] += 1
-    if early["bad"] >= t.early_stopping_patience:
-        early["stopped"] = True
-        log.info("early stop at step %d: %s has not improved on %.4f (step %d) for %d evaluations",
-                 step, t.early_stopping_metric, early["best"], early["best_step"], early["bad"])
-
-
-def _epoch_report(step, epoch, n_epochs, acc, lr, ev, device, elapsed, write) -> None:
-    """The per-epoch line the seed promises: loss, eval metrics, learning rate, memory, elapsed time."""
-    mem = memory_stats(device)
-    rec = {"step": step, "epoch": round(epoch, 3), "epoch_train_loss": acc[0] / max(acc[1], 1), "lr": lr,
-           "elapsed_s": round(elapsed, 1), **mem}
-    if ev:
-        rec.update(ev)
-    write(rec)
-    log.info("epoch %.2f/%.2f (step %d): train loss %.4f%s, lr %.2e, %s, elapsed %s", epoch, n_epochs, step,
-             rec["epoch_train_loss"], f", {_format_eval(ev)}" if ev else "", lr, memory_line(mem), _clock(elapsed))
-
-
 def _finish(cfg, model, tok, prep, out: Path, metrics, log_path) -> None:
-    from .report import plot_losses
+    from ..report import plot_losses
 
     weights = out / ("adapter" if cfg.lora.enabled else "model")
     model.save_pretrained(str(weights), safe_serialization=True)
@@ -458,50 +371,9 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path) -> None:
         for folder in {out, weights}:
             (folder / "NOTICE").write_text(prep["resolved"].notice, encoding="utf-8")
     if cfg.retrieval.enabled:  # the run folder answers from the exact KB it was trained with
-        from .statutes import DEFAULT_KB
+        from ..statutes import DEFAULT_KB
 
         shutil.copytree(cfg.retrieval.kb_dir or DEFAULT_KB, out / "statutes", dirs_exist_ok=True)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     log.info("run folder ready: %s (%s, tokenizer, config.yaml, metrics.jsonl, loss.png%s)", out, weights.name,
              f", {log_path.name}" if log_path else "")
-
-
-class _StopFlag:
-    """First Ctrl+C (or SIGTERM): finish the step, checkpoint, exit. Second: stop now."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stop requested: finishing this step and writing a checkpoint (press Ctrl+C again to abort)")
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        return False
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="train")
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise TrainError("TensorBoard logging needs the extra: pip install 'kotune[tensorboard]'") from None
-    return SummaryWriter(str(out / "tensorboard"))
