@@ -208,11 +208,13 @@ def validate(
     """Check a data file: columns, encoding, empty cells, duplicates — every problem with its row."""
     from .data import DataError, load_examples
 
+    from .config import input_column, target_column
+
     cfg = _config(config, [], {})
-    d = cfg.data
+    d, task = cfg.data, cfg.model.task
     try:
-        examples, report = load_examples(file, encoding=d.encoding, question_column=d.question_column,
-                                         answer_column=d.answer_column, bad_rows="skip", duplicates="keep")
+        examples, report = load_examples(file, encoding=d.encoding, question_column=input_column(d, task),
+                                         answer_column=target_column(d, task), bad_rows="skip", duplicates="keep")
     except DataError as e:
         _fail(e)
     typer.echo(report.summary())
