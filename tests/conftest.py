@@ -93,12 +93,12 @@ def qa_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "qa.csv", qa_rows())
 
 
-def tiny_config(model: Path, data_file: Path, out: Path, **sections):
-    """A config for a few fast steps on a tiny model."""
+def tiny_config(model_dir: Path, data_file: Path, out: Path, **sections):
+    """A config for a few fast steps on a tiny model (sections may include `model`)."""
     from kotune.config import load_config
 
     sets = [
-        f"model.name={model}", f"model.output_dir={out}", f"data.train_file={data_file}",
+        f"model.name={model_dir}", f"model.output_dir={out}", f"data.train_file={data_file}",
         "data.batch_size=4", "data.max_length=128", "data.eval_ratio=0.2",
         "training.max_steps=6", "training.learning_rate=3e-2", "training.save_steps=3",
         "training.logging_steps=1", "training.warmup_ratio=0", "logging.progress_bar=false",
@@ -131,6 +131,37 @@ def tiny_gemma_run(tiny_gemma, tmp_path_factory) -> Path:
 @pytest.fixture(params=["tiny_run", "tiny_gemma_run"])
 def any_run(request) -> Path:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A tiny encoder-decoder for `text2text` (same locally trained tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("tiny_t5")
+    _train_tokenizer(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=2,
+                   decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def topic_rows(n: int = 32) -> list[dict]:
+    """Classification rows: the label is the topic word that ends the text (the tiny decoders
+    pool the last token, so the tests need few steps)."""
+    rows = []
+    for r in qa_rows(n):
+        topic = r["question"].split("에")[0]
+        rows.append({"text": f"{r['question']} 주제: {topic}", "label": topic, "answer": r["answer"]})
+    return rows
+
+
+@pytest.fixture
+def topic_csv(tmp_path) -> Path:
+    return write_csv(tmp_path / "topics.csv", topic_rows())
 
 
 from serving import citing_bot  # noqa: E402,F401  (one session fixture for the server and page tests)

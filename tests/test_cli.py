@@ -28,7 +28,7 @@ def test_help_does_not_import_torch():
     assert "train" in out.stdout and "chat" in out.stdout and out.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("cmd", ["train", "chat", "ask", "validate", "merge", "config", "retrieve"])
+@pytest.mark.parametrize("cmd", ["train", "chat", "ask", "validate", "merge", "config", "retrieve", "predict"])
 def test_every_command_has_help(cmd):
     res = run(cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output
@@ -169,3 +169,28 @@ def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
     res = run("eval", "--retrieval_only", "--questions", dev, "--limit", "4")
     assert res.exit_code == 0, res.output
     assert "| retrieval-only |" in res.output
+
+
+def test_seed_config_with_seed_flags_dry_run(tiny_gpt2, tmp_path):
+    from conftest import topic_rows
+
+    data = write_csv(tmp_path / "topics.csv", [{"question": r["text"], "category": r["label"]} for r in topic_rows(20)])
+    res = run("train", "--config", ROOT / "configs" / "seed_example.yaml", "--model_name", tiny_gpt2, "--dataset", data,
+              "--max_length", 64, "--batch_size", 4, "--epochs", 1, "--output_dir", tmp_path / "r", "--dry_run")
+    assert res.exit_code == 0, res.output
+    assert "task: text-classification" in res.output and "labels (4)" in res.output and "label: " in res.output
+
+
+def test_predict_command(tiny_gpt2, tmp_path):
+    from conftest import tiny_config, topic_rows
+    from kotune.train import train
+
+    data = write_csv(tmp_path / "topics.csv", topic_rows(20))
+    out = train(tiny_config(tiny_gpt2, data, tmp_path / "run", model={"task": "text-classification"},
+                            training={"max_steps": 2}))
+    res = run("predict", out, "--input", data, "--output", tmp_path / "p.jsonl")
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.output and "macro_f1" in res.output
+    assert len((tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()) == 20
+    res = run("predict", out, "--input", tmp_path / "missing.csv")
+    assert res.exit_code == 2 and "not found" in res.output

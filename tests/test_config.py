@@ -81,3 +81,82 @@ def test_every_shipped_config_validates(path):
 def test_docs_config_reference_is_current():
     assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8").strip() == config_reference().strip(), \
         "docs/config.md is stale: run `make docs`"
+
+
+SEED_README_CONFIG = """
+model:
+  name: "bert-base-uncased"
+  task: "text-classification"
+  output_dir: "./models/fine_tuned_model"
+  cache_dir: "./models/pretrained"
+
+data:
+  dataset_name: "imdb"
+  dataset_cache_dir: "./datasets"
+  text_column: "text"
+  label_column: "label"
+  max_length: 1024
+  batch_size: 16
+
+training:
+  epochs: 3
+  learning_rate: 2e-5
+  weight_decay: 0.01
+  warmup_steps: 0
+  max_grad_norm: 1.0
+  cuda_cleanup_freq: 100
+
+memory:
+  gradient_accumulation_steps: 4
+  max_gpu_memory_usage: 0.95
+  empty_cache_freq: 50
+  mixed_precision: true
+  optimize_memory_usage: true
+
+logging:
+  level: "INFO"
+  format: "%(asctime)s - %(levelname)s - %(message)s"
+"""
+
+
+def test_seed_readme_config_is_accepted_as_is(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(SEED_README_CONFIG, encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.model.task == "text-classification" and cfg.model.cache_dir == "./models/pretrained"
+    assert (cfg.data.dataset_name, cfg.data.text_column, cfg.data.label_column) == ("imdb", "text", "label")
+    assert cfg.training.learning_rate == pytest.approx(2e-5)  # YAML reads `2e-5` as a string
+    assert (cfg.training.cuda_cleanup_freq, cfg.memory.empty_cache_freq, cfg.memory.max_gpu_memory_usage) == (100, 50, 0.95)
+    assert cfg.memory.mixed_precision == "auto" and cfg.memory.optimize_memory_usage is True
+    assert cfg.memory.gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize("given,task", [("Text2Text Generation", "text2text"), ("text2text-generation", "text2text"),
+                                        ("sequence-classification", "text-classification"), ("text-generation", "causal-lm")])
+def test_seed_task_spellings(given, task):
+    assert load_config(None, [f"model.task={given}"]).model.task == task
+
+
+def test_seed_flags_dataset_and_task():
+    cfg = load_config(None, [], {"model_name": "m", "dataset": "imdb", "max_length": 64, "batch_size": 2, "epochs": 1,
+                                 "task": "text-classification"})
+    assert (cfg.model.name, cfg.data.dataset_name, cfg.data.max_length, cfg.data.batch_size, cfg.training.epochs,
+            cfg.model.task) == ("m", "imdb", 64, 2, 1, "text-classification")
+
+
+def test_task_specific_problems_reported():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["training.early_stopping_metric=accuracy", "model.quantization=4bit", "lora.enabled=false"])
+    msg = str(e.value)
+    assert "text-classification" in msg and "QLoRA" in msg and len(e.value.problems) == 2
+
+
+def test_columns_mapping():
+    from kotune.config import input_column, target_column
+
+    d = load_config(None, ["data.text_column=q", "data.label_column=cat"]).data
+    assert (input_column(d, "text-classification"), target_column(d, "text-classification")) == ("q", "cat")
+    assert (input_column(d, "causal-lm"), target_column(d, "text2text")) == ("q", "cat")
+    d = KotuneConfig().data
+    assert (input_column(d, "text-classification"), target_column(d, "text-classification")) == ("text", "label")
+    assert (input_column(d, "causal-lm"), target_column(d, "causal-lm")) == ("question", "answer")

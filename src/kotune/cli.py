@@ -7,6 +7,7 @@ Heavy modules (torch, transformers) are imported inside the commands, so
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -64,16 +65,27 @@ def train(
     learning_rate: Optional[float] = typer.Option(None, "--learning_rate", help="Peak learning rate."),
     model_name: Optional[str] = typer.Option(None, "--model_name", help="Base model (model.name)."),
     max_length: Optional[int] = typer.Option(None, "--max_length", help="Longest sample in tokens (data.max_length)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Hugging Face dataset: hub name, data file or save_to_disk folder (data.dataset_name)."),
+    task: Optional[str] = typer.Option(None, "--task", help="causal-lm, text-classification or text2text (model.task)."),
+    checkpoint_path: Optional[str] = typer.Option(None, "--checkpoint_path", help="With --resume: the checkpoint (or run folder) to continue from."),
     dry_run: bool = typer.Option(False, "--dry_run", help="Validate config and data, print statistics and one rendered sample, then exit."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue from the latest checkpoint of the run folder, or from PATH."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already has checkpoints."),
 ):
-    """Fine-tune with LoRA (causal-LM SFT: loss on answer tokens and EOS)."""
+    """Fine-tune (LoRA or full): causal-LM, text-classification or text2text, as model.task says.
+
+    Data-parallel on several processes: torchrun --nproc_per_node N -m kotune train CFG (see docs/distributed.md)."""
     cfg = _config(config or config_arg, sets, dict(csv_path=csv_path, output_dir=output_dir, max_steps=max_steps,
-                  batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, model_name=model_name, max_length=max_length))
+                  batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, model_name=model_name, max_length=max_length,
+                  dataset=dataset, task=task))
     from .train import train as run_train
 
+    if checkpoint_path:
+        resume = checkpoint_path
+
     result = _run(run_train, cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun/accelerate only rank 0 reports
+        return
     if dry_run:
         typer.echo(result)
     else:
@@ -168,6 +180,27 @@ def ask(
 
 
 @app.command()
+def predict(
+    run: str = typer.Argument(..., help="Run folder of a text-classification or text2text run."),
+    input: Path = typer.Option(..., "--input", "-i", help="CSV or JSONL with the run's input column (data.text_column)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL output: each record plus prediction (and score). Default: print."),
+    batch_size: int = typer.Option(16, "--batch_size"),
+):
+    """Predict labels (text-classification) or targets (text2text) for a file; scores them when it has the target column."""
+    from .predict import predict_file
+
+    summary = _run(predict_file, run, input, output, batch_size)
+    rows = summary.pop("rows")
+    if output is None:
+        for r in rows:
+            typer.echo(json.dumps(r, ensure_ascii=False))
+    else:
+        typer.echo(f"wrote {output}: {len(rows)} predictions")
+    scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+    typer.echo(scores, err=output is None)
+
+
+@app.command()
 def validate(
     file: Path = typer.Argument(..., help="CSV or JSONL file (or save_to_disk folder) to check."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Also check against this config's columns and template tokenizer."),
@@ -175,11 +208,13 @@ def validate(
     """Check a data file: columns, encoding, empty cells, duplicates — every problem with its row."""
     from .data import DataError, load_examples
 
+    from .config import input_column, target_column
+
     cfg = _config(config, [], {})
-    d = cfg.data
+    d, task = cfg.data, cfg.model.task
     try:
-        examples, report = load_examples(file, encoding=d.encoding, question_column=d.question_column,
-                                         answer_column=d.answer_column, bad_rows="skip", duplicates="keep")
+        examples, report = load_examples(file, encoding=d.encoding, question_column=input_column(d, task),
+                                         answer_column=target_column(d, task), bad_rows="skip", duplicates="keep")
     except DataError as e:
         _fail(e)
     typer.echo(report.summary())

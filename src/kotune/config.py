@@ -47,7 +47,13 @@ class ModelSection(_Section):
         "(e.g. `skt/kogpt2-base-v2`, used when the hub is reachable or the model is cached), "
         "a local folder in HF format, or a `.gguf` file.",
     )
-    task: Literal["causal-lm"] = Field("causal-lm", description="What is trained. `causal-lm`: supervised fine-tuning of a decoder on question → answer.")
+    task: Literal["causal-lm", "text-classification", "text2text"] = Field(
+        "causal-lm",
+        description="What is trained. `causal-lm`: a decoder learns question → answer (loss on the answer and EOS). "
+        "`text-classification`: text → label with a classification head (accuracy and macro-F1 each evaluation). "
+        "`text2text`: an encoder-decoder (T5, BART) learns input → target. The seed's spellings "
+        "(`Text2Text Generation`, `sequence-classification`, `text-generation`) are accepted.",
+    )
     output_dir: str = Field("runs/civil_law", description="Run folder: config, adapter, tokenizer, metrics, logs and checkpoints go here.")
     cache_dir: str | None = Field(
         None,
@@ -60,6 +66,19 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the frozen base weights are loaded in. LoRA weights are always float32."
     )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description="Load the frozen base weights in 8-bit or 4-bit (NF4, QLoRA) through bitsandbytes. "
+        "Needs a CUDA GPU and the extra `kotune[quantization]`; needs LoRA (`lora.enabled`).",
+    )
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _seed_task_names(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        key = v.strip().lower().replace(" ", "-").replace("_", "-")
+        return TASK_ALIASES.get(key, key)
 
 
 class DataSection(_Section):
@@ -77,12 +96,26 @@ class DataSection(_Section):
     encoding: str | None = Field(None, description="Text encoding of CSV/JSONL files. Unset: detect utf-8, utf-8 with BOM, cp949/euc-kr.")
     question_column: str = Field("question", description="Column holding the question (CSV, JSONL, HF datasets).")
     answer_column: str = Field("answer", description="Column holding the answer.")
+    text_column: str | None = Field(
+        None,
+        description="Input column (seed name). `text-classification`: the text to classify (unset: `text`). "
+        "`causal-lm`/`text2text`: when set, used instead of `question_column`.",
+    )
+    label_column: str | None = Field(
+        None,
+        description="Target column (seed name). `text-classification`: the label (unset: `label`); label names are "
+        "sorted and saved as `labels.json` in the run folder. `causal-lm`/`text2text`: when set, used instead of `answer_column`.",
+    )
     template: str = Field(
         DEFAULT_TEMPLATE,
         description="Prompt template with `{question}` and `{answer}`; `{answer}` must come last. "
         "The tokenizer's EOS id is appended after the answer; never write `</s>` into the template.",
     )
-    max_length: int = Field(256, ge=16, description="Longest training sample in tokens (prompt + answer + EOS).")
+    max_length: int = Field(
+        256, ge=16,
+        description="Longest training sample in tokens: prompt + answer + EOS (`causal-lm`), the text "
+        "(`text-classification`), the input and the target each (`text2text`).",
+    )
     too_long: Literal["drop", "error"] = Field(
         "drop", description="Rows longer than `max_length`: `drop` (counted and listed in the log) or `error`. They are never truncated, which would cut off EOS."
     )
@@ -96,6 +129,10 @@ class DataSection(_Section):
 
 
 class LoraSection(_Section):
+    enabled: bool = Field(
+        True, description="Train LoRA adapters on a frozen base. `false`: full fine-tune (every weight trained; the run "
+        "folder holds the whole model in `model/` instead of `adapter/`)."
+    )
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -121,6 +158,15 @@ class TrainingSection(_Section):
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
     logging_steps: int = Field(5, ge=1, description="Log loss and speed every N optimizer steps.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch. Unset: one per physical core.")
+    cuda_cleanup_freq: int | None = Field(
+        None, ge=1, description="Seed name: empty the CUDA cache every N optimizer steps, the same action as "
+        "`memory.empty_cache_freq`; when both are set the cache is emptied at multiples of either."
+    )
+    early_stopping_metric: Literal["eval_loss", "accuracy", "macro_f1"] | None = Field(
+        None, description="Stop when this evaluation metric has not improved for `early_stopping_patience` evaluations, "
+        "and keep the best weights (`accuracy`/`macro_f1`: text-classification only). Unset: no early stopping."
+    )
+    early_stopping_patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
 
 
 class MemorySection(_Section):
@@ -130,6 +176,22 @@ class MemorySection(_Section):
         description="Autocast dtype. `auto`: bf16 on a CUDA GPU that supports it or a CPU with native bf16 (AVX-512 BF16 / AMX), else none. `true`/`false` are accepted as `auto`/`no`.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, about 30% slower.")
+    optimize_memory_usage: bool = Field(
+        False, description="Seed switch: turns on `gradient_checkpointing` and empties the CUDA cache at each epoch end."
+    )
+    max_gpu_memory_usage: float | None = Field(
+        None, gt=0, le=1, description="Cap this process's CUDA memory at this share of the GPU "
+        "(`torch.cuda.set_per_process_memory_fraction`); going past it raises out-of-memory instead of taking more. "
+        "Unset: no cap. Ignored on CPU."
+    )
+    empty_cache_freq: int | None = Field(
+        None, ge=1, description="Empty the CUDA cache every N optimizer steps (gives cached blocks back to the driver; "
+        "only useful when other processes share the GPU). Unset: never. Ignored on CPU."
+    )
+    report_steps: int = Field(
+        50, ge=1, description="Log a memory line (GPU allocated/reserved/peak, process RSS) every N optimizer steps "
+        "and at each epoch end."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -187,6 +249,12 @@ class KotuneConfig(_Section):
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
 
 
+TASK_ALIASES = {
+    "text2text-generation": "text2text", "seq2seq": "text2text", "seq2seq-lm": "text2text", "translation": "text2text",
+    "summarization": "text2text", "sequence-classification": "text-classification", "classification": "text-classification",
+    "text-generation": "causal-lm", "causal-lm": "causal-lm", "clm": "causal-lm",
+}
+
 SECTIONS = {name: field.annotation for name, field in KotuneConfig.model_fields.items()}
 
 # The seed's flags (`main_train_cpu.py` / `main_inference_cpu.py`) map onto dotted keys.
@@ -204,6 +272,22 @@ FLAG_KEYS = {
     "greedy": "generation.greedy",
     "model_name": "model.name",
     "max_length": "data.max_length",
+    "dataset": "data.dataset_name",
+    "task": "model.task",
+}
+
+
+SEED_MAPPING = {
+    "model.task": "`causal-lm`, `text-classification`, `text2text`; seed spellings such as `Text2Text Generation` are read as these.",
+    "model.cache_dir": "the same key: kotune's model cache (converted GGUF models live in `<cache_dir>/models`).",
+    "data.dataset_name": "the same key (hub name, local data file or `save_to_disk` folder); it takes precedence over `data.train_file`.",
+    "data.text_column": "input column: the text to classify; for `causal-lm`/`text2text` it replaces `data.question_column` when set.",
+    "data.label_column": "target column: the label; for `causal-lm`/`text2text` it replaces `data.answer_column` when set.",
+    "training.cuda_cleanup_freq": "empties the CUDA cache every N steps, like `memory.empty_cache_freq` (both are honoured).",
+    "memory.mixed_precision": "`true` → `auto`, `false` → `no`.",
+    "memory.optimize_memory_usage": "turns on `memory.gradient_checkpointing` and empties the CUDA cache at each epoch end.",
+    "--dataset (flag)": "`data.dataset_name`",
+    "--model_name, --max_length, --batch_size, --epochs (flags)": "`model.name`, `data.max_length`, `data.batch_size`, `training.epochs`",
 }
 
 
@@ -332,7 +416,31 @@ def _semantic_problems(cfg: KotuneConfig) -> list[str]:
         out.append("`data.template` uses `{context}`: set `retrieval.enabled: true` (or remove `{context}`).")
     if cfg.data.train_file is None and cfg.data.dataset_name is None:
         out.append("`data.train_file` or `data.dataset_name`: one of them must be set.")
+    task = cfg.model.task
+    if task != "causal-lm" and cfg.retrieval.enabled:
+        out.append(f"`retrieval.enabled` works with `model.task: causal-lm` only (task is `{task}`).")
+    if cfg.training.early_stopping_metric in ("accuracy", "macro_f1") and task != "text-classification":
+        out.append(f"`training.early_stopping_metric: {cfg.training.early_stopping_metric}` needs `model.task: "
+                   f"text-classification`; use `eval_loss` for `{task}`.")
+    if cfg.training.early_stopping_metric and cfg.data.eval_ratio == 0 and not cfg.data.eval_file:
+        out.append("`training.early_stopping_metric` needs evaluation data: set `data.eval_ratio` > 0 or `data.eval_file`.")
+    if cfg.model.quantization != "none" and not cfg.lora.enabled:
+        out.append(f"`model.quantization: {cfg.model.quantization}` freezes the base in low precision; it needs "
+                   "`lora.enabled: true` (QLoRA). For a full fine-tune set `model.quantization: none`.")
     return out
+
+
+def input_column(d: DataSection, task: str) -> str:
+    """The column read as the model input: the one mapping between the seed's names and kotune's."""
+    if task == "text-classification":
+        return d.text_column or "text"
+    return d.text_column or d.question_column
+
+
+def target_column(d: DataSection, task: str) -> str:
+    if task == "text-classification":
+        return d.label_column or "label"
+    return d.label_column or d.answer_column
 
 
 def cache_root(cfg_cache_dir: str | None = None) -> Path:
@@ -356,4 +464,10 @@ def config_reference() -> str:
             desc = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{name}` | `{shown}` | {desc} |")
         lines.append("")
+    lines += ["## Seed `config.yaml` keys", "",
+              "A config in the seed tool's layout works as is: every seed key is a field above. Where the seed "
+              "and kotune name the same thing twice, this is the one mapping:", "",
+              "| seed key | kotune |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in SEED_MAPPING.items()]
+    lines.append("")
     return "\n".join(lines)

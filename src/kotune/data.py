@@ -73,7 +73,8 @@ def _csv_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -
     if missing:
         raise DataError(
             [f"{path}: row 1 (header) lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'nothing'}. "
-             f"Rename the columns or set `data.question_column`/`data.answer_column`."]
+             f"Rename the columns or set `data.question_column`/`data.answer_column` "
+             f"(`data.text_column`/`data.label_column` for classification)."]
         )
     rows = []
     for i, cells in enumerate(reader, start=2):  # spreadsheet numbering: header is row 1

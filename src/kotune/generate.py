@@ -68,8 +68,13 @@ class Chatbot:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
-        from .model import load_run
+        from .config import load_config
+        from .model import ModelError, load_run
 
+        if (Path(run_dir) / "config.yaml").is_file():
+            task = load_config(Path(run_dir) / "config.yaml").model.task
+            if task != "causal-lm":
+                raise ModelError(f"{run_dir} is a {task} run; use `kotune predict {run_dir} --input FILE`.")
         model, tok, cfg = load_run(run_dir)
         gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         if not cfg.retrieval.enabled:

@@ -60,7 +60,15 @@ _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 TARGETS_BY_TYPE = {
     "gpt2": ("c_attn", "c_proj"),
     **{t: _PROJ for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "exaone")},
+    # Named explicitly: "all-linear" would also adapt the classification head, which is trained whole instead.
+    **{t: ("query", "key", "value") for t in ("bert", "roberta", "electra", "xlm-roberta")},
+    **{t: ("q", "k", "v", "o") for t in ("t5", "mt5")},
+    "bart": ("q_proj", "k_proj", "v_proj", "out_proj"),
 }
+# Head classes per task; peft's task types keep the classification head trainable (modules_to_save).
+AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "text-classification": "AutoModelForSequenceClassification",
+                "text2text": "AutoModelForSeq2SeqLM"}
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "text-classification": "SEQ_CLS", "text2text": "SEQ_2_SEQ_LM"}
 
 
 class ModelError(RuntimeError):
@@ -180,20 +188,55 @@ def _hub_hint(path: str, err: Exception) -> str:
             "otherwise give a local folder, a .gguf file, or the preset `gemma3-270m`.")
 
 
-def load_base_model(resolved: ResolvedModel, *, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None):
+def load_base_model(resolved: ResolvedModel, *, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None,
+                    task: str = "causal-lm", labels: list[str] | None = None, pad_token_id: int | None = None,
+                    quantization: str = "none", device: str = "cpu"):
+    """The base model with the head `task` needs. Classification gets a new head for
+    `labels` (and the pad id, which decoder models need to find each row's last token)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
     from transformers.utils import logging as hf_logging
 
+    from .memory import quantization_problem
+
     hf_logging.disable_progress_bar()  # kotune prints its own progress; per-tensor bars are noise
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, revision=resolved.revision(revision),
+                  use_safetensors=True)
+    if labels is not None:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    if pad_token_id is not None and task != "causal-lm":
+        kwargs["pad_token_id"] = pad_token_id
+    if quantization != "none":
+        problem = quantization_problem(quantization, torch.cuda.is_available())
+        if problem:
+            raise ModelError(problem)
+        kwargs["quantization_config"] = _bnb_config(quantization)
+        kwargs["device_map"] = {"": torch.device(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            revision=resolved.revision(revision), use_safetensors=True,
-        )
+        model = auto.from_pretrained(resolved.path, **kwargs)
     except OSError as e:
         raise ModelError(_hub_hint(resolved.path, e) + " kotune reads safetensors weights only.") from None
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        kind = {"text2text": "an encoder-decoder (T5, BART)", "text-classification": "a model with a sequence-classification head",
+                "causal-lm": "a decoder (causal LM)"}[task]
+        raise ModelError(f"`model.task: {task}` needs {kind}; {resolved.path} is not one ({str(e).splitlines()[0][:160]}).") from None
+    if pad_token_id is not None and task == "text-classification":
+        model.config.pad_token_id = pad_token_id
     return model
+
+
+def _bnb_config(quantization: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def default_targets(model, preset: Preset | None) -> tuple[list[str] | str, bool]:
@@ -205,11 +248,12 @@ def default_targets(model, preset: Preset | None) -> tuple[list[str] | str, bool
     return "all-linear", False
 
 
-def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, fan_in_fan_out: bool, bias: str = "none"):
+def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, fan_in_fan_out: bool, bias: str = "none",
+             task: str = "causal-lm"):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
-        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
+        task_type=PEFT_TASK_TYPES[task], r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=target_modules, fan_in_fan_out=fan_in_fan_out, bias=bias,
     )
     try:
@@ -228,19 +272,37 @@ def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = Non
     from .config import load_config
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
-        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/). Train one with `kotune train`.")
+    full = (run / "model" / "config.json").is_file()
+    if not (run / "config.yaml").is_file() or not ((run / "adapter" / "adapter_config.json").is_file() or full):
+        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/ or model/). Train one with `kotune train`.")
     cfg = load_config(run / "config.yaml")
-    resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    task = cfg.model.task
     tok = AutoTokenizer.from_pretrained(str(run))
-    base = load_base_model(resolved, dtype=dtype or cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    model = PeftModel.from_pretrained(base, str(run / "adapter"))
-    if merge:
-        model = model.merge_and_unload()
+    labels = run_labels(run) if task == "text-classification" else None
+    if full:  # a full fine-tune: the run folder holds the whole model
+        resolved = ResolvedModel(str(run / "model"), None, None)
+        model = load_base_model(resolved, dtype=dtype or cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                task=task, labels=labels, pad_token_id=tok.pad_token_id)
+    else:
+        resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
+        base = load_base_model(resolved, dtype=dtype or cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                               revision=cfg.model.revision, task=task, labels=labels, pad_token_id=tok.pad_token_id)
+        model = PeftModel.from_pretrained(base, str(run / "adapter"))
+        if merge:
+            model = model.merge_and_unload()
     model.eval()
     for p in model.parameters():  # inference only; generate() also runs under inference_mode
         p.requires_grad_(False)
     return model, tok, cfg
+
+
+def run_labels(run: Path) -> list[str]:
+    import json
+
+    path = Path(run) / "labels.json"
+    if not path.is_file():
+        raise ModelError(f"{run}: a text-classification run needs labels.json (written by `kotune train`).")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def merge_run(run_dir: str | Path, output: str | Path) -> Path:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import random
 
-from .config import KotuneConfig
+from .config import KotuneConfig, input_column, target_column
 from .data import DataError, load_examples
-from .prompt import check_encoded, encode_all, length_stats, render_sample
+from .prompt import check_encoded, length_stats, render_sample
+from .tasks import encode, label_names, render_item
 
 
 def load_split(cfg: KotuneConfig):
     """Training and evaluation examples with every problem counted in the log."""
     d = cfg.data
-    common = dict(encoding=d.encoding, question_column=d.question_column, answer_column=d.answer_column,
+    task = cfg.model.task
+    common = dict(encoding=d.encoding, question_column=input_column(d, task), answer_column=target_column(d, task),
                   bad_rows=d.bad_rows, duplicates=d.duplicates)
     train_ex, rep = load_examples(d.train_file, dataset_name=d.dataset_name, dataset_split=d.dataset_split,
                                   dataset_cache_dir=d.dataset_cache_dir, **common)
@@ -57,7 +59,7 @@ def prepare(cfg: KotuneConfig):
     train_ex, eval_ex, reports = load_split(cfg)
     resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tok = load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    d = cfg.data
+    d, task = cfg.data, cfg.model.task
     train_ctx = eval_ctx = None
     examples = []
     if cfg.retrieval.enabled:
@@ -65,8 +67,16 @@ def prepare(cfg: KotuneConfig):
 
         examples = example_pairs(train_ex) if cfg.retrieval.example_questions else []
         train_ctx, eval_ctx = grounding_contexts(cfg, train_ex, eval_ex, examples)
-    train_enc, long_rows, errors, lengths = encode_all(tok, train_ex, d.template, d.max_length, d.too_long, train_ctx)
-    eval_enc, elong, eerrors, _ = encode_all(tok, eval_ex, d.template, d.max_length, d.too_long, eval_ctx)
+    labels = label2id = None
+    if task == "text-classification":
+        labels = label_names(train_ex)
+        if len(labels) < 2:
+            raise DataError([f"{reports[0].path}: the label column has {len(labels)} distinct value(s) "
+                             f"({', '.join(labels)}); classification needs at least two. Check `data.label_column`."])
+        label2id = {name: i for i, name in enumerate(labels)}
+    common = dict(template=d.template, max_length=d.max_length, too_long=d.too_long, label2id=label2id)
+    train_enc, long_rows, errors, lengths = encode(task, tok, train_ex, contexts=train_ctx, **common)
+    eval_enc, elong, eerrors, _ = encode(task, tok, eval_ex, contexts=eval_ctx, **common)
     errors += eerrors
     long_rows += elong
     if errors:
@@ -75,10 +85,11 @@ def prepare(cfg: KotuneConfig):
         raise DataError([r + "; raise `data.max_length` or shorten the row" for r in long_rows])
     if not train_enc:
         raise DataError([f"no training rows fit in max_length {d.max_length}; raise `data.max_length`."])
-    check_encoded(train_enc[0], tok.eos_token_id, tok.pad_token_id)
+    if task == "causal-lm":
+        check_encoded(train_enc[0], tok.eos_token_id, tok.pad_token_id)
     stats = length_stats(lengths, d.max_length)
     return dict(resolved=resolved, tokenizer=tok, train=train_enc, eval=eval_enc, reports=reports,
-                long_rows=long_rows, stats=stats, retrieval_examples=examples)
+                long_rows=long_rows, stats=stats, labels=labels, retrieval_examples=examples)
 
 
 def grounding_contexts(cfg: KotuneConfig, train_ex, eval_ex, examples):
@@ -109,5 +120,10 @@ def dry_run_report(cfg: KotuneConfig, prep: dict) -> str:
                  f"({'dropped' if cfg.data.too_long == 'drop' else 'error'})")
     for r in prep["long_rows"][:10]:
         lines.append(f"  too long: {r}")
-    lines += ["", "# one training sample (⟦trained⟧ tokens; the rest is masked)", render_sample(prep["tokenizer"], prep["train"][0])]
+    if cfg.model.task == "causal-lm":
+        lines += ["", "# one training sample (⟦trained⟧ tokens; the rest is masked)", render_sample(prep["tokenizer"], prep["train"][0])]
+    else:
+        if prep["labels"]:
+            lines.append(f"labels ({len(prep['labels'])}): {', '.join(prep['labels'])}")
+        lines += ["", f"# one training sample ({cfg.model.task})", render_item(prep["tokenizer"], prep["train"][0], prep["labels"])]
     return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Memory options: autocast dtype, the per-process CUDA cap, cache release, the memory
+line in the log, and the CPU check for 8-/4-bit loading."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_precision(setting: str, device: str) -> str | None:
+    """The autocast dtype name, or None for plain fp32."""
+    import torch
+
+    if setting == "no":
+        return None
+    if device.startswith("cuda"):
+        if setting == "fp16":
+            return "float16"
+        if setting == "bf16" or torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float16"
+    if setting == "fp16":
+        from .train import TrainError
+
+        raise TrainError("fp16 autocast is for CUDA GPUs; on CPU use `memory.mixed_precision: bf16` or `no`.")
+    if setting == "bf16" or cpu_has_bf16():
+        return "bfloat16"
+    return None
+
+
+def quantization_problem(quantization: str, cuda_available: bool) -> str | None:
+    """Why `model.quantization` cannot be used here, with the fix; None when it can."""
+    if quantization == "none":
+        return None
+    if not cuda_available:
+        return (f"`model.quantization: {quantization}` loads weights through bitsandbytes, which needs a CUDA GPU; "
+                "none is available here. On CPU set `model.quantization: none` (LoRA on full-precision weights), "
+                "and `model.dtype: bfloat16` to halve the memory of the frozen weights.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return f"`model.quantization: {quantization}` needs bitsandbytes: pip install 'kotune[quantization]'"
+    return None
+
+
+def apply_cap(fraction: float | None, device: str) -> bool:
+    """Cap this process's CUDA memory; allocations past it raise OOM. True when applied."""
+    if not fraction or not device.startswith("cuda"):
+        return False
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    return True
+
+
+def release_cache(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak, in KiB on Linux
+
+
+def memory_stats(device: str) -> dict:
+    """Figures for the memory line and metrics.jsonl (MiB)."""
+    out = {"rss_mb": round(rss_mb(), 1)}
+    if device.startswith("cuda"):
+        import torch
+
+        d = torch.device(device)
+        out.update(gpu_allocated_mb=round(torch.cuda.memory_allocated(d) / 2**20, 1),
+                   gpu_reserved_mb=round(torch.cuda.memory_reserved(d) / 2**20, 1),
+                   gpu_peak_mb=round(torch.cuda.max_memory_allocated(d) / 2**20, 1))
+    return out
+
+
+def memory_line(stats: dict) -> str:
+    if "gpu_allocated_mb" in stats:
+        return (f"GPU allocated {stats['gpu_allocated_mb']:.0f} MiB, reserved {stats['gpu_reserved_mb']:.0f} MiB, "
+                f"peak {stats['gpu_peak_mb']:.0f} MiB; process RSS {stats['rss_mb']:.0f} MiB")
+    return f"process RSS {stats['rss_mb']:.0f} MiB (CPU)"

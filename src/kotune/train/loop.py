@@ -1,0 +1,383 @@
+"""Fine-tuning with LoRA (or a full fine-tune): one straight training loop for every task.
+
+`train(cfg)` is the top-level entry point and the only function here that
+sees the whole config. What differs per task (batches, loss, metrics) comes
+from `tasks.py`. Data order is a pure function of (seed, step), so a resumed
+run continues exactly where the checkpoint left it; under torchrun/accelerate
+every process takes its slice of the same global batches (`distributed.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from .. import checkpoint as ckpt
+from .. import distributed as dd
+from ..config import KotuneConfig
+from ..memory import apply_cap, choose_precision, memory_line, memory_stats, release_cache
+from ..prepare import dry_run_report, epoch_batches, prepare
+from ..tasks import classification_metrics, collate, confusion, count, item_length, loss_sum
+from .logs import (Interrupted, StopFlag, TrainError, early_stop_update, epoch_report, format_eval, log, progress,
+                   setup_logging, tensorboard)
+
+
+# ---------------------------------------------------------------- model pieces
+
+def accumulate_gradients(model, batches: list[dict], device: str, autocast, task: str = "causal-lm",
+                         n_total: int | None = None) -> tuple[float, int, int]:
+    """Backward over the micro-batches of one optimizer step. Each micro-batch's loss
+    sum is divided by the trained-unit count of the whole step (`n_total`: of the
+    global step across processes), so the gradient is the same as for one big batch
+    however the rows are split, padded or spread over processes.
+    Returns (loss sum, trained units, non-pad tokens) of these batches."""
+    local = sum(count(task, b) for b in batches)
+    n_tok = n_total if n_total is not None else local
+    total, real = 0.0, 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast():
+            s, _, _ = loss_sum(task, model, b)
+        (s / max(n_tok, 1)).backward()
+        total += float(s.detach())
+        real += int(b["attention_mask"].sum())
+    return total, local, real
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def trainable_state(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- entry point
+
+def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False):
+    """Train and return the run folder (or, with dry_run, the report text).
+
+    Under `torchrun`/`accelerate launch` every process runs this; rank 0 alone
+    writes the run folder, the log and the progress bar."""
+    out = Path(cfg.model.output_dir)
+    if dry_run:
+        setup_logging(None, cfg.logging.level, cfg.logging.format)
+        return dry_run_report(cfg, prepare(cfg))
+
+    import torch
+
+    from ..memory import quantization_problem
+    from ..model import ModelError
+
+    problem = quantization_problem(cfg.model.quantization, torch.cuda.is_available())
+    if problem:
+        raise ModelError(problem)
+    d = dd.from_env()
+    engine = dd.sharding_engine_requested()
+    if engine:
+        raise TrainError(f"launched with an accelerate {engine} config: kotune's loop is data-parallel (DDP) only and "
+                         "would silently ignore the sharding. Launch with configs/accelerate/ddp.yaml or torchrun; "
+                         "see docs/distributed.md.")
+    device = f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dd.init(d, device)
+    try:
+        return _train(cfg, out, d, device, resume, overwrite)
+    finally:
+        dd.shutdown(d)
+
+
+def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | None, overwrite: bool) -> Path:
+    import torch
+
+    ckroot = out / "checkpoints"
+    start_ckpt = None
+    if resume:
+        start_ckpt = ckpt.find_checkpoint(out if resume == "latest" else Path(resume))
+        if start_ckpt is None:
+            raise TrainError(f"no checkpoint found in {out if resume == 'latest' else resume}; train without --resume first.")
+    elif ckpt.list_checkpoints(ckroot):
+        if not overwrite:
+            raise TrainError(f"{out} already holds checkpoints. Continue with `--resume`, start over with `--overwrite`, "
+                             "or choose another `--output_dir`.")
+        dd.barrier(d)  # every process has looked before rank 0 deletes
+        if d.main:
+            shutil.rmtree(ckroot)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    dd.barrier(d)
+
+    if d.main:
+        log_path = setup_logging(out, cfg.logging.level, cfg.logging.format)
+    else:
+        log_path = setup_logging(None, "WARNING", cfg.logging.format)
+    threads = cfg.training.num_threads or max(1, len(os.sched_getaffinity(0)) // (d.world if device == "cpu" else 1))
+    torch.set_num_threads(threads)
+    prep = prepare(cfg)
+    for r in prep["reports"]:
+        log.info(r.summary())
+        for msg in r.problems + r.duplicates:
+            log.warning("  %s", msg)
+    for msg in prep["long_rows"]:
+        log.warning("  too long (%s): %s", cfg.data.too_long, msg)
+    log.info("task %s: train rows %d, eval rows %d; token length p50 %d, max %d", cfg.model.task, len(prep["train"]),
+             len(prep["eval"]), prep["stats"]["p50"], prep["stats"]["max"])
+    if prep["labels"]:
+        log.info("labels (%d): %s", len(prep["labels"]), ", ".join(prep["labels"]))
+    if d.enabled:
+        log.info("data-parallel: %d processes (%s); each takes 1/%d of every batch of %d rows",
+                 d.world, "nccl" if device.startswith("cuda") else "gloo", d.world, cfg.data.batch_size)
+    return _loop(cfg, prep, out, start_ckpt, log_path, threads, d, device)
+
+
+def _build_model(cfg: KotuneConfig, prep: dict, device: str):
+    """Base model with the task's head, then LoRA (or everything trainable for a full fine-tune)."""
+    import torch
+
+    from ..model import add_lora, default_targets, load_base_model
+
+    task, mc, lc = cfg.model.task, cfg.memory, cfg.lora
+    torch.manual_seed(cfg.training.seed)  # a new classification head is initialised while loading
+    model = load_base_model(prep["resolved"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                            revision=cfg.model.revision, task=task, labels=prep["labels"],
+                            pad_token_id=prep["tokenizer"].pad_token_id, quantization=cfg.model.quantization, device=device)
+    checkpointing = mc.gradient_checkpointing or mc.optimize_memory_usage
+    quantized = cfg.model.quantization != "none"
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets, fifo = default_targets(model, prep["resolved"].preset)
+    torch.manual_seed(cfg.training.seed)  # LoRA init
+    if lc.enabled:
+        model = add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules or targets,
+                         fan_in_fan_out=fifo if lc.fan_in_fan_out is None else lc.fan_in_fan_out, bias=lc.bias, task=task)
+    if checkpointing and not quantized:
+        base = model.get_base_model() if lc.enabled else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not quantized:  # bitsandbytes places quantized weights itself
+        model.to(device)
+    return model, (lc.target_modules or targets) if lc.enabled else "all (full fine-tune)"
+
+
+def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log_path: Path | None, threads: int,
+          d: dd.Dist, device: str) -> Path:
+    import torch
+
+    from ..report import MetricsLog
+
+    task, tok, train_set, eval_set = cfg.model.task, prep["tokenizer"], prep["train"], prep["eval"]
+    mc = cfg.memory
+    amp = choose_precision(mc.mixed_precision, device)
+    if apply_cap(mc.max_gpu_memory_usage, device):
+        log.info("CUDA memory capped at %.0f%% of the GPU for this process", 100 * mc.max_gpu_memory_usage)
+    model, target_desc = _build_model(cfg, prep, device)
+    params = trainable_state(model)
+    dd.broadcast_params(list(params.values()), d)
+    n_train = sum(p.numel() for p in params.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("model %s on %s (%s autocast, %d threads, quantization %s); trained modules %s; trainable %d / %d params (%.2f%%)",
+             prep["resolved"].path, device, amp or "no", threads, cfg.model.quantization, target_desc, n_train, n_all,
+             100 * n_train / n_all)
+
+    t = cfg.training
+    bs, ga = cfg.data.batch_size, mc.gradient_accumulation_steps
+    lengths = [item_length(e) for e in train_set]
+    n_batches = math.ceil(len(train_set) / bs)
+    total = t.max_steps or max(1, math.ceil(math.ceil(t.epochs * n_batches) / ga))
+    warmup = t.warmup_steps or int(t.warmup_ratio * total)
+    opt = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    # Early stopping and the per-epoch train loss live in the checkpoint, so a resumed run decides as the original would.
+    early = {"best": None, "best_step": 0, "bad": 0, "stopped": False, "weights": None}
+    epoch_acc = [0.0, 0]
+
+    step = 0
+    if start_ckpt is not None:
+        weights, state = ckpt.load_checkpoint(start_ckpt)
+        missing = set(params) - set(weights)
+        if missing:
+            raise TrainError(f"{start_ckpt} does not match this model/LoRA config (missing {sorted(missing)[:3]}…).")
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        rngs = state.get("rng_cpu_ranks") or [state["rng_cpu"]]
+        torch.set_rng_state(rngs[d.rank] if len(rngs) == d.world else state["rng_cpu"])
+        if device.startswith("cuda") and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        early.update(state.get("early") or {})
+        epoch_acc = list(state.get("epoch_acc") or epoch_acc)
+        step = int(state["step"])
+        log.info("resumed from %s at step %d of %d", start_ckpt, step, total)
+
+    metrics = MetricsLog(out / "metrics.jsonl", truncate_after=step) if d.main else None
+    tb = tensorboard(out) if cfg.logging.tensorboard and d.main else None
+    dev_type = device.split(":")[0]
+    autocast = (lambda: torch.autocast(dev_type, dtype=getattr(torch, amp))) if amp else nullcontext
+    pad = tok.pad_token_id
+    cache: dict[int, list[list[int]]] = {}
+    n_labels = len(prep["labels"] or [])
+
+    def write(rec: dict) -> None:
+        if metrics is not None:
+            metrics.write(rec)
+
+    def micro_batch(m: int) -> dict | None:
+        """This process's share of global micro-batch m (None when its slice is empty)."""
+        epoch, k = divmod(m, n_batches)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = epoch_batches(lengths, bs, t.seed, epoch, cfg.data.group_by_length)
+        rows = dd.shard(cache[epoch][k], d)
+        return collate([train_set[i] for i in rows], pad) if rows else None
+
+    def evaluate() -> dict | None:
+        if not eval_set:
+            return None
+        model.eval()
+        tot, n = 0.0, 0
+        cm = torch.zeros((n_labels, n_labels), dtype=torch.long)
+        order = sorted(range(len(eval_set)), key=lambda i: item_length(eval_set[i]))
+        with torch.no_grad(), autocast():
+            for k in range(0, len(order), bs):
+                rows = dd.shard(order[k:k + bs], d)
+                if not rows:
+                    continue
+                b = {kk: v.to(device) for kk, v in collate([eval_set[i] for i in rows], pad).items()}
+                s, c, preds = loss_sum(task, model, b)
+                tot, n = tot + float(s), n + c
+                if preds is not None:
+                    cm += confusion(preds, b["labels"], n_labels)
+        model.train()
+        tot, n = dd.all_sum([tot, float(n)], d)
+        res = {"eval_loss": tot / max(n, 1)}
+        if n_labels:
+            res.update(classification_metrics(dd.all_sum_tensor(cm, d)))
+        return res
+
+    def save(at: int) -> Path | None:
+        rngs = dd.gather(torch.get_rng_state(), d)  # collective: every process takes part
+        path = None
+        if d.main:
+            state = {"step": at, "optimizer": opt.state_dict(), "rng_cpu": rngs[0], "rng_cpu_ranks": rngs,
+                     "early": early, "epoch_acc": epoch_acc}
+            if device.startswith("cuda"):
+                state["rng_cuda"] = torch.cuda.get_rng_state()
+            path = ckpt.save_checkpoint(out / "checkpoints", at, params, state, t.save_total_limit)
+        dd.barrier(d)
+        return path or ckpt.checkpoint_dir(out / "checkpoints", at)
+
+    stop = StopFlag()
+    model.train()
+    bar = progress(total, step, cfg.logging.progress_bar and d.main)
+    win_loss, win_tok, win_real, win_t0 = 0.0, 0, 0, time.perf_counter()
+    t_start = time.perf_counter()
+    n_epochs = total * ga / n_batches
+    try:
+        with stop:
+            while step < total and not early["stopped"]:
+                batches = [b for b in (micro_batch(m) for m in range(step * ga, (step + 1) * ga)) if b is not None]
+                n_global = dd.all_sum([float(sum(count(task, b) for b in batches))], d)[0]
+                loss_s, n_tok, n_real = accumulate_gradients(model, batches, device, autocast, task, n_total=int(n_global))
+                loss_s, n_tok, n_real = dd.all_sum([loss_s, float(n_tok), float(n_real)], d)
+                dd.sum_gradients(list(params.values()), d)
+                win_loss, win_tok, win_real = win_loss + loss_s, win_tok + n_tok, win_real + n_real
+                epoch_acc[0], epoch_acc[1] = epoch_acc[0] + loss_s, epoch_acc[1] + n_tok
+                if t.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params.values(), t.max_grad_norm)
+                lr = t.learning_rate * lr_factor(step, total, warmup, t.lr_scheduler)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                epoch = step * ga / n_batches
+                bar.update(1)
+                if (mc.empty_cache_freq and step % mc.empty_cache_freq == 0) or \
+                        (t.cuda_cleanup_freq and step % t.cuda_cleanup_freq == 0):
+                    release_cache(device)
+                if step % t.logging_steps == 0 or step == total:
+                    dt = time.perf_counter() - win_t0
+                    rec = {"step": step, "epoch": round(epoch, 3), "loss": win_loss / max(win_tok, 1), "lr": lr,
+                           "tokens_per_s": win_real / dt, "elapsed_s": time.perf_counter() - t_start, **memory_stats(device)}
+                    write(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    if tb:
+                        tb.add_scalar("train/loss", rec["loss"], step)
+                        tb.add_scalar("train/lr", lr, step)
+                    win_loss, win_tok, win_real, win_t0 = 0.0, 0, 0, time.perf_counter()
+                if step % mc.report_steps == 0:
+                    log.info("step %d: %s", step, memory_line(memory_stats(device)))
+                crossed_epoch = int(step * ga / n_batches) > int((step - 1) * ga / n_batches)
+                ev = None
+                if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and crossed_epoch) or step == total:
+                    ev = evaluate()
+                    if ev is not None:
+                        write({"step": step, "epoch": round(epoch, 3), **ev})
+                        log.info("step %d: %s", step, format_eval(ev))
+                        if tb:
+                            for k, v in ev.items():
+                                tb.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step)
+                        if t.early_stopping_metric:
+                            early_stop_update(early, t, ev, step, params)
+                if crossed_epoch or step == total or early["stopped"]:
+                    epoch_report(step, epoch, n_epochs, epoch_acc, lr, ev, device, time.perf_counter() - t_start, write)
+                    epoch_acc = [0.0, 0]
+                    if mc.optimize_memory_usage:
+                        release_cache(device)
+                if step % t.save_steps == 0 or step == total or early["stopped"]:
+                    save(step)
+                if dd.any_true(stop.requested, d):
+                    path = save(step)
+                    raise Interrupted(path)
+    finally:
+        bar.close()
+        if tb:
+            tb.close()
+    if early["weights"] is not None:
+        with torch.no_grad():
+            for k, v in early["weights"].items():
+                params[k].copy_(v)
+        log.info("kept the best weights: step %d, %s %.4f", early["best_step"], t.early_stopping_metric, early["best"])
+    if d.main:
+        _finish(cfg, model, tok, prep, out, metrics, log_path)
+    dd.barrier(d)
+    return out
+
+
+def _finish(cfg, model, tok, prep, out: Path, metrics, log_path) -> None:
+    from ..report import plot_losses
+
+    weights = out / ("adapter" if cfg.lora.enabled else "model")
+    model.save_pretrained(str(weights), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    cfg.save(out / "config.yaml")
+    if prep["labels"]:
+        (out / "labels.json").write_text(json.dumps(prep["labels"], ensure_ascii=False, indent=1), encoding="utf-8")
+    if prep["resolved"].notice:
+        for folder in {out, weights}:
+            (folder / "NOTICE").write_text(prep["resolved"].notice, encoding="utf-8")
+    if cfg.retrieval.enabled:  # the run folder answers from the exact KB it was trained with
+        from ..statutes import DEFAULT_KB
+
+        shutil.copytree(cfg.retrieval.kb_dir or DEFAULT_KB, out / "statutes", dirs_exist_ok=True)
+        if prep.get("retrieval_examples"):
+            from ..retrieval import save_examples
+
+            save_examples(prep["retrieval_examples"], out / "retrieval_examples.jsonl")
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    log.info("run folder ready: %s (%s, tokenizer, config.yaml, metrics.jsonl, loss.png%s)", out, weights.name,
+             f", {log_path.name}" if log_path else "")
