@@ -68,9 +68,9 @@ class Chatbot:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
-        from .model import load_run
+        from .fastgen import load_engine  # the engine named by generation.backend/precision (or an override)
 
-        model, tok, cfg = load_run(run_dir)
+        model, tok, cfg = load_engine(run_dir, **overrides)
         gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         if not cfg.retrieval.enabled:
             return cls(model, tok, cfg.data.template, gen)

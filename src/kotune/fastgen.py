@@ -1,0 +1,232 @@
+"""Fast inference: a run folder loaded for answering, not for training.
+
+The LoRA adapter is merged into the base weights once at load, the weights are
+cast to bf16 (or int8) where the CPU handles it natively, and a short decode
+loop with a KV cache replaces `model.generate`: per token it runs one forward
+pass on the newest token, computes logits at that position only, and applies
+the same logits processing as `generate` (repetition penalty, temperature,
+top-k, top-p; greedy picks the argmax of the penalised logits).
+
+`FastGenerator.generate` takes the keyword arguments of `model.generate` that
+`Chatbot` uses, so either engine (this one or `llamacpp.LlamaCppGenerator`)
+drops in where an HF model was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("kotune")
+
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+
+
+def cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto`: bf16 on a GPU with bf16 or a CPU with native bf16 matmul, else fp32.
+    int8 is never chosen automatically: it changes some greedy tokens (docs/benchmarks.md)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    from .train import cpu_has_bf16
+
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def _float32_embedding(emb):
+    """Wrap an embedding kept in bf16 so the rest of an fp32 (int8) model gets fp32."""
+    import torch
+
+    class Float32Out(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = emb
+
+        @property
+        def weight(self):
+            return self.emb.weight
+
+        def forward(self, ids):
+            return self.emb(ids).float()
+
+    return Float32Out()
+
+
+def convert_model(model, precision: str):
+    """Cast a merged HF causal LM in place for inference and return it."""
+    import torch
+
+    if precision == "float32":
+        return model.float()
+    if precision == "bfloat16":
+        return model.to(torch.bfloat16)
+    if precision != "int8":
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    # Dynamic int8 (per-output-channel weights, activations quantised per call) for every
+    # Linear, the LM head included: with Gemma's 262k vocabulary the head is the largest read.
+    body = getattr(model, model.base_model_prefix)
+    emb = body.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:  # tied: the head gets its own int8 copy
+        head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    emb.to(torch.bfloat16)
+    body.set_input_embeddings(_float32_embedding(emb))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+def warp_scores(logits, seen, *, repetition_penalty: float = 1.0, do_sample: bool = False,
+                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None):
+    """Last-position logits [batch, vocab] → scores after `generate`'s processors, in its
+    order: repetition penalty over `seen` (all ids so far, prompt included), then, when
+    sampling, temperature, top-k and top-p (removed tokens get -inf)."""
+    import torch
+
+    scores = logits.float()
+    if repetition_penalty and repetition_penalty != 1.0:
+        picked = scores.gather(1, seen)
+        picked = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
+        scores = scores.scatter(1, seen, picked)
+    if not do_sample:
+        return scores
+    if temperature and temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[:, -1] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
+
+
+def next_tokens(logits, seen, *, do_sample: bool = False, generator=None, **warp):
+    """Next ids [batch]: argmax of the penalised logits, or a sample from the warped ones."""
+    import torch
+
+    scores = warp_scores(logits, seen, do_sample=do_sample, **warp)
+    if not do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+class FastGenerator:
+    """A merged, cast HF causal LM with a lean decode loop (batch 1 or left-padded batches)."""
+
+    def __init__(self, model, precision: str = "float32", threads: int | None = None):
+        import torch
+
+        self.model = model
+        self.config = model.config
+        self.precision = precision
+        self.threads = threads
+        if threads:
+            torch.set_num_threads(threads)
+
+    @property
+    def device(self):
+        for p in self.model.parameters():
+            return p.device
+        import torch
+
+        return torch.device("cpu")
+
+    def _forward(self, ids, mask, positions, cache, first: bool):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def generate(self, input_ids, attention_mask=None, streamer=None, max_new_tokens: int = 256,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, repetition_penalty: float = 1.0,
+                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, **_ignored):
+        """Same contract as `model.generate` for the arguments above: returns prompt + new ids,
+        finished rows padded with `pad_token_id`; `streamer.put` gets the prompt, then each token."""
+        import torch
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise ValueError("streaming needs batch size 1")
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        seq, mask = input_ids, attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+        if streamer is not None:
+            streamer.put(seq.cpu())
+        cache = None
+        step_ids, step_pos = seq, positions
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                logits, cache = self._forward(step_ids, mask, step_pos, cache, first=cache is None)
+                nxt = next_tokens(logits, seq, repetition_penalty=repetition_penalty, do_sample=do_sample,
+                                  temperature=temperature, top_k=top_k, top_p=top_p)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                if streamer is not None:
+                    streamer.put(nxt.cpu())
+                if eos_token_id is not None:
+                    done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+        if streamer is not None:
+            streamer.end()
+        return seq
+
+
+def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None = None):
+    """(FastGenerator, tokenizer, config) for a run folder: adapter merged, weights cast."""
+    import torch
+
+    from .model import load_run
+
+    model, tok, cfg = load_run(run_dir, merge=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = resolve_precision(precision, device)
+    if device == "cuda" and chosen == "int8":
+        raise ValueError("`generation.precision: int8` is CPU-only; use bfloat16 on a GPU.")
+    model = convert_model(model, chosen).to(device)
+    model.eval()
+    log.info("inference engine: torch, %s weights, %d threads", chosen, threads or torch.get_num_threads())
+    return FastGenerator(model, chosen, threads or (cpu_threads() if device == "cpu" else None)), tok, cfg
+
+
+def load_engine(run_dir: str | Path, backend: str | None = None, precision: str | None = None, **_ignored):
+    """(engine, tokenizer, config): the backend named in the run's `generation.backend`
+    (or the override) — `torch` (this module) or `llamacpp` (a GGUF export run by llama.cpp)."""
+    from .config import load_config
+    from .model import ModelError
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/). Train one with `kotune train`.")
+    g = load_config(run / "config.yaml").generation
+    backend = backend or g.backend
+    precision = precision or g.precision
+    if backend == "llamacpp":
+        from .llamacpp import load_llamacpp
+
+        return load_llamacpp(run, gguf_file=g.gguf_file, threads=g.num_threads)
+    if backend != "torch":
+        raise ValueError(f"unknown generation backend {backend!r}; use `torch` or `llamacpp`.")
+    return load_fast(run, precision, g.num_threads)
