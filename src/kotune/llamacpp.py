@@ -4,7 +4,9 @@ Optional (extra `kotune[llamacpp]`). It takes the same `generate` keyword
 arguments as the torch engine and the HF model, feeding llama.cpp the token
 ids kotune's tokenizer made (the GGUF carries the same vocabulary), so prompts,
 EOS handling and Hangul-safe streaming are shared with the torch path.
-The repetition penalty covers the whole sequence, as in `generate`.
+llama.cpp computes the logits; kotune's `fastgen.next_tokens` picks each token, so
+greedy/sampling and the repetition penalty (over the whole sequence, prompt
+included) behave as in `generate` and the torch engine.
 """
 
 from __future__ import annotations
@@ -36,28 +38,39 @@ class LlamaCppGenerator:
         self.path = Path(gguf_path)
         self.n_ctx = n_ctx
         self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads or cpu_threads(),
-                         n_threads_batch=threads or cpu_threads(), n_batch=512, last_n_tokens_size=n_ctx,
-                         verbose=False)
+                         n_threads_batch=threads or cpu_threads(), n_batch=512, verbose=False)
         # Chatbot reads the position limit from here.
         self.config = SimpleNamespace(max_position_embeddings=n_ctx)
         import torch
 
         self.device = torch.device("cpu")
 
-    def _one(self, prompt: list[int], streamer, max_new_tokens: int, eos: int | None, repetition_penalty: float,
-             do_sample: bool, temperature, top_p, top_k) -> list[int]:
-        kw = dict(temp=0.0, top_k=1, top_p=1.0, min_p=0.0) if not do_sample else dict(
-            temp=temperature or 1.0, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0, min_p=0.0)
-        new: list[int] = []
-        for tok in self.llm.generate(prompt, repeat_penalty=repetition_penalty or 1.0, reset=True, **kw):
-            new.append(int(tok))
-            if streamer is not None:
-                import torch
+    def last_logits(self):
+        import numpy as np
+        import torch
 
+        return torch.from_numpy(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(1, self.llm.n_vocab())).copy())
+
+    def _one(self, prompt: list[int], streamer, max_new_tokens: int, eos: int | None, **warp) -> list[int]:
+        # kotune's own logits processing over llama.cpp's logits: llama.cpp's sampler would
+        # penalise repeats of generated tokens only, `generate` (and the torch engine) of the prompt too.
+        import torch
+
+        from .fastgen import next_tokens
+
+        self.llm.reset()
+        self.llm.eval(prompt)
+        seen = torch.tensor([prompt])
+        new: list[int] = []
+        while True:
+            tok = int(next_tokens(self.last_logits(), seen, **warp)[0])
+            new.append(tok)
+            if streamer is not None:
                 streamer.put(torch.tensor([tok]))
             if tok == eos or len(new) >= max_new_tokens:
-                break
-        return new
+                return new
+            seen = torch.cat([seen, torch.tensor([[tok]])], dim=1)
+            self.llm.eval([tok])
 
     def generate(self, input_ids, attention_mask=None, streamer=None, max_new_tokens: int = 256,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, repetition_penalty: float = 1.0,
@@ -74,7 +87,8 @@ class LlamaCppGenerator:
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
             prompt = [t for t, m in zip(ids, mask) if m]
             budget = max(1, min(max_new_tokens, self.n_ctx - len(prompt)))
-            rows.append(self._one(prompt, streamer, budget, eos_token_id, repetition_penalty, do_sample, temperature, top_p, top_k))
+            rows.append(self._one(prompt, streamer, budget, eos_token_id, repetition_penalty=repetition_penalty,
+                                  do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k))
         if streamer is not None:
             streamer.end()
         width = max(len(r) for r in rows)
