@@ -64,6 +64,29 @@ def _float32_embedding(emb):
     return Float32Out()
 
 
+def int8_linear(weight, bias=None, chunk: int = 16384):
+    """A dynamic-int8 Linear (symmetric per-output-channel weights) built chunk by chunk,
+    so a huge bf16 weight (Gemma's 262k x 640 head) never exists in fp32 at once."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+        out_f, in_f = weight.shape
+        q = torch.empty(out_f, in_f, dtype=torch.int8)
+        scales = torch.empty(out_f, dtype=torch.double)
+        for s in range(0, out_f, chunk):
+            w = weight[s:s + chunk].detach().float()
+            sc = (w.abs().amax(1) / 127.5).clamp(min=1e-8)
+            q[s:s + chunk] = (w / sc[:, None]).round().clamp(-128, 127).to(torch.int8)
+            scales[s:s + chunk] = sc
+        qw = torch._make_per_channel_quantized_tensor(q, scales, torch.zeros(out_f, dtype=torch.long), 0)
+        lin = DynLinear(in_f, out_f, dtype=torch.qint8)
+        lin.set_weight_bias(qw, None if bias is None else bias.detach().float())
+    return lin
+
+
 def convert_model(model, precision: str):
     """Cast a merged HF causal LM in place for inference and return it."""
     import torch
@@ -76,18 +99,21 @@ def convert_model(model, precision: str):
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
     # Dynamic int8 (per-output-channel weights, activations quantised per call) for every
     # Linear, the LM head included: with Gemma's 262k vocabulary the head is the largest read.
+    # Converted module by module so the fp32 copy is never whole (peak RSS).
     body = getattr(model, model.base_model_prefix)
     emb = body.get_input_embeddings()
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is emb.weight:  # tied: the head gets its own int8 copy
-        head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-    emb.to(torch.bfloat16)
+    emb.to(torch.bfloat16)  # only looked up: bf16 halves it, the lookup is exact enough
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name, lin in linears:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], int8_linear(lin.weight, lin.bias))
+    for p in model.parameters():  # norms, biases left as Parameters: fp32 to meet fp32 activations
+        if p.dtype != torch.float32 and p is not emb.weight:
+            p.data = p.data.float()
+    for b_name, buf in model.named_buffers():
+        if buf.is_floating_point() and buf.dtype != torch.float32:
+            buf.data = buf.data.float()
     body.set_input_embeddings(_float32_embedding(emb))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     return model
 
 
@@ -200,9 +226,11 @@ def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None 
 
     from .model import load_run
 
-    model, tok, cfg = load_run(run_dir, merge=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = resolve_precision(precision, device)
+    # Loading the base straight in bf16 halves peak RSS; the adapter delta is added in fp32
+    # and rounded once (PEFT's merge), then int8 quantises from those bf16 weights.
+    model, tok, cfg = load_run(run_dir, merge=True, dtype="bfloat16" if chosen in ("bfloat16", "int8") else None)
     if device == "cuda" and chosen == "int8":
         raise ValueError("`generation.precision: int8` is CPU-only; use bfloat16 on a GPU.")
     model = convert_model(model, chosen).to(device)

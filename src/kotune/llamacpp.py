@@ -47,30 +47,49 @@ class LlamaCppGenerator:
 
     def last_logits(self):
         import numpy as np
-        import torch
 
-        return torch.from_numpy(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(1, self.llm.n_vocab())).copy())
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).copy()
 
-    def _one(self, prompt: list[int], streamer, max_new_tokens: int, eos: int | None, **warp) -> list[int]:
-        # kotune's own logits processing over llama.cpp's logits: llama.cpp's sampler would
-        # penalise repeats of generated tokens only, `generate` (and the torch engine) of the prompt too.
+    def _pick(self, seen: list[int], repetition_penalty: float, do_sample: bool, **warp) -> int:
+        # Greedy in numpy on one thread: torch's intra-op threads would fight llama.cpp's
+        # still-spinning worker threads for the same cores.
+        import numpy as np
+
+        scores = self.last_logits()
+        if not do_sample:
+            if repetition_penalty and repetition_penalty != 1.0:
+                idx = np.unique(np.asarray(seen))
+                v = scores[idx]
+                scores[idx] = np.where(v < 0, v * repetition_penalty, v / repetition_penalty)
+            return int(scores.argmax())
         import torch
 
         from .fastgen import next_tokens
 
+        return int(next_tokens(torch.from_numpy(scores)[None], torch.tensor([seen]), do_sample=True,
+                               repetition_penalty=repetition_penalty, **warp)[0])
+
+    def _one(self, prompt: list[int], streamer, max_new_tokens: int, eos: int | None, **warp) -> list[int]:
+        # kotune's own logits processing over llama.cpp's logits: llama.cpp's sampler would
+        # penalise repeats of generated tokens only, `generate` (and the torch engine) of the prompt too.
         self.llm.reset()
         self.llm.eval(prompt)
-        seen = torch.tensor([prompt])
+        seen = list(prompt)
         new: list[int] = []
         while True:
-            tok = int(next_tokens(self.last_logits(), seen, **warp)[0])
+            tok = self._pick(seen, **warp)
             new.append(tok)
             if streamer is not None:
+                import torch
+
                 streamer.put(torch.tensor([tok]))
             if tok == eos or len(new) >= max_new_tokens:
                 return new
-            seen = torch.cat([seen, torch.tensor([[tok]])], dim=1)
+            seen.append(tok)
             self.llm.eval([tok])
+
+    def close(self) -> None:
+        self.llm.close()
 
     def generate(self, input_ids, attention_mask=None, streamer=None, max_new_tokens: int = 256,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, repetition_penalty: float = 1.0,
