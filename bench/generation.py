@@ -137,6 +137,16 @@ def worker(args) -> dict:
         rows.append(dict(prompt_tokens=ids.shape[1], new_tokens=len(new), ttft_s=st.t_first - t1, total_s=t2 - t1,
                          decode_tok_s=(len(new) - 1) / (t2 - st.t_first) if len(new) > 1 else None,
                          ids=new, text=tok.decode(new, skip_special_tokens=True)))
+    peak, rss_end = proc_mb("VmHWM"), proc_mb("VmRSS")  # before scoring, which loads more for llama.cpp
+    if scorer is None and args.reference:  # llama.cpp engines: a second context that keeps every position's logits
+        from llama_cpp import Llama
+
+        scoring = Llama(model_path=args.gguf or str(run / "model-q8_0.gguf"), n_ctx=512, logits_all=True, verbose=False)
+
+        def scorer(ids):
+            scoring.reset()
+            scoring.eval(ids[0].tolist())
+            return torch.from_numpy(scoring.scores[: ids.shape[1]].copy())
     agreement = None
     if args.reference and scorer is not None:
         ref = json.loads(Path(args.reference).read_text())
@@ -154,8 +164,8 @@ def worker(args) -> dict:
             for text, r in zip(texts, rows):
                 p = encode_prompt(tok, text)
                 r["argmax"] = scorer(torch.tensor([p + r["ids"]]))[len(p) - 1:-1].float().argmax(-1).tolist()
-    return dict(engine=name, load_s=load_s, rss_after_load_mb=rss_loaded, rss_end_mb=proc_mb("VmRSS"),
-                peak_rss_mb=proc_mb("VmHWM"), rows=rows, teacher_forced_top1=agreement)
+    return dict(engine=name, load_s=load_s, rss_after_load_mb=rss_loaded, rss_end_mb=rss_end,
+                peak_rss_mb=peak, rows=rows, teacher_forced_top1=agreement)
 
 
 def run_worker(name: str, args, reference: str | None) -> dict:
