@@ -157,7 +157,6 @@ def worker_kotune(args) -> dict:
         for m in range(args.steps * ga):
             epoch, k = divmod(m, n_batches)
             real += sum(lengths[i] for i in epoch_batches(lengths, bs, cfg.training.seed, epoch, cfg.data.group_by_length)[k])
-        import torch
         from peft import PeftModel
 
         from kotune.model import load_base_model
@@ -165,7 +164,6 @@ def worker_kotune(args) -> dict:
         base = load_base_model(prep["resolved"], dtype="float32")
         model = PeftModel.from_pretrained(base, str(Path(out) / "adapter"))
         ev = eval_answer_loss(model, prep["eval"], prep["tokenizer"].pad_token_id, cfg.data.batch_size)
-        del torch
     return dict(pipeline="kotune", steps=len(step_s), real_tokens=real, train_s=elapsed[-1], wall_s=wall, step_s=step_s,
                 final_train_loss=train_recs[-1]["loss"], train_loss_kind="answer tokens + EOS", eval_answer_loss=ev,
                 peak_rss_mb=peak, mixed_precision=cfg.memory.mixed_precision)

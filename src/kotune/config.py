@@ -164,8 +164,9 @@ class GenerationSection(_Section):
     )
     precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         "auto",
-        description="Weights of the `torch` engine. `auto`: bf16 on a CPU with native bf16 (AVX-512 BF16 / AMX) or a bf16 GPU, else fp32. "
-        "`int8`: dynamic int8 on CPU (fastest; changes some greedy tokens, see docs/benchmarks.md).",
+        description="Weights of the `torch` engine. `auto`: bf16 on a CPU with native bf16 (AVX-512 BF16 / AMX) or a bf16 GPU, else fp32 "
+        "(with bf16 on CPU the LM head runs in fp16, which is faster there). "
+        "`int8`: dynamic int8 on CPU (fastest, but it changes many greedy tokens; see docs/benchmarks.md).",
     )
     gguf_file: str | None = Field(None, description="GGUF model for the `llamacpp` engine. Unset: `<run>/model-q8_0.gguf`, exported from the run when missing.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for generation. Unset: one per available core.")

@@ -118,21 +118,20 @@ def write_merged_gguf(template: Path, merged: dict, output: Path, weight_type: s
 
 def adapted_weights(run_dir: Path) -> dict:
     """{HF weight name: merged fp32 weight} for every module the run's adapter changes."""
+    import json
+
     import torch
     from safetensors.torch import load_file
 
     from .config import load_config
+    from .model import resolve_model
 
     cfg = load_config(run_dir / "config.yaml")
-    import json
-
     acfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     scale = acfg["lora_alpha"] / acfg["r"]
     if acfg.get("use_rslora"):
         scale = acfg["lora_alpha"] / acfg["r"] ** 0.5
     lora = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    from .model import resolve_model
-
     resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
     base = {}
     for f in sorted(Path(resolved.path).glob("*.safetensors")):
