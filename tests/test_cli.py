@@ -28,7 +28,7 @@ def test_help_does_not_import_torch():
     assert "train" in out.stdout and "chat" in out.stdout and out.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("cmd", ["train", "chat", "ask", "validate", "merge", "config", "retrieve", "predict"])
+@pytest.mark.parametrize("cmd", ["train", "chat", "ask", "validate", "merge", "export", "config", "retrieve", "predict"])
 def test_every_command_has_help(cmd):
     res = run(cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output
@@ -122,6 +122,11 @@ def test_validate(tmp_path, qa_csv, tiny_gpt2):
 def test_chat_without_run_folder_is_a_clear_error(tmp_path):
     res = run("chat", tmp_path, "--question", "x")
     assert res.exit_code == 2 and "not a finished kotune run" in res.output
+
+
+def test_export_of_a_non_gguf_base_is_a_clear_error(tiny_run):
+    res = run("export", tiny_run)
+    assert res.exit_code == 2 and "convert_hf_to_gguf" in res.output and "Traceback" not in res.output
 
 
 def test_config_command(tmp_path):

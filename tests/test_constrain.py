@@ -35,13 +35,16 @@ def test_open_citation_only_inside_an_unclosed_list():
     assert open_citation("설명입니다.") is None
 
 
-def test_generation_can_only_cite_the_context(tiny_run):
+@pytest.mark.parametrize("engine", ["hf-generate", "kotune-engine"])
+def test_generation_can_only_cite_the_context(tiny_run, engine):
     import torch
 
     from kotune.generate import Chatbot
+    from kotune.model import load_run
 
     bot = Chatbot.from_run(tiny_run, greedy=True)
-    tok, model = bot.tok, bot.model
+    tok = bot.tok
+    model = load_run(tiny_run)[0] if engine == "hf-generate" else bot.model
     prompt = tok("질문: 전세권? 답변:", add_special_tokens=False)["input_ids"]
     started = tok(" 설명입니다. (근거:", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + started])

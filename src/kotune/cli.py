@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="kotune: fine-tune Korean language models with LoRA, then chat, ask and merge.")
 
 _KNOWN_ERRORS = ("ConfigError", "DataError", "ModelError", "TrainError", "TemplateError", "ValueError", "FileNotFoundError",
-                 "ImportError")
+                 "ImportError", "ExportError")
 
 
 def _fail(err: Exception) -> None:
@@ -263,6 +263,19 @@ def _retriever(kb_dir: Optional[Path], examples: Optional[Path]):
 
     pairs = _run(load_examples_file, examples) if examples else None
     return _run(Retriever, _run(load_kb, kb_dir or DEFAULT_KB), examples=pairs)
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="Run folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="GGUF file to write (default: RUN/model-<type>.gguf)."),
+    weight_type: str = typer.Option("q8_0", "--type", help="Type of the merged (adapted) weights: q8_0, f16 or f32. Other tensors keep the base GGUF's types."),
+):
+    """Export base + merged LoRA as one GGUF file for llama.cpp (generation.backend: llamacpp)."""
+    from .gguf_export import export_gguf
+
+    out = _run(export_gguf, run, output, weight_type)
+    typer.echo(f"GGUF written to {out}")
 
 
 @app.command()

@@ -219,6 +219,19 @@ class GenerationSection(_Section):
     greedy: bool = Field(False, description="Always pick the most likely token (deterministic).")
     notice: str | None = Field(None, description="A line shown by `kotune chat` before answers (e.g. that answers are general information, not legal advice).")
     quick_test_questions: list[str] = Field(default_factory=lambda: list(DEFAULT_QUICK_TEST), description="Questions asked by `kotune chat --quick_test`.")
+    backend: Literal["torch", "llamacpp"] = Field(
+        "torch",
+        description="Inference engine for chat/ask/eval. `torch`: the adapter merged into the base, a lean KV-cache decode loop. "
+        "`llamacpp`: the merged model exported to GGUF (`kotune export`, done on first use) and run by llama.cpp (extra `kotune[llamacpp]`).",
+    )
+    precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto",
+        description="Weights of the `torch` engine. `auto`: bf16 on a CPU with native bf16 (AVX-512 BF16 / AMX) or a bf16 GPU, else fp32 "
+        "(with bf16 on CPU the LM head runs in fp16, which is faster there). "
+        "`int8`: dynamic int8 on CPU (fastest, but it changes many greedy tokens; see docs/benchmarks.md).",
+    )
+    gguf_file: str | None = Field(None, description="GGUF model for the `llamacpp` engine. Unset: `<run>/model-q8_0.gguf`, exported from the run when missing.")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for generation. Unset: one per available core.")
 
 
 class RetrievalSection(_Section):

@@ -59,6 +59,12 @@ class CitationConstraint:
         self.items = [citation_items(c) for c in contexts]
         self.special = set(tokenizer.all_special_ids)
 
+    def for_row(self, b: int) -> "CitationConstraint":
+        """The constraint of row b alone (engines that generate one row at a time)."""
+        one = object.__new__(CitationConstraint)
+        one.tok, one.prompt_len, one.special, one.items = self.tok, self.prompt_len, self.special, [self.items[b]]
+        return one
+
     def __call__(self, input_ids, scores):
         import torch
 

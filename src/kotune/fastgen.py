@@ -1,0 +1,292 @@
+"""Fast inference: a run folder loaded for answering, not for training.
+
+The LoRA adapter is merged into the base weights once at load, the weights are
+cast to bf16 (or int8) where the CPU handles it natively, and a short decode
+loop with a KV cache replaces `model.generate`: per token it runs one forward
+pass on the newest token, computes logits at that position only, and applies
+the same logits processing as `generate` (repetition penalty, temperature,
+top-k, top-p; greedy picks the argmax of the penalised logits).
+
+`FastGenerator.generate` takes the keyword arguments of `model.generate` that
+`Chatbot` uses, so either engine (this one or `llamacpp.LlamaCppGenerator`)
+drops in where an HF model was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("kotune")
+
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+
+
+def cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto`: bf16 on a GPU with bf16 or a CPU with native bf16 matmul, else fp32.
+    int8 is never chosen automatically: it changes some greedy tokens (docs/benchmarks.md)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    from .train import cpu_has_bf16
+
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def _cast_out(module, dtype):
+    """Wrap a module so its output is cast to `dtype` (an embedding stored in another dtype)."""
+    import torch
+
+    class CastOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        @property
+        def weight(self):
+            return self.inner.weight
+
+        def forward(self, x):
+            return self.inner(x).to(dtype)
+
+    return CastOut()
+
+
+def _half_head(weight):
+    """LM head computing in fp16 from a (possibly shared) fp16 weight. On CPUs, fp16
+    matrix-vector products run about 1.8x faster than bf16 ones (bench/profile_generation.py),
+    and the head is the largest read per token; its input is the final-normed hidden
+    state, well inside fp16's range."""
+    import torch
+
+    class HalfHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x.to(torch.float16), self.weight)
+
+    return HalfHead()
+
+
+def int8_linear(weight, bias=None, chunk: int = 16384):
+    """A dynamic-int8 Linear (symmetric per-output-channel weights) built chunk by chunk,
+    so a huge bf16 weight (Gemma's 262k x 640 head) never exists in fp32 at once."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+        out_f, in_f = weight.shape
+        q = torch.empty(out_f, in_f, dtype=torch.int8)
+        scales = torch.empty(out_f, dtype=torch.double)
+        for s in range(0, out_f, chunk):
+            w = weight[s:s + chunk].detach().float()
+            sc = (w.abs().amax(1) / 127.5).clamp(min=1e-8)
+            q[s:s + chunk] = (w / sc[:, None]).round().clamp(-128, 127).to(torch.int8)
+            scales[s:s + chunk] = sc
+        qw = torch._make_per_channel_quantized_tensor(q, scales, torch.zeros(out_f, dtype=torch.long), 0)
+        lin = DynLinear(in_f, out_f, dtype=torch.qint8)
+        lin.set_weight_bias(qw, None if bias is None else bias.detach().float())
+    return lin
+
+
+def convert_model(model, precision: str, fp16_head: bool = False):
+    """Cast a merged HF causal LM in place for inference and return it. `fp16_head`: with
+    bf16, run the LM head in fp16 (faster on CPU)."""
+    import torch
+
+    if precision == "float32":
+        return model.float()
+    if precision == "bfloat16":
+        model.to(torch.bfloat16)
+        head, body = model.get_output_embeddings(), getattr(model, model.base_model_prefix)
+        emb = body.get_input_embeddings()
+        if fp16_head and head is not None and getattr(head, "bias", None) is None:
+            # Shared with the embedding when tied: bf16 values are exact in fp16 above 6e-5.
+            head.weight.data = head.weight.data.to(torch.float16)
+            model.set_output_embeddings(_half_head(head.weight))
+            if emb.weight.dtype == torch.float16:
+                body.set_input_embeddings(_cast_out(emb, torch.bfloat16))
+        return model
+    if precision != "int8":
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    # Dynamic int8 (per-output-channel weights, activations quantised per call) for every
+    # Linear, the LM head included: with Gemma's 262k vocabulary the head is the largest read.
+    # Converted module by module so the fp32 copy is never whole (peak RSS).
+    body = getattr(model, model.base_model_prefix)
+    emb = body.get_input_embeddings()
+    emb.to(torch.bfloat16)  # only looked up: bf16 halves it, the lookup is exact enough
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name, lin in linears:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], int8_linear(lin.weight, lin.bias))
+    for p in model.parameters():  # norms, biases left as Parameters: fp32 to meet fp32 activations
+        if p.dtype != torch.float32 and p is not emb.weight:
+            p.data = p.data.float()
+    for b_name, buf in model.named_buffers():
+        if buf.is_floating_point() and buf.dtype != torch.float32:
+            buf.data = buf.data.float()
+    body.set_input_embeddings(_cast_out(emb, torch.float32))
+    return model
+
+
+def warp_scores(logits, seen, *, repetition_penalty: float = 1.0, do_sample: bool = False,
+                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None):
+    """Last-position logits [batch, vocab] → scores after `generate`'s processors, in its
+    order: repetition penalty over `seen` (all ids so far, prompt included), then, when
+    sampling, temperature, top-k and top-p (removed tokens get -inf)."""
+    import torch
+
+    scores = logits.float()
+    if repetition_penalty and repetition_penalty != 1.0:
+        picked = scores.gather(1, seen)
+        picked = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
+        scores = scores.scatter(1, seen, picked)
+    if not do_sample:
+        return scores
+    if temperature and temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[:, -1] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
+
+
+def next_tokens(logits, seen, *, do_sample: bool = False, generator=None, logits_processor=None, **warp):
+    """Next ids [batch]: argmax of the penalised logits, or a sample from the warped ones.
+    `logits_processor` (as in `generate`, e.g. constrained citations) runs last, on `seen`."""
+    import torch
+
+    scores = warp_scores(logits, seen, do_sample=do_sample, **warp)
+    for proc in logits_processor or ():
+        scores = proc(seen, scores)
+    if not do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+class FastGenerator:
+    """A merged, cast HF causal LM with a lean decode loop (batch 1 or left-padded batches)."""
+
+    def __init__(self, model, precision: str = "float32", threads: int | None = None):
+        import torch
+
+        self.model = model
+        self.config = model.config
+        self.precision = precision
+        self.threads = threads
+        if threads:
+            torch.set_num_threads(threads)
+
+    @property
+    def device(self):
+        for p in self.model.parameters():
+            return p.device
+        import torch
+
+        return torch.device("cpu")
+
+    def _forward(self, ids, mask, positions, cache, first: bool):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def generate(self, input_ids, attention_mask=None, streamer=None, max_new_tokens: int = 256,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, repetition_penalty: float = 1.0,
+                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, logits_processor=None, **_ignored):
+        """Same contract as `model.generate` for the arguments above: returns prompt + new ids,
+        finished rows padded with `pad_token_id`; `streamer.put` gets the prompt, then each token."""
+        import torch
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise ValueError("streaming needs batch size 1")
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        seq, mask = input_ids, attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+        if streamer is not None:
+            streamer.put(seq.cpu())
+        cache = None
+        step_ids, step_pos = seq, positions
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                logits, cache = self._forward(step_ids, mask, step_pos, cache, first=cache is None)
+                nxt = next_tokens(logits, seq, repetition_penalty=repetition_penalty, do_sample=do_sample,
+                                  logits_processor=logits_processor,
+                                  temperature=temperature, top_k=top_k, top_p=top_p)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                if streamer is not None:
+                    streamer.put(nxt.cpu())
+                if eos_token_id is not None:
+                    done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+        if streamer is not None:
+            streamer.end()
+        return seq
+
+
+def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None = None):
+    """(FastGenerator, tokenizer, config) for a run folder: adapter merged, weights cast."""
+    import torch
+
+    from .model import load_run
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = resolve_precision(precision, device)
+    # Loading the base straight in bf16 halves peak RSS; the adapter delta is added in fp32
+    # and rounded once (PEFT's merge), then int8 quantises from those bf16 weights.
+    model, tok, cfg = load_run(run_dir, merge=True, dtype="bfloat16" if chosen in ("bfloat16", "int8") else None)
+    if device == "cuda" and chosen == "int8":
+        raise ValueError("`generation.precision: int8` is CPU-only; use bfloat16 on a GPU.")
+    model = convert_model(model, chosen, fp16_head=device == "cpu").to(device)
+    model.eval()
+    log.info("inference engine: torch, %s weights, %d threads", chosen, threads or torch.get_num_threads())
+    return FastGenerator(model, chosen, threads or (cpu_threads() if device == "cpu" else None)), tok, cfg
+
+
+def load_engine(run_dir: str | Path, backend: str | None = None, precision: str | None = None, **_ignored):
+    """(engine, tokenizer, config): the backend named in the run's `generation.backend`
+    (or the override) — `torch` (this module) or `llamacpp` (a GGUF export run by llama.cpp)."""
+    from .config import load_config
+    from .model import ModelError
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/). Train one with `kotune train`.")
+    g = load_config(run / "config.yaml").generation
+    backend = backend or g.backend
+    precision = precision or g.precision
+    if backend == "llamacpp":
+        from .llamacpp import load_llamacpp
+
+        return load_llamacpp(run, gguf_file=g.gguf_file, threads=g.num_threads)
+    if backend != "torch":
+        raise ValueError(f"unknown generation backend {backend!r}; use `torch` or `llamacpp`.")
+    return load_fast(run, precision, g.num_threads)
