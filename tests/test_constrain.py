@@ -57,3 +57,11 @@ def test_generation_can_only_cite_the_context(tiny_run, engine):
         # An untrained model has no reason to write these strings: only the constraint makes it.
         assert cited and set(cited) <= {a.key for a in context}, text
         assert fits(open_citation(text) or text[text.index("근거:") + 3:], citation_items(context))
+
+
+def test_for_row_keeps_only_that_rows_articles(tiny_gpt2):
+    from transformers import AutoTokenizer
+
+    proc = CitationConstraint(AutoTokenizer.from_pretrained(tiny_gpt2), [[A303], [H3_2]], prompt_len=5)
+    one = proc.for_row(1)
+    assert one.items == [citation_items([H3_2])] and one.prompt_len == 5

@@ -56,14 +56,13 @@ class CitationConstraint:
 
     def __init__(self, tokenizer, contexts: list[list], prompt_len: int):
         self.tok, self.prompt_len = tokenizer, prompt_len
+        self.contexts = contexts
         self.items = [citation_items(c) for c in contexts]
         self.special = set(tokenizer.all_special_ids)
 
     def for_row(self, b: int) -> "CitationConstraint":
         """The constraint of row b alone (engines that generate one row at a time)."""
-        one = object.__new__(CitationConstraint)
-        one.tok, one.prompt_len, one.special, one.items = self.tok, self.prompt_len, self.special, [self.items[b]]
-        return one
+        return CitationConstraint(self.tok, [self.contexts[b]], self.prompt_len)
 
     def __call__(self, input_ids, scores):
         import torch
