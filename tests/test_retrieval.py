@@ -128,3 +128,10 @@ def test_example_files_round_trip(tmp_path):
     assert pairs[0] == (qa_rows(4)[0]["question"], [("민법", "303")])
     retrieval.save_examples(pairs, tmp_path / "retrieval_examples.jsonl")
     assert retrieval.load_examples_file(tmp_path / "retrieval_examples.jsonl") == pairs
+
+
+def test_bad_example_file_names_the_record(tmp_path):
+    bad = tmp_path / "retrieval_examples.jsonl"
+    bad.write_text('{"question": "q", "citations": 5}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"record 1: \"citations\" must be a list"):
+        retrieval.load_examples_file(bad)

@@ -223,18 +223,24 @@ def save_examples(pairs, path: Path) -> None:
 
 
 def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]]]]:
-    """A run folder's `retrieval_examples.jsonl`, or any Q&A training file (CSV/JSONL) kotune reads."""
+    """A run folder's `retrieval_examples.jsonl` (`{"question", "citations": [...]}` lines), or any
+    Q&A training file (CSV/JSONL) kotune reads, whose answers' citations are used."""
     path = Path(path)
     first = path.open(encoding="utf-8-sig").readline() if path.suffix == ".jsonl" and path.is_file() else ""
-    if first.strip().startswith("{") and '"citations"' in first:
-        from .data import read_question_lines
+    if '"citations"' not in first:
+        from .data import load_examples
 
-        return [(r["question"], find_citations(" ".join(r["citations"])))
-                for r in read_question_lines(path, ("question", "citations"))]
-    from .data import load_examples
+        rows, _ = load_examples(path, bad_rows="skip", duplicates="keep")
+        return example_pairs(rows)
+    from .data import read_question_lines
 
-    rows, _ = load_examples(path, bad_rows="skip", duplicates="keep")
-    return example_pairs(rows)
+    pairs = []
+    for r in read_question_lines(path, ("question", "citations")):
+        cites = r["citations"]
+        if not isinstance(cites, list) or not all(isinstance(c, str) for c in cites):
+            raise ValueError(f'{path}: record {r["id"]}: "citations" must be a list of strings such as ["민법 제281조"].')
+        pairs.append((r["question"], find_citations(" ".join(cites))))
+    return pairs
 
 
 def training_contexts(retriever: Retriever, kb: dict, examples, k: int, snippet_chars: int, seed: int,
