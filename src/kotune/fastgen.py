@@ -280,7 +280,10 @@ def load_engine(run_dir: str | Path, backend: str | None = None, precision: str 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/). Train one with `kotune train`.")
-    g = load_config(run / "config.yaml").generation
+    cfg = load_config(run / "config.yaml")
+    if cfg.model.task != "causal-lm":  # checked before any weights are loaded
+        raise ModelError(f"{run} is a {cfg.model.task} run; use `kotune predict {run} --input FILE`.")
+    g = cfg.generation
     backend = backend or g.backend
     precision = precision or g.precision
     if backend == "llamacpp":

@@ -68,14 +68,8 @@ class Chatbot:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
-        from .config import load_config
         from .fastgen import load_engine  # the engine named by generation.backend/precision (or an override)
-        from .model import ModelError
 
-        if (Path(run_dir) / "config.yaml").is_file():
-            task = load_config(Path(run_dir) / "config.yaml").model.task
-            if task != "causal-lm":
-                raise ModelError(f"{run_dir} is a {task} run; use `kotune predict {run_dir} --input FILE`.")
         model, tok, cfg = load_engine(run_dir, **overrides)
         gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         if not cfg.retrieval.enabled:
