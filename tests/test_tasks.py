@@ -36,6 +36,39 @@ def test_metrics_from_confusion_match_hand_count():
     assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_linear_cross_entropy_matches_full_logits(monkeypatch, softcap, autocast):
+    """The fused, chunked LM-head loss gives the loss and gradients of the plain one."""
+    import torch.nn.functional as F
+
+    from kotune import tasks
+
+    monkeypatch.setattr(tasks, "CE_CHUNK_ELEMENTS", 7 * 300)  # 7 rows a chunk: several chunks and a short last one
+    torch.manual_seed(0)
+    h = torch.randn(30, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    y = torch.randint(0, 300, (30,))
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = tasks.linear_cross_entropy_sum(h, w, y, softcap=softcap)
+            else:
+                z = (h @ w.T).float()
+                loss = F.cross_entropy(torch.tanh(z / softcap) * softcap if softcap else z, y, reduction="sum")
+        (0.5 * loss).backward()
+        results.append((loss.detach(), h.grad.clone(), w.grad.clone()))
+        h.grad = w.grad = None
+    (l1, gh1, gw1), (l2, gh2, gw2) = results
+    tol = 2e-2 if autocast else 1e-4
+    assert torch.allclose(l1, l2, rtol=1e-5)
+    assert torch.allclose(gh1, gh2, atol=tol * gh2.abs().max())
+    assert torch.allclose(gw1, gw2, atol=tol * gw2.abs().max())
+    with torch.no_grad():  # evaluation takes the loss-only path
+        assert torch.allclose(tasks.linear_cross_entropy_sum(h, w, y, softcap=softcap), l2 if not autocast else l1, rtol=2e-2)
+
+
 def test_classification_trains_reports_and_predicts(tiny_gpt2, topic_csv, tmp_path):
     out = train(cls_config(tiny_gpt2, topic_csv, tmp_path / "run", training={"max_steps": 16, "eval_steps": 4},
                            memory={"report_steps": 4}))

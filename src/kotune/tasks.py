@@ -144,22 +144,114 @@ def count(task: str, batch: dict) -> int:
 def answer_loss_sum(model, batch):
     """Sum of token losses over trained positions, and their count.
 
-    The LM head runs only at trained positions: with Gemma's 262k vocabulary the
-    full logits tensor would dominate time and memory."""
-    import torch
-    import torch.nn.functional as F
-
+    The LM head runs only at trained positions, and there chunk by chunk
+    (`linear_cross_entropy_sum`): with Gemma's 262k vocabulary the logits of a
+    whole batch, and their gradient, would dominate time and peak memory."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(hf, hf.base_model_prefix)
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = hf.get_output_embeddings()(hidden[:, :-1][keep])
+    head = hf.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:  # no fused path for biased heads (none of the presets has one)
+        import torch.nn.functional as F
+
+        logits = head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
     cap = getattr(hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    loss = linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, targets[keep], softcap=cap)
     return loss, int(keep.sum())
+
+
+CE_CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 32M floats = 128 MiB in fp32
+
+
+def linear_cross_entropy_sum(hidden, weight, targets, softcap: float | None = None):
+    """`cross_entropy(hidden @ weight.T, targets, reduction="sum")` without ever holding
+    more than one chunk of logits. With gradients on, each chunk's gradient with respect to
+    `hidden` (and `weight`, when it is trained) is computed right away and kept instead of
+    the logits — a fused linear + cross-entropy, as in Liger-Kernel or torchtune's chunked
+    loss — so peak memory no longer grows with answer tokens × vocabulary. The matmuls run
+    in the autocast dtype when autocast is on (as `nn.Linear` would), softmax in fp32."""
+    import torch
+
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    chunk = max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(dev, enabled=False):
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _FusedLinearCE.apply(hidden, weight, targets, softcap, chunk, dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = weight.to(dtype)
+        for s in range(0, hidden.shape[0], chunk):
+            z = _logits(hidden[s:s + chunk].to(dtype), w, softcap)[0]
+            total += (torch.logsumexp(z, -1) - z.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum()
+        return total
+
+
+def _logits(h, w, softcap):
+    """fp32 logits of one chunk (and tanh of the soft-cap, which the gradient needs)."""
+    import torch
+
+    z = (h @ w.T).float()
+    if not softcap:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, t
+
+
+def _fused_ce():
+    import torch
+
+    class FusedLinearCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, softcap, chunk, dtype):
+            w = weight.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s:s + chunk].to(dtype)
+                tgt = targets[s:s + chunk]
+                z, t = _logits(h, w, softcap)
+                lse = torch.logsumexp(z, -1)
+                total += (lse - z.gather(1, tgt[:, None]).squeeze(1)).sum()
+                g = z.sub_(lse[:, None]).exp_()  # softmax, in place: d(sum CE)/dz = softmax - onehot
+                g[torch.arange(len(tgt), device=g.device), tgt] -= 1
+                if t is not None:
+                    g.mul_(1 - t * t)
+                g = g.to(dtype)
+                if grad_h is not None:
+                    grad_h[s:s + chunk] = g @ w
+                if grad_w is not None:
+                    grad_w += (g.T @ h).float()
+                del z, g, t
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.weight_dtype = weight.dtype
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w = ctx.saved_tensors
+            return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+                    (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None,
+                    None, None, None, None)
+
+    return FusedLinearCE
+
+
+class _LazyFused:
+    """The autograd Function is built on first use, so importing tasks.py does not import torch."""
+    fn = None
+
+    @classmethod
+    def apply(cls, hidden, weight, *args):
+        if cls.fn is None:
+            cls.fn = _fused_ce()
+        return cls.fn.apply(hidden, weight, *args)
+
+
+_FusedLinearCE = _LazyFused
 
 
 def loss_sum(task: str, model, batch: dict):
