@@ -102,6 +102,7 @@ def test_gradient_accumulation_equals_large_batch(tiny_gpt2):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kotune.distributed import task_loss
     from kotune.model import add_lora
     from kotune.prompt import collate, encode_example
     from kotune.train import accumulate_gradients
@@ -118,9 +119,11 @@ def test_gradient_accumulation_equals_large_batch(tiny_gpt2):
             if "lora_B" in n:
                 p.normal_(0, 0.1)  # non-zero B so every LoRA weight gets a gradient
 
+    runner = task_loss("causal-lm", model)
+
     def grads(batches):
         model.zero_grad()
-        loss, n_tok, _ = accumulate_gradients(model, batches, "cpu", nullcontext)
+        loss, n_tok, _ = accumulate_gradients(runner, batches, "cpu", nullcontext)
         return loss / n_tok, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     big_loss, big = grads([collate(encs, tok.pad_token_id)])
@@ -129,8 +132,8 @@ def test_gradient_accumulation_equals_large_batch(tiny_gpt2):
     for n in big:
         torch.testing.assert_close(big[n], small[n], rtol=1e-4, atol=1e-7)
     # A per-micro-batch mean (the common mistake) would differ here.
-    naive = sum(accumulate_gradients(model, [collate(encs[k:k + 2], tok.pad_token_id)], "cpu", nullcontext)[0] /
-                accumulate_gradients(model, [collate(encs[k:k + 2], tok.pad_token_id)], "cpu", nullcontext)[1]
+    naive = sum(accumulate_gradients(runner, [collate(encs[k:k + 2], tok.pad_token_id)], "cpu", nullcontext)[0] /
+                accumulate_gradients(runner, [collate(encs[k:k + 2], tok.pad_token_id)], "cpu", nullcontext)[1]
                 for k in range(0, 8, 2)) / 4
     assert abs(naive - big_loss) > 1e-3
 

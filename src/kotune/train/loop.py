@@ -4,7 +4,8 @@
 sees the whole config. What differs per task (batches, loss, metrics) comes
 from `tasks.py`. Data order is a pure function of (seed, step), so a resumed
 run continues exactly where the checkpoint left it; under torchrun/accelerate
-every process takes its slice of the same global batches (`distributed.py`).
+every process takes its slice of the same global batches and the model runs
+under torch's DDP or FSDP (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .. import distributed as dd
 from ..config import KotuneConfig
 from ..memory import apply_cap, choose_precision, memory_line, memory_stats, release_cache
 from ..prepare import dry_run_report, epoch_batches, prepare
-from ..tasks import classification_metrics, collate, confusion, count, item_length, loss_sum
+from ..tasks import classification_metrics, collate, confusion, count, item_length
 from .logs import (Interrupted, StopFlag, TrainError, early_stop_update, epoch_report, format_eval, log, progress,
                    setup_logging, tensorboard)
 
@@ -30,22 +31,31 @@ from .logs import (Interrupted, StopFlag, TrainError, early_stop_update, epoch_r
 # ---------------------------------------------------------------- model pieces
 
 def accumulate_gradients(model, batches: list[dict], device: str, autocast, task: str = "causal-lm",
-                         n_total: int | None = None) -> tuple[float, int, int]:
-    """Backward over the micro-batches of one optimizer step. Each micro-batch's loss
-    sum is divided by the trained-unit count of the whole step (`n_total`: of the
-    global step across processes), so the gradient is the same as for one big batch
-    however the rows are split, padded or spread over processes.
-    Returns (loss sum, trained units, non-pad tokens) of these batches."""
-    local = sum(count(task, b) for b in batches)
+                         n_total: int | None = None, *, weights: list[float] | None = None,
+                         world: int = 1) -> tuple[float, int, int]:
+    """Backward over the micro-batches of one optimizer step; `model` is what
+    `distributed.wrap` returns (forward(batch) -> the task's loss sum).
+
+    Each micro-batch's loss sum is divided by the trained-unit count of the whole step
+    (`n_total`: of the global step across processes), so the gradient is the same as for
+    one big batch however the rows are split, padded or spread over processes. DDP and
+    FSDP average gradients over the `world` processes, hence the factor `world`.
+    A batch of weight 0 is a filler: this process's slice was empty, but it must still
+    take part in the engine's collectives. Gradients are synchronised in the backward of
+    the last micro-batch only. Returns (loss sum, trained units, non-pad tokens) of the real batches."""
+    weights = weights or [1.0] * len(batches)
+    local = sum(count(task, b) for b, w in zip(batches, weights) if w)
     n_tok = n_total if n_total is not None else local
     total, real = 0.0, 0
-    for b in batches:
+    for i, (b, w) in enumerate(zip(batches, weights)):
         b = {k: v.to(device) for k, v in b.items()}
-        with autocast():
-            s, _, _ = loss_sum(task, model, b)
-        (s / max(n_tok, 1)).backward()
-        total += float(s.detach())
-        real += int(b["attention_mask"].sum())
+        with dd.no_sync(model, sync=i == len(batches) - 1):
+            with autocast():
+                s = model(b)[0]
+            (s * (w * world) / max(n_tok, 1)).backward()
+        if w:
+            total += float(s.detach())
+            real += int(b["attention_mask"].sum())
     return total, local, real
 
 
@@ -85,11 +95,9 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
     if problem:
         raise ModelError(problem)
     d = dd.from_env()
-    engine = dd.sharding_engine_requested()
-    if engine:
-        raise TrainError(f"launched with an accelerate {engine} config: kotune's loop is data-parallel (DDP) only and "
-                         "would silently ignore the sharding. Launch with configs/accelerate/ddp.yaml or torchrun; "
-                         "see docs/distributed.md.")
+    problem = dd.engine_problem(d, cfg.model.quantization)
+    if problem:
+        raise TrainError(problem)
     device = f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -137,8 +145,8 @@ def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | 
     if prep["labels"]:
         log.info("labels (%d): %s", len(prep["labels"]), ", ".join(prep["labels"]))
     if d.enabled:
-        log.info("data-parallel: %d processes (%s); each takes 1/%d of every batch of %d rows",
-                 d.world, "nccl" if device.startswith("cuda") else "gloo", d.world, cfg.data.batch_size)
+        log.info("%s: %d processes; each takes 1/%d of every batch of %d rows",
+                 "FSDP" if d.sharded else "data-parallel (DDP)", d.world, d.world, cfg.data.batch_size)
     return _loop(cfg, prep, out, start_ckpt, log_path, threads, d, device)
 
 
@@ -185,13 +193,13 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
     if apply_cap(mc.max_gpu_memory_usage, device):
         log.info("CUDA memory capped at %.0f%% of the GPU for this process", 100 * mc.max_gpu_memory_usage)
     model, target_desc = _build_model(cfg, prep, device)
-    params = trainable_state(model)
-    dd.broadcast_params(list(params.values()), d)
-    n_train = sum(p.numel() for p in params.values())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("model %s on %s (%s autocast, %d threads, quantization %s); trained modules %s; trainable %d / %d params (%.2f%%)",
              prep["resolved"].path, device, amp or "no", threads, cfg.model.quantization, target_desc, n_train, n_all,
              100 * n_train / n_all)
+    runner = dd.wrap(model, task, d, device)  # forward(batch) -> loss sum, under DDP or FSDP with several processes
+    params = trainable_state(model)  # after wrapping: FSDP swaps in sharded parameters
 
     t = cfg.training
     bs, ga = cfg.data.batch_size, mc.gradient_accumulation_steps
@@ -210,10 +218,8 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         missing = set(params) - set(weights)
         if missing:
             raise TrainError(f"{start_ckpt} does not match this model/LoRA config (missing {sorted(missing)[:3]}…).")
-        with torch.no_grad():
-            for k, v in weights.items():
-                params[k].copy_(v)
-        opt.load_state_dict(state["optimizer"])
+        dd.copy_into(params, weights)
+        dd.load_optimizer_state(opt, state["optimizer"])
         rngs = state.get("rng_cpu_ranks") or [state["rng_cpu"]]
         torch.set_rng_state(rngs[d.rank] if len(rngs) == d.world else state["rng_cpu"])
         if device.startswith("cuda") and "rng_cuda" in state:
@@ -235,14 +241,15 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         if metrics is not None:
             metrics.write(rec)
 
-    def micro_batch(m: int) -> dict | None:
-        """This process's share of global micro-batch m (None when its slice is empty)."""
+    def micro_batch(m: int) -> tuple[dict, float]:
+        """This process's share of global micro-batch m, and its weight: 0 for a one-row
+        filler when the slice is empty (the engines' collectives need every process)."""
         epoch, k = divmod(m, n_batches)
         if epoch not in cache:
             cache.clear()
             cache[epoch] = epoch_batches(lengths, bs, t.seed, epoch, cfg.data.group_by_length)
         rows = dd.shard(cache[epoch][k], d)
-        return collate([train_set[i] for i in rows], pad) if rows else None
+        return collate([train_set[i] for i in rows or cache[epoch][k][:1]], pad), 1.0 if rows else 0.0
 
     def evaluate() -> dict | None:
         if not eval_set:
@@ -254,10 +261,11 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         with torch.no_grad(), autocast():
             for k in range(0, len(order), bs):
                 rows = dd.shard(order[k:k + bs], d)
+                # Under FSDP every forward gathers parameters, so a process with no rows runs a filler.
+                b = {kk: v.to(device) for kk, v in collate([eval_set[i] for i in rows or order[k:k + 1]], pad).items()}
+                s, c, preds = runner(b)
                 if not rows:
                     continue
-                b = {kk: v.to(device) for kk, v in collate([eval_set[i] for i in rows], pad).items()}
-                s, c, preds = loss_sum(task, model, b)
                 tot, n = tot + float(s), n + c
                 if preds is not None:
                     cm += confusion(preds, b["labels"], n_labels)
@@ -269,19 +277,21 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         return res
 
     def save(at: int) -> Path | None:
-        rngs = dd.gather(torch.get_rng_state(), d)  # collective: every process takes part
+        # Collectives first: every process takes part (gathering FSDP shards, RNG states).
+        weights, opt_state, rngs = dd.unsharded(params), dd.optimizer_state(opt), dd.gather(torch.get_rng_state(), d)
         path = None
         if d.main:
-            state = {"step": at, "optimizer": opt.state_dict(), "rng_cpu": rngs[0], "rng_cpu_ranks": rngs,
+            state = {"step": at, "optimizer": opt_state, "rng_cpu": rngs[0], "rng_cpu_ranks": rngs,
                      "early": early, "epoch_acc": epoch_acc}
             if device.startswith("cuda"):
                 state["rng_cuda"] = torch.cuda.get_rng_state()
-            path = ckpt.save_checkpoint(out / "checkpoints", at, params, state, t.save_total_limit)
+            path = ckpt.save_checkpoint(out / "checkpoints", at, weights, state, t.save_total_limit)
         dd.barrier(d)
         return path or ckpt.checkpoint_dir(out / "checkpoints", at)
 
     stop = StopFlag()
     model.train()
+    world = d.world if d.enabled else 1
     bar = progress(total, step, cfg.logging.progress_bar and d.main)
     win_loss, win_tok, win_real, win_t0 = 0.0, 0, 0, time.perf_counter()
     t_start = time.perf_counter()
@@ -289,11 +299,11 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
     try:
         with stop:
             while step < total and not early["stopped"]:
-                batches = [b for b in (micro_batch(m) for m in range(step * ga, (step + 1) * ga)) if b is not None]
-                n_global = dd.all_sum([float(sum(count(task, b) for b in batches))], d)[0]
-                loss_s, n_tok, n_real = accumulate_gradients(model, batches, device, autocast, task, n_total=int(n_global))
+                batches, weights = zip(*(micro_batch(m) for m in range(step * ga, (step + 1) * ga)))
+                n_global = dd.all_sum([float(sum(count(task, b) for b, w in zip(batches, weights) if w))], d)[0]
+                loss_s, n_tok, n_real = accumulate_gradients(runner, list(batches), device, autocast, task,
+                                                             n_total=int(n_global), weights=list(weights), world=world)
                 loss_s, n_tok, n_real = dd.all_sum([loss_s, float(n_tok), float(n_real)], d)
-                dd.sum_gradients(list(params.values()), d)
                 win_loss, win_tok, win_real = win_loss + loss_s, win_tok + n_tok, win_real + n_real
                 epoch_acc[0], epoch_acc[1] = epoch_acc[0] + loss_s, epoch_acc[1] + n_tok
                 if t.max_grad_norm:
@@ -332,7 +342,7 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
                             for k, v in ev.items():
                                 tb.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step)
                         if t.early_stopping_metric:
-                            early_stop_update(early, t, ev, step, params)
+                            early_stop_update(early, t, ev, step, dd.unsharded(params))
                 if crossed_epoch or step == total or early["stopped"]:
                     epoch_report(step, epoch, n_epochs, epoch_acc, lr, ev, device, time.perf_counter() - t_start, write)
                     epoch_acc = [0.0, 0]
@@ -348,21 +358,20 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         if tb:
             tb.close()
     if early["weights"] is not None:
-        with torch.no_grad():
-            for k, v in early["weights"].items():
-                params[k].copy_(v)
+        dd.copy_into(params, early["weights"])
         log.info("kept the best weights: step %d, %s %.4f", early["best_step"], t.early_stopping_metric, early["best"])
+    state = dd.model_state(model, cfg.lora.enabled, params)  # collective under FSDP; None otherwise
     if d.main:
-        _finish(cfg, model, tok, prep, out, metrics, log_path)
+        _finish(cfg, model, tok, prep, out, metrics, log_path, state)
     dd.barrier(d)
     return out
 
 
-def _finish(cfg, model, tok, prep, out: Path, metrics, log_path) -> None:
+def _finish(cfg, model, tok, prep, out: Path, metrics, log_path, state: dict | None = None) -> None:
     from ..report import plot_losses
 
     weights = out / ("adapter" if cfg.lora.enabled else "model")
-    model.save_pretrained(str(weights), safe_serialization=True)
+    model.save_pretrained(str(weights), safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tok.save_pretrained(str(out))
     cfg.save(out / "config.yaml")
     if prep["labels"]:
