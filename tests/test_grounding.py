@@ -80,6 +80,10 @@ def test_answers_carry_checked_citations(grounded_run, tmp_path):
     assert bot.retriever.examples  # read back from the run folder
     context = bot.context_for("전세권이란 무엇인가요?")
     assert context and context[0].law in ("민법", "주택임대차보호법")
+    assert len(context) == bot.retrieval.k
+    bot.retrieval.answer_k = 1  # answering from fewer articles than training saw
+    assert bot.context_for("전세권이란 무엇인가요?") == context[:1]
+    bot.retrieval.answer_k = None
     inside = context[0].cite
     fake = bot.tok(f"설명입니다. (근거: {inside}, 민법 제999조)", add_special_tokens=False)["input_ids"] + [bot.tok.eos_token_id]
     a = bot._answer("전세권이란 무엇인가요?", fake, 0.1, context)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,6 +54,27 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelError, match="hub must be reachable or the model cached"):
         load_tokenizer(resolve_model("kotune-tests/does-not-exist"))
+
+
+def test_unreachable_hub_switches_to_offline_mode_at_once(monkeypatch, tmp_path):
+    """No route to the hub: one quick probe, then offline mode (no 45 s of retries)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from kotune.model import load_tokenizer
+
+    def refuse(*a, **k):
+        raise OSError("no route to host")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    resolved = resolve_model("kotune-tests/does-not-exist")
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE is True
+    with pytest.raises(ModelError, match="hub must be reachable or the model cached"):
+        load_tokenizer(resolved)
 
 
 def test_merged_logits_equal_base_plus_adapter(any_run, tmp_path):

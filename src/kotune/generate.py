@@ -86,7 +86,7 @@ class Chatbot:
         if self.retriever is None:
             return []
         r = self.retrieval
-        return [h.article for h in self.retriever.search(question, k=r.k, method=r.method)]
+        return [h.article for h in self.retriever.search(question, k=r.answer_k or r.k, method=r.method)]
 
     def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
         g = self.gen

@@ -129,7 +129,8 @@ def resolve_model(name: str, cache_dir: str | None = None) -> ResolvedModel:
             gguf = assemble(models / "gemma-3-270m-q4_k_m.gguf")
             _convert_gguf(Path(gguf), target, preset.notice)
         return ResolvedModel(str(target), preset, preset.notice)
-    if preset is not None:
+    if preset is not None:  # a hub id (KoGPT2)
+        _offline_unless_hub_reachable()
         return ResolvedModel(preset.source, preset, preset.notice)
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
@@ -148,7 +149,35 @@ def resolve_model(name: str, cache_dir: str | None = None) -> ResolvedModel:
         return ResolvedModel(str(p), None, notice)
     if name.startswith((".", "/", "~")):
         raise ModelError(f"{name}: no such folder or file. Give a preset ({', '.join(PRESETS)}), a hub id, a local folder or a .gguf file.")
+    _offline_unless_hub_reachable()
     return ResolvedModel(name, None, GEMMA_NOTICE if "gemma" in name.lower() else None)
+
+
+def _offline_unless_hub_reachable(timeout: float = 3.0) -> None:
+    """A hub id with no route to the hub makes huggingface_hub retry for about 45 s before
+    it falls back to the cache. One quick TCP probe decides instead: unreachable means
+    offline mode, so a cached model loads at once and an uncached one fails at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # behind a proxy a direct TCP probe says nothing
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return
+    except OSError:
+        pass
+    log.info("the hub (%s) is not reachable: loading from the local cache only (HF_HUB_OFFLINE=1)", url.hostname)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import sys
+
+    if "huggingface_hub" in sys.modules:  # it read the variable at import time
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def load_tokenizer(resolved: ResolvedModel, *, trust_remote_code: bool = False, revision: str | None = None):
