@@ -235,11 +235,11 @@ def test_two_process_deepspeed_matches_single_process_and_resumes(gpt2_no_dropou
     accelerate = ["accelerate.commands.launch", "--config_file", str(accel_cfg), "--num_processes", "2"]
     _launch(accelerate, cfg)
     ds = tmp_path / "ds"
-    # The optimizer is DeepSpeed's ZeRO optimizer around torch's AdamW; under ZeRO-3 every trainable
-    # tensor (the adapter's) is partitioned as a parameter too.
+    # The optimizer is DeepSpeed's ZeRO optimizer around torch's AdamW; under ZeRO-3 (persistence
+    # threshold 0) every trainable tensor, the adapter's, is partitioned as a parameter too.
     zopt = "DeepSpeedZeroOptimizer" if stage == 2 else "DeepSpeedZeroOptimizer_Stage3"
     m = re.search(rf"DeepSpeed ZeRO-{stage} \(gloo, 2 processes\): {zopt} over torch AdamW; (\d+) trainable tensors, "
-                  r"(\d+) of them partitioned", _log(ds))
+                  r"(\d+) of them partitioned between forward passes", _log(ds))
     assert m, "the 2-process run did not train through DeepSpeed"
     n_adapter = len(_adapter(single))
     assert int(m[1]) == n_adapter and int(m[2]) == (0 if stage == 2 else n_adapter)

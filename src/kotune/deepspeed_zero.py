@@ -137,10 +137,11 @@ def initialize(root, model, opt, params: dict, rank: int, world: int, device: st
               "steps_per_print": 1 << 30, **extra}
     engine, zopt, _, _ = ds.initialize(model=root, optimizer=opt, config=config)
     trainable = list(params.values())
-    split = sum(1 for p in trainable if hasattr(p, "ds_tensor") and p.ds_tensor.numel() < p.ds_numel)
+    # ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole between forward passes.
+    split = sum(1 for p in trainable if hasattr(p, "ds_id") and not p.ds_persist)
     log.info("DeepSpeed ZeRO-%d (%s, %d processes): %s over torch %s; %d trainable tensors, %d of them partitioned "
-             "as parameters", engine.zero_optimization_stage(), "nccl" if device.startswith("cuda") else "gloo", world,
-             type(zopt).__name__, type(opt).__name__, len(trainable), split)
+             "between forward passes", engine.zero_optimization_stage(), "nccl" if device.startswith("cuda") else "gloo",
+             world, type(zopt).__name__, type(opt).__name__, len(trainable), split)
     return engine, ZeroOptimizer(engine, trainable, groups, rank)
 
 
