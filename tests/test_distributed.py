@@ -1,8 +1,10 @@
-"""Training on 2 CPU processes (gloo) — DDP under torchrun, FSDP2 under `accelerate launch` — gives the
-adapter one process gives on the same global batch."""
+"""Training on 2 CPU processes (gloo) — DDP under torchrun, FSDP2 and DeepSpeed ZeRO-2/3 under
+`accelerate launch` — gives the adapter one process gives on the same global batch."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -162,13 +164,7 @@ def test_two_process_fsdp_matches_single_process_and_resumes(gpt2_no_dropout, tm
     assert _max_diff(_adapter(single), _adapter(fsdp)) < TOLERANCE
 
 
-def test_deepspeed_and_unsupported_fsdp_settings_are_refused(tmp_path, tiny_gpt2, monkeypatch):
-    from kotune.train import TrainError
-
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    cfg = tiny_config(tiny_gpt2, write_csv(tmp_path / "d.csv", qa_rows(8)), tmp_path / "run")
-    with pytest.raises(TrainError, match="DeepSpeed"):
-        train(cfg)
+def test_unsupported_fsdp_settings_are_refused():
     for var, value, words in [("FSDP_VERSION", "1", "fsdp_version must be 2"),
                               ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
                               ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "SIZE_BASED_WRAP")]:
@@ -176,3 +172,97 @@ def test_deepspeed_and_unsupported_fsdp_settings_are_refused(tmp_path, tiny_gpt2
             dd.fsdp_settings({var: value})
     settings, notes = dd.fsdp_settings({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"})
     assert settings["reshard_after_forward"] is False and "every process loads the whole model" in notes[0]
+
+
+def test_deepspeed_launch_checks(tmp_path, monkeypatch):
+    """What kotune accepts from an accelerate DeepSpeed config (no deepspeed needed)."""
+    from kotune import deepspeed_zero as dz
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    d = dd.from_env()
+    assert d.engine == "deepspeed" and not d.sharded
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    assert "pip install 'kotune[deepspeed]'" in dd.engine_problem(d, "none")
+    assert "quantization" in dd.engine_problem(d, "4bit")
+    for env, words in [({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "zero_stage 1 is not supported"),
+                       ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer to cpu")]:
+        with pytest.raises(ValueError, match=words):
+            dz.settings(env)
+    zero, extra, notes = dz.settings({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_MIXED_PRECISION": "bf16",
+                                      "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+                                      "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, accumulation=2, max_grad_norm=1.0)
+    assert zero == {"stage": 3} and extra == {} and len(notes) == 3  # mixed precision, accumulation, zero3 init
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"train_batch_size": "auto", "gradient_clipping": 0.5, "optimizer": {"type": "AdamW"},
+                             "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(ValueError, match=r"gradient_clipping is set from training.max_grad_norm.*optimizer is not supported"
+                                         r".*reduce_bucket_size: \"auto\""):
+        dz.settings({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(f)})
+    f.write_text(json.dumps({"gradient_clipping": "auto", "steps_per_print": 10,
+                             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    zero, extra, _ = dz.settings({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(f)})
+    assert zero == {"stage": 3, "stage3_param_persistence_threshold": 0} and extra == {"steps_per_print": 10}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (extra: deepspeed)")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_matches_single_process_and_resumes(gpt2_no_dropout, tmp_path, stage):
+    """`accelerate launch` with DeepSpeed ZeRO-2 (the shipped config) and ZeRO-3 (a DeepSpeed JSON that
+    partitions every parameter, however small), 2 CPU processes (gloo)."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_csv(tmp_path / "d.csv", qa_rows(24))
+    # As for FSDP: 2 micro-batches per step and a one-row eval batch (a filler under ZeRO-3). The low
+    # max_grad_norm makes clipping (DeepSpeed's, from gradient_clipping) change every step.
+    sections = dict(lora={"dropout": 0.0}, data={"batch_size": 4}, memory={"gradient_accumulation_steps": 2},
+                    training={"max_steps": 3, "save_steps": 2, "learning_rate": 1e-2, "max_grad_norm": 0.9})
+    single = train(tiny_config(gpt2_no_dropout, data, tmp_path / "single", **sections))
+    unclipped = train(tiny_config(gpt2_no_dropout, data, tmp_path / "unclipped",
+                                  **{**sections, "training": {**sections["training"], "max_grad_norm": 1000.0}}))
+    clip_effect = _max_diff(_adapter(single), _adapter(unclipped))
+    assert clip_effect > 10 * TOLERANCE  # clipping changes the result well beyond the tolerance
+    if stage == 2:
+        accel_cfg = ROOT / "configs/accelerate/deepspeed_zero2.yaml"
+    else:
+        (tmp_path / "zero3.json").write_text(json.dumps({"zero_optimization": {
+            "stage": 3, "stage3_param_persistence_threshold": 0}}))
+        accel_cfg = tmp_path / "zero3.yaml"
+        accel_cfg.write_text("distributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n"
+                             f"deepspeed_config:\n  deepspeed_config_file: {tmp_path / 'zero3.json'}\n")
+    cfg = tiny_config(gpt2_no_dropout, data, tmp_path / "ds", **sections)
+    accelerate = ["accelerate.commands.launch", "--config_file", str(accel_cfg), "--num_processes", "2"]
+    _launch(accelerate, cfg)
+    ds = tmp_path / "ds"
+    # The optimizer is DeepSpeed's ZeRO optimizer around torch's AdamW; under ZeRO-3 (persistence
+    # threshold 0) every trainable tensor, the adapter's, is partitioned as a parameter too.
+    zopt = "DeepSpeedZeroOptimizer" if stage == 2 else "DeepSpeedZeroOptimizer_Stage3"
+    m = re.search(rf"DeepSpeed ZeRO-{stage} \(gloo, 2 processes\): {zopt} over torch AdamW; (\d+) trainable tensors, "
+                  r"(\d+) of them partitioned between forward passes", _log(ds))
+    assert m, "the 2-process run did not train through DeepSpeed"
+    n_adapter = len(_adapter(single))
+    assert int(m[1]) == n_adapter and int(m[2]) == (0 if stage == 2 else n_adapter)
+    worst = _max_diff(_adapter(single), _adapter(ds))
+    print(f"ZeRO-{stage}: max abs diff single vs 2-process adapter {worst:.2e} (clipping moves it by {clip_effect:.2e})")
+    assert worst < TOLERANCE, worst
+    # The checkpoint is gathered into the single-process format: full weights and AdamW state.
+    step2 = "checkpoints/step-0000002"
+    assert _max_diff(load_file(str(single / step2 / "trainable.safetensors")),
+                     load_file(str(ds / step2 / "trainable.safetensors"))) < TOLERANCE
+    sa, sb = (torch.load(r / step2 / "state.pt", weights_only=True)["optimizer"] for r in (single, ds))
+    oa, ob = sa["state"], sb["state"]
+    assert oa.keys() == ob.keys() and all(oa[i].keys() == ob[i].keys() and float(ob[i]["step"]) == 2 for i in oa)
+    assert max(float((oa[i][k] - ob[i][k]).abs().max()) for i in oa for k in ("exp_avg", "exp_avg_sq")) < TOLERANCE
+    ga, gb = sa["param_groups"][0], sb["param_groups"][0]
+    assert ga.keys() == gb.keys() and ga["params"] == gb["params"] and gb["lr"] == pytest.approx(ga["lr"])
+    # Resume under DeepSpeed from step 2 (weights and AdamW state scattered into ZeRO's partitions)
+    # ends where one process ends.
+    import shutil
+
+    shutil.rmtree(ds / "checkpoints/step-0000003")
+    shutil.rmtree(ds / "adapter")
+    _launch(accelerate, cfg, "--resume")
+    worst = _max_diff(_adapter(single), _adapter(ds))
+    print(f"ZeRO-{stage} resumed from step 2: max abs diff {worst:.2e}")
+    assert worst < TOLERANCE, worst

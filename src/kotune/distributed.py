@@ -11,15 +11,15 @@ every global batch, and the model is handed to one of torch's engines:
 - FSDP (`accelerate launch` with an FSDP config): torch's FSDP2 `fully_shard` on every
   transformer block and on the root; parameters, gradients and optimizer state are
   sharded over the processes.
+- DeepSpeed ZeRO-2/3 (`accelerate launch` with a DeepSpeed config): `deepspeed.initialize`
+  on the same root and the loop's optimizer (`deepspeed_zero.py`).
 
-Both wrap `TaskLoss`, a module whose forward is the task's loss sum: the causal-LM loss
+All of them wrap `TaskLoss`, a module whose forward is the task's loss sum: the causal-LM loss
 calls the model body and the LM head directly (the head only at answer positions), which
 would bypass a wrapped Hugging Face model's own forward and so the engine's hooks.
 Losses are divided by the trained-unit count of the *global* step and multiplied by the
-world size (both engines average gradients over processes), so N processes compute the
+world size (the engines average gradients over processes), so N processes compute the
 update one process computes on the same global batch.
-
-DeepSpeed is refused in `train` (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    engine: str = "none"  # "ddp", "fsdp" (world > 1) or "none"
+    engine: str = "none"  # "ddp", "fsdp", "deepspeed" (world > 1) or "none"
 
     @property
     def main(self) -> bool:
@@ -58,7 +58,7 @@ def from_env() -> Dist:
     if world <= 1:
         return Dist()
     return Dist(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                engine="fsdp" if engine_requested() == "FSDP" else "ddp")
+                engine={"FSDP": "fsdp", "DeepSpeed": "deepspeed"}.get(engine_requested() or "", "ddp"))
 
 
 def engine_requested() -> str | None:
@@ -71,10 +71,18 @@ def engine_requested() -> str | None:
 
 def engine_problem(d: Dist, quantization: str) -> str | None:
     """Why this launch cannot train, checked before anything is loaded (None when it can)."""
-    if engine_requested() == "DeepSpeed":
-        return ("launched with an accelerate DeepSpeed config: kotune's training loop is not integrated with DeepSpeed "
-                "and would not run under it. For sharding use configs/accelerate/fsdp.yaml (torch FSDP2); for data "
-                "parallelism configs/accelerate/ddp.yaml or torchrun. See docs/distributed.md.")
+    if d.engine == "deepspeed":
+        from . import deepspeed_zero as dz
+
+        if quantization != "none":
+            return ("DeepSpeed with model.quantization (bitsandbytes) is not supported (never tested): "
+                    "use DDP (configs/accelerate/ddp.yaml) with 4bit/8bit.")
+        try:
+            dz.require()
+            dz.settings()
+        except ValueError as e:
+            return str(e)
+        return None
     if not d.sharded:
         return None
     if quantization != "none":
@@ -162,9 +170,10 @@ def task_loss(task: str, model):
 
 def wrap(model, task: str, d: Dist, device: str):
     """`TaskLoss` around `model`, under DDP or FSDP when there are several processes (logged).
-    Under FSDP the model's parameters are replaced by sharded ones: build the optimizer afterwards."""
+    Under FSDP the model's parameters are replaced by sharded ones: build the optimizer afterwards.
+    DeepSpeed takes the root over together with the optimizer, in `deepspeed_initialize`."""
     root = task_loss(task, model)
-    if not d.enabled:
+    if not d.enabled or d.engine == "deepspeed":
         return root
     if d.sharded:
         settings, notes = fsdp_settings()
@@ -221,9 +230,34 @@ def _fully_shard(root, model, d: Dist, device: str, settings: dict):
     return root, desc
 
 
+def deepspeed_initialize(runner, model, opt, params: dict, d: Dist, device: str, **kw):
+    """(engine, its optimizer) under DeepSpeed; (runner, opt) unchanged otherwise."""
+    if d.engine != "deepspeed":
+        return runner, opt
+    from . import deepspeed_zero as dz
+
+    return dz.initialize(runner, model, opt, params, d.rank, d.world, device, **kw)
+
+
+def _is_deepspeed(module) -> bool:
+    return hasattr(module, "set_gradient_accumulation_boundary")
+
+
+def backward(module, loss) -> None:
+    if _is_deepspeed(module):
+        # The loss is already divided by the step's trained-unit count: no division by the accumulation steps.
+        module.backward(loss, scale_wrt_gas=False)
+    else:
+        loss.backward()
+
+
 @contextmanager
 def no_sync(module, sync: bool):
     """Gradients stay local (accumulate) unless `sync`: the last micro-batch of an optimizer step."""
+    if _is_deepspeed(module):  # ZeRO-2/3 refuse `no_sync`; the boundary tells them which backward ends the step
+        module.set_gradient_accumulation_boundary(sync)
+        yield
+        return
     if sync:
         yield
         return
@@ -241,7 +275,7 @@ def no_sync(module, sync: bool):
     yield
 
 
-# ---------------------------------------------------------------- sharded state (FSDP), unchanged otherwise
+# ---------------------------------------------------------------- sharded state (FSDP, ZeRO), unchanged otherwise
 
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
@@ -249,10 +283,23 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def _zero3(tensors) -> bool:
+    return any(hasattr(v, "ds_id") for v in tensors)
+
+
+def _zero(tensors) -> bool:
+    """Parameters DeepSpeed ZeRO keeps fp32 master copies of (the attributes its safe_get_* API checks)."""
+    return any(hasattr(v, "ds_id") or hasattr(v, "_hp_mapping") for v in tensors)
+
+
 def unsharded(tensors: dict) -> dict:
-    """Full tensors for sharded (FSDP) ones — a collective: every process must call it."""
+    """Full tensors for sharded (FSDP, ZeRO-3) ones — a collective: every process must call it."""
     import torch
 
+    if _zero3(tensors.values()):
+        from .deepspeed_zero import gathered
+
+        return gathered(tensors)
     if not any(_is_dtensor(v) for v in tensors.values()):
         return tensors
     full: dict[int, object] = {}  # tied weights (embeddings = LM head) stay one tensor, as save_pretrained expects
@@ -266,6 +313,13 @@ def unsharded(tensors: dict) -> dict:
 def copy_into(params: dict, weights: dict) -> None:
     """Load full tensors into parameters that may be sharded (each process keeps its part)."""
     import torch
+
+    if _zero(params.values()):
+        import torch.distributed as dist
+
+        from .deepspeed_zero import copy_into as zero_copy_into
+
+        return zero_copy_into(params, weights, dist.get_rank())
 
     with torch.no_grad():
         for k, v in weights.items():
@@ -303,8 +357,8 @@ def load_optimizer_state(opt, sd: dict) -> None:
 
 
 def model_state(model, lora: bool, params: dict) -> dict | None:
-    """What `save_pretrained` needs under FSDP (collective); None when the model is not sharded."""
-    if not any(_is_dtensor(p) for p in params.values()):
+    """What `save_pretrained` needs under FSDP or ZeRO-3 (collective); None when the model is not sharded."""
+    if not any(_is_dtensor(p) for p in params.values()) and not _zero3(model.parameters()):
         return None
     return unsharded(params if lora else model.state_dict(keep_vars=True))
 

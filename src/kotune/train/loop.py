@@ -5,7 +5,7 @@ sees the whole config. What differs per task (batches, loss, metrics) comes
 from `tasks.py`. Data order is a pure function of (seed, step), so a resumed
 run continues exactly where the checkpoint left it; under torchrun/accelerate
 every process takes its slice of the same global batches and the model runs
-under torch's DDP or FSDP (`distributed.py`).
+under torch's DDP or FSDP, or DeepSpeed ZeRO (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def accumulate_gradients(model, batches: list[dict], device: str, autocast, task
 
     Each micro-batch's loss sum is divided by the trained-unit count of the whole step
     (`n_total`: of the global step across processes), so the gradient is the same as for
-    one big batch however the rows are split, padded or spread over processes. DDP and
-    FSDP average gradients over the `world` processes, hence the factor `world`.
+    one big batch however the rows are split, padded or spread over processes. DDP, FSDP
+    and ZeRO average gradients over the `world` processes, hence the factor `world`.
     A batch of weight 0 is a filler: this process's slice was empty, but it must still
     take part in the engine's collectives. Gradients are synchronised in the backward of
     the last micro-batch only. Returns (loss sum, trained units, non-pad tokens) of the real batches."""
@@ -52,7 +52,7 @@ def accumulate_gradients(model, batches: list[dict], device: str, autocast, task
         with dd.no_sync(model, sync=i == len(batches) - 1):
             with autocast():
                 s = model(b)[0]
-            (s * (w * world) / max(n_tok, 1)).backward()
+            dd.backward(model, s * (w * world) / max(n_tok, 1))
         if w:
             total += float(s.detach())
             real += int(b["attention_mask"].sum())
@@ -145,8 +145,8 @@ def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | 
     if prep["labels"]:
         log.info("labels (%d): %s", len(prep["labels"]), ", ".join(prep["labels"]))
     if d.enabled:
-        log.info("%s: %d processes; each takes 1/%d of every batch of %d rows",
-                 "FSDP" if d.sharded else "data-parallel (DDP)", d.world, d.world, cfg.data.batch_size)
+        engine = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}.get(d.engine, "data-parallel (DDP)")
+        log.info("%s: %d processes; each takes 1/%d of every batch of %d rows", engine, d.world, d.world, cfg.data.batch_size)
     return _loop(cfg, prep, out, start_ckpt, log_path, threads, d, device)
 
 
@@ -208,6 +208,8 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
     total = t.max_steps or max(1, math.ceil(math.ceil(t.epochs * n_batches) / ga))
     warmup = t.warmup_steps or int(t.warmup_ratio * total)
     opt = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    runner, opt = dd.deepspeed_initialize(runner, model, opt, params, d, device, accumulation=ga,
+                                          max_grad_norm=t.max_grad_norm, batch_size=bs)  # unchanged without DeepSpeed
     # Early stopping and the per-epoch train loss live in the checkpoint, so a resumed run decides as the original would.
     early = {"best": None, "best_step": 0, "bad": 0, "stopped": False, "weights": None}
     epoch_acc = [0.0, 0]
@@ -261,7 +263,7 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         with torch.no_grad(), autocast():
             for k in range(0, len(order), bs):
                 rows = dd.shard(order[k:k + bs], d)
-                # Under FSDP every forward gathers parameters, so a process with no rows runs a filler.
+                # Under FSDP and ZeRO-3 every forward gathers parameters, so a process with no rows runs a filler.
                 b = {kk: v.to(device) for kk, v in collate([eval_set[i] for i in rows or order[k:k + 1]], pad).items()}
                 s, c, preds = runner(b)
                 if not rows:
@@ -277,7 +279,7 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
         return res
 
     def save(at: int) -> Path | None:
-        # Collectives first: every process takes part (gathering FSDP shards, RNG states).
+        # Collectives first: every process takes part (gathering FSDP / ZeRO shards, RNG states).
         weights, opt_state, rngs = dd.unsharded(params), dd.optimizer_state(opt), dd.gather(torch.get_rng_state(), d)
         path = None
         if d.main:
@@ -306,7 +308,7 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
                 loss_s, n_tok, n_real = dd.all_sum([loss_s, float(n_tok), float(n_real)], d)
                 win_loss, win_tok, win_real = win_loss + loss_s, win_tok + n_tok, win_real + n_real
                 epoch_acc[0], epoch_acc[1] = epoch_acc[0] + loss_s, epoch_acc[1] + n_tok
-                if t.max_grad_norm:
+                if t.max_grad_norm and d.engine != "deepspeed":  # DeepSpeed clips in its step (gradient_clipping)
                     torch.nn.utils.clip_grad_norm_(params.values(), t.max_grad_norm)
                 lr = t.learning_rate * lr_factor(step, total, warmup, t.lr_scheduler)
                 for g in opt.param_groups:
