@@ -135,3 +135,8 @@ def test_bad_example_file_names_the_record(tmp_path):
     bad.write_text('{"question": "q", "citations": 5}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"record 1: \"citations\" must be a list"):
         retrieval.load_examples_file(bad)
+
+
+def test_missing_example_file_names_what_to_give(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.csv: example-question file not found.*civil_law_qa\.csv"):
+        retrieval.load_examples_file(tmp_path / "nope.csv")

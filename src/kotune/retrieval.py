@@ -226,6 +226,9 @@ def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]
     """A run folder's `retrieval_examples.jsonl` (`{"question", "citations": [...]}` lines), or any
     Q&A training file (CSV/JSONL) kotune reads, whose answers' citations are used."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: example-question file not found. Give the training Q&A file "
+                                "(e.g. data/civil_law_qa.csv) or a run's retrieval_examples.jsonl.")
     first = path.open(encoding="utf-8-sig").readline() if path.suffix == ".jsonl" and path.is_file() else ""
     if '"citations"' not in first:
         from .data import load_examples
