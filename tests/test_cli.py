@@ -176,9 +176,10 @@ def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
     assert "| retrieval-only |" in res.output
 
 
-def test_seed_config_with_seed_flags_dry_run(tiny_gpt2, tmp_path):
+def test_seed_config_with_seed_flags_dry_run(tiny_gpt2, tmp_path, monkeypatch):
     from conftest import topic_rows
 
+    monkeypatch.chdir(tmp_path)  # the seed config's relative `./datasets` cache must not land in the checkout
     data = write_csv(tmp_path / "topics.csv", [{"question": r["text"], "category": r["label"]} for r in topic_rows(20)])
     res = run("train", "--config", ROOT / "configs" / "seed_example.yaml", "--model_name", tiny_gpt2, "--dataset", data,
               "--max_length", 64, "--batch_size", 4, "--epochs", 1, "--output_dir", tmp_path / "r", "--dry_run")
