@@ -12,6 +12,7 @@ and processes alike.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .prompt import IGNORE, Encoded, collate as collate_causal, encode_all
@@ -180,7 +181,7 @@ def linear_cross_entropy_sum(hidden, weight, targets, softcap: float | None = No
     chunk = max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
     with torch.autocast(dev, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return _FusedLinearCE.apply(hidden, weight, targets, softcap, chunk, dtype)
+            return _fused_ce().apply(hidden, weight, targets, softcap, chunk, dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w = weight.to(dtype)
         for s in range(0, hidden.shape[0], chunk):
@@ -200,7 +201,9 @@ def _logits(h, w, softcap):
     return t * softcap, t
 
 
+@functools.cache
 def _fused_ce():
+    """The autograd Function, built on first use so importing tasks.py does not import torch."""
     import torch
 
     class FusedLinearCE(torch.autograd.Function):
@@ -238,20 +241,6 @@ def _fused_ce():
                     None, None, None, None)
 
     return FusedLinearCE
-
-
-class _LazyFused:
-    """The autograd Function is built on first use, so importing tasks.py does not import torch."""
-    fn = None
-
-    @classmethod
-    def apply(cls, hidden, weight, *args):
-        if cls.fn is None:
-            cls.fn = _fused_ce()
-        return cls.fn.apply(hidden, weight, *args)
-
-
-_FusedLinearCE = _LazyFused
 
 
 def loss_sum(task: str, model, batch: dict):
