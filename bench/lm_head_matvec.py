@@ -1,6 +1,8 @@
 """One decode step's LM head in isolation: [1, 640] x [640, 262144] (Gemma 3 270M) per weight format.
+`--shape OUT IN` times another matrix-vector product, e.g. a decoder layer's `--shape 2048 640`
+(hot cache: the same small weight every call, unlike the decode loop).
 
-    PYTHONPATH=src .venv/bin/python bench/lm_head_matvec.py [--threads 2]
+    PYTHONPATH=src .venv/bin/python bench/lm_head_matvec.py [--threads 2] [--shape 262144 640]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--shape", type=int, nargs=2, default=(262144, 640), metavar=("OUT", "IN"))
     args = ap.parse_args()
     import torch
 
@@ -21,7 +24,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads or cpu_threads())
     warnings.simplefilter("ignore")
-    vocab, hidden = 262144, 640
+    vocab, hidden = args.shape
     w = torch.randn(vocab, hidden) * 0.02
     x = torch.randn(1, hidden)
     s = w.abs().amax(1) / 127
@@ -41,7 +44,7 @@ def main() -> None:
             t = time.perf_counter()
             for _ in range(args.repeat):
                 f()
-            print(f"| {name} | {(time.perf_counter() - t) / args.repeat * 1000:.1f} |", flush=True)
+            print(f"| {name} | {(time.perf_counter() - t) / args.repeat * 1000:.3g} |", flush=True)
 
 
 if __name__ == "__main__":
