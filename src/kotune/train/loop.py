@@ -293,7 +293,6 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
 
     stop = StopFlag()
     model.train()
-    world = d.world if d.enabled else 1
     bar = progress(total, step, cfg.logging.progress_bar and d.main)
     win_loss, win_tok, win_real, win_t0 = 0.0, 0, 0, time.perf_counter()
     t_start = time.perf_counter()
@@ -304,7 +303,7 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
                 batches, weights = zip(*(micro_batch(m) for m in range(step * ga, (step + 1) * ga)))
                 n_global = dd.all_sum([float(sum(count(task, b) for b, w in zip(batches, weights) if w))], d)[0]
                 loss_s, n_tok, n_real = accumulate_gradients(runner, list(batches), device, autocast, task,
-                                                             n_total=int(n_global), weights=list(weights), world=world)
+                                                             n_total=int(n_global), weights=list(weights), world=d.world)
                 loss_s, n_tok, n_real = dd.all_sum([loss_s, float(n_tok), float(n_real)], d)
                 win_loss, win_tok, win_real = win_loss + loss_s, win_tok + n_tok, win_real + n_real
                 epoch_acc[0], epoch_acc[1] = epoch_acc[0] + loss_s, epoch_acc[1] + n_tok
