@@ -88,7 +88,7 @@ def test_answers_carry_checked_citations(grounded_run, tmp_path):
     fake = bot.tok(f"설명입니다. (근거: {inside}, 민법 제999조)", add_special_tokens=False)["input_ids"] + [bot.tok.eos_token_id]
     a = bot._answer("전세권이란 무엇인가요?", fake, 0.1, context)
     assert [c.cite for c in a.citations] == [inside]
-    assert a.flagged == ["민법 제999조"] and "민법 제999조[확인 필요: 존재하지 않는 조문]" in a.text
+    assert a.flagged == ["민법 제999조"] and "민법 제999조[확인 필요: 지식 베이스에 없는 조문]" in a.text
     assert a.citation_records()[0]["title"] == context[0].title
 
     q = tmp_path / "q.jsonl"
@@ -96,3 +96,57 @@ def test_answers_carry_checked_citations(grounded_run, tmp_path):
     ask_file(bot, q, tmp_path / "a.jsonl")
     line = json.loads((tmp_path / "a.jsonl").read_text(encoding="utf-8"))
     assert isinstance(line["citations"], list) and "flagged_citations" in line
+
+
+def test_one_article_training_context_is_the_cited_one_whatever_retrieval_returns():
+    """retrieval.k=1 (the shipped grounded recipe): each row sees exactly its cited articles, so the
+    trained model does not depend on which retriever built the contexts."""
+    from kotune.data import Example
+    from kotune.retrieval import Retriever, training_contexts
+
+    kb = load_kb()
+    ex = [Example(r["question"], r["answer"], f"x.csv:{i}") for i, r in enumerate(qa_rows(6), start=2)]
+    ex.append(Example("전세권을 넘기면 수선 의무도 넘어가나요?", "네. (근거: 민법 제307조, 민법 제309조)", "x.csv:9"))
+    by_method = [training_contexts(Retriever(kb), kb, ex, k=1, snippet_chars=30, seed=1, method=m)[0]
+                 for m in ("bm25", "dense")]
+    assert by_method[0] == by_method[1]
+    for e, c in zip(ex, by_method[0]):
+        assert [line.split("(")[0][2:] for line in c.splitlines()] == [kb[g].cite for g in find_citations(e.answer)]
+
+
+def test_extra_example_questions_join_the_run_and_bad_ones_are_reported(tiny_gpt2, tmp_path):
+    from kotune.data import DataError
+    from kotune.train import train
+
+    extra = tmp_path / "questions.jsonl"
+    extra.write_text('{"question": "집주인이 바뀌면 보증금은 누구한테 받나요?", "citations": ["주택임대차보호법 제3조"]}\n',
+                     encoding="utf-8")
+    data = write_csv(tmp_path / "qa.csv", qa_rows())
+    common = dict(training={"max_steps": 1}, data={"template": TEMPLATE, "max_length": 900})
+    run = train(tiny_config(tiny_gpt2, data, tmp_path / "run", retrieval={**GROUNDED, "extra_examples": f"[{extra}]"}, **common))
+    kept = [json.loads(x) for x in (run / "retrieval_examples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {"question": "집주인이 바뀌면 보증금은 누구한테 받나요?", "citations": ["주택임대차보호법 제3조"]} in kept
+    assert len(kept) > 1  # beside the training split's questions
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "없는 조문을 묻는 질문", "citations": ["민법 제999조"]}\n', encoding="utf-8")
+    cfg = tiny_config(tiny_gpt2, data, tmp_path / "run2",
+                      retrieval={**GROUNDED, "extra_examples": f"[{bad}, {tmp_path / 'missing.jsonl'}]"}, **common)
+    with pytest.raises(DataError) as err:
+        train(cfg, dry_run=True)
+    text = str(err.value)  # both problems at once, each naming its file
+    assert f"{bad}: example 1" in text and "민법 제999조" in text
+    assert "missing.jsonl: example-question file not found" in text
+
+
+def test_ungrounded_run_still_checks_citations_against_the_shipped_kb(tiny_run):
+    from kotune.generate import Chatbot
+
+    bot = Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=4)
+    assert bot.retriever is None and bot.context_for("전세권이란?") == []
+    assert bot._constraint([[]], 3) == {}  # nothing retrieved: the decoder is not restricted
+    fake = bot.tok("설명입니다. (근거: 민법 제303조, 주택임대차보호법 제4조의3)", add_special_tokens=False)["input_ids"]
+    a = bot._answer("전세권이란?", fake + [bot.tok.eos_token_id], 0.1)
+    assert [c.cite for c in a.citations] == ["민법 제303조"]
+    assert a.flagged == ["주택임대차보호법 제4조의3"]
+    assert "주택임대차보호법 제4조의3[확인 필요: 지식 베이스에 없는 조문]" in a.text

@@ -61,7 +61,7 @@ def test_citation_checker_catches_invented_and_out_of_context():
     assert check.invented == ["주택임대차보호법 제7조의3"]
     assert check.out_of_context == ["민법 제565조"]
     marked = apply_citation_policy(answer, check, "mark")
-    assert "주택임대차보호법 제7조의3[확인 필요: 존재하지 않는 조문]" in marked and "민법 제565조[확인 필요" in marked
+    assert "주택임대차보호법 제7조의3[확인 필요: 지식 베이스에 없는 조문]" in marked and "민법 제565조[확인 필요" in marked
     dropped = apply_citation_policy(answer, check, "drop")
     assert "제7조의3" not in dropped and "제565조" not in dropped and "주택임대차보호법 제3조" in dropped
     # Without a context, only existence is checked.
@@ -81,7 +81,7 @@ def test_marking_a_main_article_leaves_its_branch_article_alone():
     check = check_citations(answer, kb)
     assert check.invented == ["주택임대차보호법 제3조"]
     assert apply_citation_policy(answer, check, "mark") == \
-        "(근거: 주택임대차보호법 제3조의3, 주택임대차보호법 제3조[확인 필요: 존재하지 않는 조문])"
+        "(근거: 주택임대차보호법 제3조의3, 주택임대차보호법 제3조[확인 필요: 지식 베이스에 없는 조문])"
 
 
 # Example questions: colloquial training questions vote for the articles their answers cite.

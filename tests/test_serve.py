@@ -175,7 +175,7 @@ def test_ungrounded_runs_look_citations_up_in_the_shipped_kb():
 
     kb = load_kb()
     a = Answer("q", "설명입니다. (근거: 민법 제303조, 민법 제999조)", 10, True, 0.1)
-    extras = citation_extras(a, kb, grounded=False)
+    extras = citation_extras(a, kb, checked=False)
     assert [c["cite"] for c in extras["citations"]] == ["민법 제303조"] and extras["citations"][0]["title"] == kb[("민법", "303")].title
     assert extras["flagged_citations"] == ["민법 제999조"] and extras["retrieved"] == []
 

@@ -253,15 +253,16 @@ def merge(
     typer.echo(f"merged model written to {out}")
 
 
-EXAMPLES_HELP = ("Example questions for retrieval: a Q&A training file (e.g. data/civil_law_qa.csv) or a run's "
-                 "retrieval_examples.jsonl.")
+EXAMPLES_HELP = ("Example questions for retrieval: a Q&A training file (e.g. data/civil_law_qa.csv), a file of "
+                 "{\"question\", \"citations\"} lines (data/civil_law_questions.jsonl) or a run's retrieval_examples.jsonl. "
+                 "Repeat to use several.")
 
 
-def _retriever(kb_dir: Optional[Path], examples: Optional[Path]):
+def _retriever(kb_dir: Optional[Path], examples: Optional[List[Path]]):
     from .retrieval import Retriever, load_examples_file
     from .statutes import DEFAULT_KB, load_kb
 
-    pairs = _run(load_examples_file, examples) if examples else None
+    pairs = [p for f in examples for p in _run(load_examples_file, f)] if examples else None
     return _run(Retriever, _run(load_kb, kb_dir or DEFAULT_KB), examples=pairs)
 
 
@@ -284,7 +285,7 @@ def retrieve(
     k: int = typer.Option(5, "--k", help="How many articles to show."),
     method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (similar training questions) or hybrid (reciprocal-rank fusion of all)."),
     kb: Optional[Path] = typer.Option(None, "--kb", help="Statute knowledge-base folder (default: the KB shipped with kotune, src/kotune/kb)."),
-    examples: Optional[Path] = typer.Option(None, "--examples", help=EXAMPLES_HELP),
+    examples: Optional[List[Path]] = typer.Option(None, "--examples", help=EXAMPLES_HELP),
 ):
     """Show the statute articles retrieved for a question."""
     retriever = _retriever(kb, examples)
@@ -300,7 +301,7 @@ def evaluate(
     questions: Path = typer.Option(Path("data/civil_law_dev.jsonl"), "--questions", help="Dev set JSONL with gold citations and key facts."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the report (summary and per-question rows) as JSON."),
     retrieval_only: bool = typer.Option(False, "--retrieval_only", help="Baseline: answer with the top-1 retrieved article's summary."),
-    examples: Optional[Path] = typer.Option(None, "--examples", help="With --retrieval_only: " + EXAMPLES_HELP),
+    examples: Optional[List[Path]] = typer.Option(None, "--examples", help="With --retrieval_only: " + EXAMPLES_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
     batch_size: int = typer.Option(8, "--batch_size"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),

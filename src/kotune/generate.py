@@ -72,10 +72,13 @@ class Chatbot:
 
         model, tok, cfg = load_engine(run_dir, **overrides)
         gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        from .statutes import DEFAULT_KB, load_kb
+
         if not cfg.retrieval.enabled:
-            return cls(model, tok, cfg.data.template, gen)
+            # No retrieval, but the citations a model writes are still checked against the shipped statutes: an
+            # article the KB lacks is flagged (retrieval.citation_policy), one it has is listed under the answer.
+            return cls(model, tok, cfg.data.template, gen, cfg.retrieval, load_kb(DEFAULT_KB))
         from .retrieval import Retriever, load_examples_file
-        from .statutes import load_kb
 
         kb = load_kb(Path(run_dir) / "statutes")
         ex_file = Path(run_dir) / "retrieval_examples.jsonl"
@@ -112,7 +115,7 @@ class Chatbot:
         return encode_prompt(self.tok, prompt)
 
     def _constraint(self, contexts: list[list], prompt_len: int) -> dict:
-        if self.retrieval is None or not self.retrieval.constrain_citations:
+        if self.retriever is None or not self.retrieval.constrain_citations:
             return {}
         from transformers import LogitsProcessorList
 
@@ -165,7 +168,7 @@ class Chatbot:
         if self.kb is not None:
             from .retrieval import apply_citation_policy, check_citations
 
-            check = check_citations(text, self.kb, context)
+            check = check_citations(text, self.kb, context if self.retriever is not None else None)
             answer.citations = check.valid
             answer.flagged = check.invented + check.out_of_context
             if self.retrieval.citation_policy != "off":

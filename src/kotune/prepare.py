@@ -66,6 +66,7 @@ def prepare(cfg: KotuneConfig):
         from .retrieval import example_pairs
 
         examples = example_pairs(train_ex) if cfg.retrieval.example_questions else []
+        examples += extra_examples(cfg.retrieval.extra_examples, cfg.retrieval.kb_dir)
         train_ctx, eval_ctx = grounding_contexts(cfg, train_ex, eval_ex, examples)
     labels = label2id = None
     if task == "text-classification":
@@ -90,6 +91,33 @@ def prepare(cfg: KotuneConfig):
     stats = length_stats(lengths, d.max_length)
     return dict(resolved=resolved, tokenizer=tok, train=train_enc, eval=eval_enc, reports=reports,
                 long_rows=long_rows, stats=stats, labels=labels, retrieval_examples=examples)
+
+
+def extra_examples(files: list[str], kb_dir: str | None) -> list:
+    """The example questions of `retrieval.extra_examples`, every problem reported at once."""
+    from .retrieval import load_examples_file
+    from .statutes import DEFAULT_KB, format_cite, load_kb
+
+    if not files:
+        return []
+    kb = load_kb(kb_dir or DEFAULT_KB)
+    pairs, problems = [], []
+    for f in files:
+        try:
+            got = load_examples_file(f)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"retrieval.extra_examples: {e}")
+            continue
+        for i, (q, cites) in enumerate(got, start=1):
+            missing = [format_cite(*c) for c in cites if c not in kb]
+            if not cites:
+                problems.append(f"{f}: example {i} ({q[:30]}…) cites no article; add its citations, e.g. [\"민법 제281조\"].")
+            elif missing:
+                problems.append(f"{f}: example {i} ({q[:30]}…) cites {', '.join(missing)}, which the knowledge base does not have.")
+        pairs += got
+    if problems:
+        raise DataError(problems + ["fix the example file, or remove it from `retrieval.extra_examples`."])
+    return pairs
 
 
 def grounding_contexts(cfg: KotuneConfig, train_ex, eval_ex, examples):

@@ -191,7 +191,7 @@ def apply_citation_policy(answer: str, check: CitationCheck, policy: str = "mark
 
     out = answer
     for cite in check.invented + check.out_of_context:
-        flag = "존재하지 않는 조문" if cite in check.invented else "검색된 조문 밖"
+        flag = "지식 베이스에 없는 조문" if cite in check.invented else "검색된 조문 밖"
         pattern = re.escape(cite).replace(r"\ ", r"\s*") + r"(?!\d|의\d)"
         out = re.sub(pattern, "" if policy == "drop" else f"{cite}[확인 필요: {flag}]", out)
     if policy == "drop":

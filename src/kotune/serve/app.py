@@ -34,14 +34,15 @@ def article_record(a) -> dict:
     return {"law": a.law, "article": a.article, "title": a.title, "cite": a.cite, "summary": " ".join(a.paragraphs)}
 
 
-def citation_extras(answer, kb: dict | None, grounded: bool) -> dict:
+def citation_extras(answer, kb: dict | None, checked: bool) -> dict:
     """The extra response fields: checked citations, flagged ones, and the articles put in the prompt.
 
-    Grounded runs check citations against the KB and the retrieved articles (generate.py). For an
-    ungrounded run only existence in the shipped KB can be checked: found articles are listed so a
-    reader can open them, the others are flagged.
+    A bot loaded from a run folder checks citations itself (generate.py): against the KB and the retrieved
+    articles in a grounded run, against the shipped KB in an ungrounded one. For a bot built without a KB
+    only existence in the shipped KB is checked here: found articles are listed so a reader can open them,
+    the others are flagged.
     """
-    if grounded:
+    if checked:
         citations, flagged = [article_record(a) for a in answer.citations], list(answer.flagged)
     else:
         citations, flagged = [], []
@@ -69,8 +70,8 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
         model_id = model_id or Path(bot_or_run).resolve().name
     model_id = model_id or "kotune"
     limits = limits or Limits()
-    grounded = bot.kb is not None
-    kb = bot.kb if grounded else load_kb(DEFAULT_KB)  # ungrounded: the shipped KB, for existence checks only
+    grounded, checked = bot.retriever is not None, bot.kb is not None
+    kb = bot.kb if checked else load_kb(DEFAULT_KB)
     worker = Worker(bot, max_queue=limits.max_queue)
     created = int(time.time())
 
@@ -183,7 +184,7 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
             return {**head, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                                  "finish_reason": "stop" if answer.stopped else "length", "logprobs": None}],
-                    "usage": usage(answer, prompt_tokens), **citation_extras(answer, kb, grounded)}
+                    "usage": usage(answer, prompt_tokens), **citation_extras(answer, kb, checked)}
 
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
@@ -222,7 +223,7 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
                     answer, prompt_tokens = fut.result()
                     # the streamed text is the raw generation; `checked_content` is it after the citation policy
                     yield _sse(chunk({}, "stop" if answer.stopped else "length", checked_content=answer.text,
-                                     **citation_extras(answer, kb, grounded)))
+                                     **citation_extras(answer, kb, checked)))
                     if include_usage:
                         yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
                                     "usage": usage(answer, prompt_tokens)})
