@@ -174,6 +174,13 @@ def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
     res = run("eval", "--retrieval_only", "--questions", dev, "--limit", "4")
     assert res.exit_code == 0, res.output
     assert "| retrieval-only |" in res.output
+    # The shipped grounded recipe's retrieval: both example files, example rankings only.
+    res = run("eval", "--retrieval_only", "--questions", dev, "--limit", "4", "--method", "examples",
+              "--examples", ROOT / "data" / "civil_law_qa.csv", "--examples", ROOT / "data" / "civil_law_questions.jsonl",
+              "--output", tmp_path / "b.json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))["rows"]
+    assert len(rows) == 4 and all(len(r["cited"]) == 1 and r["retrieved"] == r["cited"] for r in rows)
 
 
 def test_seed_config_with_seed_flags_dry_run(tiny_gpt2, tmp_path, monkeypatch):

@@ -96,8 +96,31 @@ def test_dev_set_shape_and_citations_exist(kb):
                                       for f in i["key_facts"]), i["id"]
 
 
-def test_dev_questions_do_not_overlap_training_questions():
-    train = [e.question.replace(" ", "") for e in load_examples(QA)[0]]
+QUESTIONS = ROOT / "data" / "civil_law_questions.jsonl"  # retrieval example questions (retrieval.extra_examples)
+
+
+def _questions():
+    import json
+
+    return [json.loads(x) for x in QUESTIONS.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def test_example_questions_cite_existing_articles_and_cover_the_kb(kb):
+    items = _questions()
+    assert all(set(i) == {"question", "citations"} for i in items)
+    assert len({i["question"] for i in items}) == len(items), "duplicate questions"
+    cited = []
+    for i in items:
+        cites = [c for text in i["citations"] for c in find_citations(text)]
+        assert cites and len(cites) == len(i["citations"]) and all(c in kb for c in cites), i
+        cited += cites
+    assert set(cited) == set(kb), sorted(set(kb) - set(cited))  # every article has user-phrased questions
+
+
+@pytest.mark.parametrize("source", ["training CSV", "example questions"])
+def test_dev_questions_do_not_overlap_training_questions(source):
+    train = [e.question.replace(" ", "") for e in load_examples(QA)[0]] if source == "training CSV" else \
+        [i["question"].replace(" ", "") for i in _questions()]
     spans = {q[k:k + 20] for q in train for k in range(max(1, len(q) - 19))}
     for i in _dev():
         q = i["question"].replace(" ", "")

@@ -302,6 +302,7 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, "--output", help="Write the report (summary and per-question rows) as JSON."),
     retrieval_only: bool = typer.Option(False, "--retrieval_only", help="Baseline: answer with the top-1 retrieved article's summary."),
     examples: Optional[List[Path]] = typer.Option(None, "--examples", help="With --retrieval_only: " + EXAMPLES_HELP),
+    method: str = typer.Option("hybrid", "--method", help="With --retrieval_only: the retrieval method (bm25, dense, examples, hybrid)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
     batch_size: int = typer.Option(8, "--batch_size"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
@@ -314,7 +315,7 @@ def evaluate(
     qs = [i["question"] for i in items]
     kb = _run(load_kb, DEFAULT_KB)
     if retrieval_only:
-        name, answers = "retrieval-only", _run(retrieval_only_answers, _retriever(None, examples), qs)
+        name, answers = "retrieval-only", _run(retrieval_only_answers, _retriever(None, examples), qs, method)
     else:
         if not run:
             _fail(ValueError("give a run folder, or --retrieval_only."))
