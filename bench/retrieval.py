@@ -85,6 +85,9 @@ def main() -> None:
     plain = Retriever(kb)
     with_examples = Retriever(kb, examples=[p for f in files for p in load_examples_file(f)])
     build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with_examples._classifier()
+    classifier_s = time.perf_counter() - t0
     no_classifier = with_examples.with_examples(list(range(len(with_examples.examples))), None)
     rows = {}
     for name, retriever, method in (("bm25", plain, "bm25"), ("dense", plain, "dense"), ("hybrid (articles)", plain, "hybrid"),
@@ -96,7 +99,8 @@ def main() -> None:
         rows[name] = retrieval_metrics(retriever, items, method)
         rows[name]["ms_per_query"] = 1000 * (time.perf_counter() - t0) / len(items)
     print(f"dev set: {args.dev} ({len(items)} questions); KB: {len(kb)} articles; example questions: {', '.join(files)} "
-          f"({len(with_examples.examples)}); index load/build {build:.1f}s")
+          f"({len(with_examples.examples)}); index load/build {build:.1f}s (set KOTUNE_CACHE to an empty folder to time "
+          f"a cold build); training the classifier once more: {classifier_s:.1f}s")
     print(table(rows))
     out = Path(args.out or "bench/results/retrieval.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,10 +64,12 @@ def prepare(cfg: KotuneConfig):
     examples = []
     if cfg.retrieval.enabled:
         from .retrieval import example_pairs
+        from .statutes import DEFAULT_KB, load_kb
 
+        kb = load_kb(cfg.retrieval.kb_dir or DEFAULT_KB)
         examples = example_pairs(train_ex) if cfg.retrieval.example_questions else []
-        examples += extra_examples(cfg.retrieval.extra_examples, cfg.retrieval.kb_dir)
-        train_ctx, eval_ctx = grounding_contexts(cfg, train_ex, eval_ex, examples)
+        examples += extra_examples(cfg.retrieval.extra_examples, kb)
+        train_ctx, eval_ctx = grounding_contexts(cfg, kb, train_ex, eval_ex, examples)
     labels = label2id = None
     if task == "text-classification":
         labels = label_names(train_ex)
@@ -93,14 +95,11 @@ def prepare(cfg: KotuneConfig):
                 long_rows=long_rows, stats=stats, labels=labels, retrieval_examples=examples)
 
 
-def extra_examples(files: list[str], kb_dir: str | None) -> list:
+def extra_examples(files: list[str], kb: dict) -> list:
     """The example questions of `retrieval.extra_examples`, every problem reported at once."""
     from .retrieval import load_examples_file
-    from .statutes import DEFAULT_KB, format_cite, load_kb
+    from .statutes import format_cite
 
-    if not files:
-        return []
-    kb = load_kb(kb_dir or DEFAULT_KB)
     pairs, problems = [], []
     for f in files:
         try:
@@ -120,13 +119,11 @@ def extra_examples(files: list[str], kb_dir: str | None) -> list:
     return pairs
 
 
-def grounding_contexts(cfg: KotuneConfig, train_ex, eval_ex, examples):
+def grounding_contexts(cfg: KotuneConfig, kb: dict, train_ex, eval_ex, examples):
     """Retrieved statute context for every row; `examples` are the retriever's example questions."""
     from .retrieval import Retriever, training_contexts
-    from .statutes import DEFAULT_KB, load_kb
 
     r = cfg.retrieval
-    kb = load_kb(r.kb_dir or DEFAULT_KB)
     retriever = Retriever(kb, examples=examples)
     out, problems = [], []
     for rows in (train_ex, eval_ex):

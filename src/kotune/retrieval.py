@@ -140,7 +140,7 @@ class Retriever:
 
     def _classifier(self, **settings):
         """Trained on every example question and on each article's own text (so an article with few
-        examples still has a direction): a second or two on 2 cores, so it is not cached."""
+        examples still has a direction): 1.3 s for 965 examples on 2 cores (bench/retrieval.py), so it is not cached."""
         import numpy as np
 
         n = len(self.articles)
