@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kotune.constrain import CitationConstraint, citation_items, fits, open_citation
+from kotune.constrain import CitationConstraint, RepeatGuard, citation_items, fits, open_citation
 from kotune.statutes import Article, find_citations
 
 A303 = Article("민법", "303", "전세권의 내용", ("첫째 항", "둘째 항"), ())
@@ -65,3 +65,59 @@ def test_for_row_keeps_only_that_rows_articles(tiny_gpt2):
     proc = CitationConstraint(AutoTokenizer.from_pretrained(tiny_gpt2), [[A303], [H3_2]], prompt_len=5)
     one = proc.for_row(1)
     assert one.items == [citation_items([H3_2])] and one.prompt_len == 5
+
+
+def test_repeat_guard_forbids_only_a_third_occurrence():
+    guard = RepeatGuard(None, n=3, prompt_len=0)
+    assert guard.banned([1, 2, 3, 1, 2]) == []  # 1 2 3 occurred once: a second time is allowed
+    assert guard.banned([1, 2, 3, 1, 2, 3, 1, 2]) == [3]
+    assert guard.banned([5, 5, 5, 5]) == [5]  # `등등등등…`
+    assert guard.banned([1, 2]) == []
+
+
+def _max_ngram_count(ids, n):
+    from collections import Counter
+
+    return max(Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)).values())
+
+
+@pytest.mark.parametrize("engine", ["hf-generate", "kotune-engine"])
+def test_repeat_guard_breaks_loops_of_generated_text_only(tiny_run, engine):
+    import torch
+
+    from kotune.generate import Chatbot
+    from kotune.model import load_run
+
+    bot = Chatbot.from_run(tiny_run, greedy=True)
+    tok = bot.tok
+    model = load_run(tiny_run)[0] if engine == "hf-generate" else bot.model
+    prompt = tok("질문: 전세권? 답변:", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt])
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, do_sample=False,
+              eos_token_id=None, pad_token_id=tok.pad_token_id)
+    free = model.generate(**kw)[0, len(prompt):].tolist()
+    assert _max_ngram_count(free, 4) >= 3  # the untrained model loops: the test can fail
+    guarded = model.generate(**kw, logits_processor=[RepeatGuard(tok, 4, len(prompt))])[0, len(prompt):].tolist()
+    assert _max_ngram_count(guarded, 4) <= 2
+    first = next(i for i in range(4, len(free) + 1) if _max_ngram_count(free[:i], 4) >= 3)
+    assert guarded[:first - 1] == free[:first - 1]  # nothing changes before the loop's third turn
+
+
+def test_repeat_guard_leaves_open_citations_and_the_prompt_alone(tiny_gpt2):
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    cite = tok("(근거: 민법 제3", add_special_tokens=False)["input_ids"]
+    looped = tok("가나다 가나다 가나다 가나", add_special_tokens=False)["input_ids"]
+    guard = RepeatGuard(tok, 2, prompt_len=0)
+    assert guard.banned(looped)  # the unguarded case bans something
+    scores = torch.zeros(1, len(tok))
+    guard(torch.tensor([looped + cite]), scores)
+    assert torch.isfinite(scores).all()  # inside `(근거: …` the law's name may repeat
+    scores = torch.zeros(1, len(tok))
+    RepeatGuard(tok, 2, prompt_len=len(looped))(torch.tensor([looped + looped[:1]]), scores)
+    assert torch.isfinite(scores).all()  # repeats inside the prompt do not count
+    scores = torch.zeros(1, len(tok))
+    guard(torch.tensor([looped]), scores)
+    assert not torch.isfinite(scores).all()

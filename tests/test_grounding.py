@@ -144,7 +144,8 @@ def test_ungrounded_run_still_checks_citations_against_the_shipped_kb(tiny_run):
 
     bot = Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=4)
     assert bot.retriever is None and bot.context_for("전세권이란?") == []
-    assert bot._constraint([[]], 3) == {}  # nothing retrieved: the decoder is not restricted
+    procs = bot._processors([[]], 3)["logits_processor"]  # nothing retrieved: citations are not restricted
+    assert [type(p).__name__ for p in procs] == ["RepeatGuard"]
     fake = bot.tok("설명입니다. (근거: 민법 제303조, 주택임대차보호법 제4조의3)", add_special_tokens=False)["input_ids"]
     a = bot._answer("전세권이란?", fake + [bot.tok.eos_token_id], 0.1)
     assert [c.cite for c in a.citations] == ["민법 제303조"]

@@ -146,10 +146,12 @@ def convert_model(model, precision: str, fp16_head: bool = False):
 
 
 def warp_scores(logits, seen, *, repetition_penalty: float = 1.0, do_sample: bool = False,
-                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None):
+                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                logits_processor=None):
     """Last-position logits [batch, vocab] → scores after `generate`'s processors, in its
-    order: repetition penalty over `seen` (all ids so far, prompt included), then, when
-    sampling, temperature, top-k and top-p (removed tokens get -inf)."""
+    order: repetition penalty over `seen` (all ids so far, prompt included), the caller's
+    `logits_processor` (on `seen`), then, when sampling, temperature, top-k and top-p
+    (removed tokens get -inf)."""
     import torch
 
     scores = logits.float()
@@ -157,6 +159,8 @@ def warp_scores(logits, seen, *, repetition_penalty: float = 1.0, do_sample: boo
         picked = scores.gather(1, seen)
         picked = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
         scores = scores.scatter(1, seen, picked)
+    for proc in logits_processor or ():
+        scores = proc(seen, scores)
     if not do_sample:
         return scores
     if temperature and temperature != 1.0:
@@ -174,12 +178,10 @@ def warp_scores(logits, seen, *, repetition_penalty: float = 1.0, do_sample: boo
 
 def next_tokens(logits, seen, *, do_sample: bool = False, generator=None, logits_processor=None, **warp):
     """Next ids [batch]: argmax of the penalised logits, or a sample from the warped ones.
-    `logits_processor` (as in `generate`, e.g. constrained citations) runs last, on `seen`."""
+    `logits_processor` (as in `generate`, e.g. constrained citations) runs before the sampling warpers, as there."""
     import torch
 
-    scores = warp_scores(logits, seen, do_sample=do_sample, **warp)
-    for proc in logits_processor or ():
-        scores = proc(seen, scores)
+    scores = warp_scores(logits, seen, do_sample=do_sample, logits_processor=logits_processor, **warp)
     if not do_sample:
         return scores.argmax(-1)
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)

@@ -114,14 +114,19 @@ class Chatbot:
         prompt, _ = split_template(self.template, question.strip(), context=text)
         return encode_prompt(self.tok, prompt)
 
-    def _constraint(self, contexts: list[list], prompt_len: int) -> dict:
-        if self.retriever is None or not self.retrieval.constrain_citations:
+    def _processors(self, contexts: list[list], prompt_len: int) -> dict:
+        from .constrain import CitationConstraint, RepeatGuard
+
+        procs = []
+        if self.gen.repeat_guard:  # first: a citation's own rule must have the last word
+            procs.append(RepeatGuard(self.tok, self.gen.repeat_guard, prompt_len))
+        if self.retriever is not None and self.retrieval.constrain_citations:
+            procs.append(CitationConstraint(self.tok, contexts, prompt_len))
+        if not procs:
             return {}
         from transformers import LogitsProcessorList
 
-        from .constrain import CitationConstraint
-
-        return {"logits_processor": LogitsProcessorList([CitationConstraint(self.tok, contexts, prompt_len)])}
+        return {"logits_processor": LogitsProcessorList(procs)}
 
     def answer(self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None) -> Answer:
         import torch
@@ -132,7 +137,7 @@ class Chatbot:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                      **self._kwargs(ids.shape[1], max_new_tokens), **self._constraint([context], ids.shape[1]))
+                                      **self._kwargs(ids.shape[1], max_new_tokens), **self._processors([context], ids.shape[1]))
         new = out[0, ids.shape[1]:].tolist()
         return self._answer(question, new, time.perf_counter() - t0, context)
 
@@ -152,7 +157,7 @@ class Chatbot:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width),
-                                          **self._constraint(contexts, width))
+                                          **self._processors(contexts, width))
             dt = (time.perf_counter() - t0) / len(chunk)
             for q, row, ctx in zip(chunk, out[:, width:].tolist(), contexts):
                 results.append(self._answer(q, row, dt, ctx))
