@@ -24,13 +24,16 @@ from kotune.retrieval import Retriever, load_examples_file, retrieval_metrics
 from kotune.statutes import format_cite, load_kb
 
 SHIPPED = {"l2": 1e-4, "scale": 10.0}  # kotune.retrieval.train_classifier's defaults
-CV_SETTINGS = {  # name: (method, classifier settings or None)
-    "hybrid, no classifier": ("hybrid", None),
-    "hybrid + classifier l2 1e-3, scale 10": ("hybrid", {"l2": 1e-3, "scale": 10.0}),
-    "hybrid + classifier l2 1e-4, scale 10": ("hybrid", SHIPPED),
-    "hybrid + classifier l2 1e-3, scale 30": ("hybrid", {"l2": 1e-3, "scale": 30.0}),
-    "examples, no classifier": ("examples", None),
-    "examples + classifier l2 1e-4, scale 10": ("examples", SHIPPED),
+CV_SETTINGS = {  # name: (method, classifier settings or None, with the word classifier)
+    "hybrid, no classifier": ("hybrid", None, False),
+    "hybrid + e5 classifier l2 1e-3, scale 10": ("hybrid", {"l2": 1e-3, "scale": 10.0}, False),
+    "hybrid + e5 classifier l2 1e-4, scale 10": ("hybrid", SHIPPED, False),
+    "hybrid + e5 classifier l2 1e-3, scale 30": ("hybrid", {"l2": 1e-3, "scale": 30.0}, False),
+    "examples, no classifier": ("examples", None, False),
+    "examples + e5 classifier l2 1e-4, scale 10": ("examples", SHIPPED, False),
+    "examples + both classifiers l2 1e-4, scale 10 (shipped)": ("examples", SHIPPED, True),
+    "examples + both classifiers l2 1e-3, scale 10": ("examples", {"l2": 1e-3, "scale": 10.0}, True),
+    "hybrid + both classifiers l2 1e-4, scale 10": ("hybrid", SHIPPED, True),
 }
 
 
@@ -50,11 +53,11 @@ def cross_validate(kb, files: list[str], folds: int = 5) -> dict:
     order = list(range(len(first)))
     random.Random(0).shuffle(order)
     results = {}
-    for name, (method, settings) in CV_SETTINGS.items():
+    for name, (method, settings, words) in CV_SETTINGS.items():
         per_fold = []
         for f in range(folds):
             held = set(order[f::folds])
-            part = full.with_examples([j for j in range(len(full.examples)) if j not in held], settings)
+            part = full.with_examples([j for j in range(len(full.examples)) if j not in held], settings, words)
             items = [{"question": first[j][0], "citations": [format_cite(*c) for c in first[j][1]]} for j in sorted(held)]
             per_fold.append(retrieval_metrics(part, items, method))
         n = sum(m["questions"] for m in per_fold)

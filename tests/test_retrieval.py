@@ -121,11 +121,36 @@ def test_classifier_learns_separable_labels():
     assert (x @ w).argmax(axis=1).tolist() == [0, 0, 1, 1]
 
 
+def test_sparse_classifier_equals_the_dense_one():
+    import numpy as np
+
+    from kotune.retrieval.classify import sparse_rows
+
+    rows = [[(0, 0.6), (2, 0.8)], [(1, 1.0)], [], [(2, 1.0)]]  # an empty row (no known word) too
+    dense = np.zeros((4, 3))
+    for i, r in enumerate(rows):
+        for c, v in r:
+            dense[i, c] = v
+    t = np.array([[1.0, 0], [0, 1], [0.5, 0.5], [1, 0]])
+    np.testing.assert_allclose(retrieval.train_classifier(sparse_rows(rows, 3), t), retrieval.train_classifier(dense, t),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_word_features_keep_terms_seen_twice_and_weigh_rare_ones_up():
+    from kotune.retrieval.classify import WordFeatures
+
+    words = WordFeatures([["전세", "기간"], ["전세", "기간", "갱신"], ["전세", "갱신"], ["보증금"]])
+    assert set(words.column) == {"전세", "기간", "갱신", "전세 기간"}  # 보증금 and `기간 갱신` occur once
+    assert words.idf[words.column["갱신"]] > words.idf[words.column["전세"]]
+
+
 def test_classifier_ranks_join_the_fusion_except_when_leaving_an_example_out(with_examples):
     q = EXAMPLES[1][0]
     top = with_examples.search(q, k=4, method="hybrid")
     assert top[0].article.key == ("민법", "281") and top[0].ranks["classifier"] == 1
-    assert all("classifier" not in h.ranks for h in with_examples.search(q, k=4, method="hybrid", skip_example=q))
+    assert top[0].ranks["word-classifier"] == 1
+    for h in with_examples.search(q, k=4, method="hybrid", skip_example=q):
+        assert not {"classifier", "word-classifier"} & set(h.ranks)
 
 
 def test_a_subset_of_examples_equals_a_retriever_built_from_it(with_examples, tmp_path):
@@ -134,7 +159,9 @@ def test_a_subset_of_examples_equals_a_retriever_built_from_it(with_examples, tm
     for q in ("건물 짓고 몇 년 쓸 수 있는지 안 정했어요", "보증금을 못 받았어요"):
         got = [(h.article.key, h.ranks) for h in part.search(q, k=4)]
         assert got == [(h.article.key, h.ranks) for h in built.search(q, k=4)]
-    assert "classifier" not in with_examples.with_examples([0, 1, 2], None).search(q, k=1)[0].ranks
+    assert not {"classifier", "word-classifier"} & set(with_examples.with_examples([0, 1, 2], None).search(q, k=1)[0].ranks)
+    only_e5 = with_examples.with_examples([0, 1, 2], {}, words=False).search(q, k=1)[0].ranks
+    assert "classifier" in only_e5 and "word-classifier" not in only_e5
 
 
 def test_examples_citing_unknown_articles_are_ignored_and_methods_checked(tmp_path):

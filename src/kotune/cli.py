@@ -283,7 +283,7 @@ def export(
 def retrieve(
     question: str = typer.Argument(..., help="A question, as a user would ask it."),
     k: int = typer.Option(5, "--k", help="How many articles to show."),
-    method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (votes of similar example questions plus the article classifier) or hybrid (reciprocal-rank fusion of all)."),
+    method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (votes of similar example questions plus the article classifiers) or hybrid (reciprocal-rank fusion of all)."),
     kb: Optional[Path] = typer.Option(None, "--kb", help="Statute knowledge-base folder (default: the KB shipped with kotune, src/kotune/kb)."),
     examples: Optional[List[Path]] = typer.Option(None, "--examples", help=EXAMPLES_HELP),
 ):

