@@ -37,6 +37,10 @@ def test_env_detection(monkeypatch):
     assert dd.engine_requested() == "FSDP" and dd.from_env().sharded
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not dd.from_env().enabled and not dd.from_env().sharded
+    # One process with an FSDP config would train without FSDP: refused, naming the fix.
+    assert "--num_processes 2" in dd.engine_problem(dd.from_env(), "none")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert dd.engine_problem(dd.from_env(), "none") is None
 
 
 def _sets(cfg) -> list[str]:

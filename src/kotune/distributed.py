@@ -71,6 +71,11 @@ def engine_requested() -> str | None:
 
 def engine_problem(d: Dist, quantization: str) -> str | None:
     """Why this launch cannot train, checked before anything is loaded (None when it can)."""
+    asked = engine_requested()
+    if asked and not d.enabled:
+        # Training on anyway would quietly ignore the engine the config names (and its memory savings).
+        return (f"accelerate launch asked for {asked} but started a single process, and {asked} needs two or more: "
+                f"pass --num_processes 2 (or more), or train one process without the {asked} config (plain `kotune train`).")
     if d.engine == "deepspeed":
         from . import deepspeed_zero as dz
 
