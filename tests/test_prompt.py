@@ -33,6 +33,17 @@ def test_prompt_masked_answer_and_eos_trained(tok):
     assert "⟦</s>⟧" in text and "x.csv:2" in text
 
 
+def test_sample_shows_readable_korean_for_byte_level_tokens(tok):
+    enc = encode_example(tok, T, "갱신청구권 행사", "묵시적 갱신입니다.", tok.eos_token_id, "x.csv:3")
+    assert any("ì" in p or "ê" in p for p in tok.convert_ids_to_tokens(enc.input_ids))  # byte glyphs, as KoGPT2 shows
+    text = render_sample(tok, enc)
+    assert "ì" not in text and "ê" not in text and "\ufffd" not in text
+    prompt_line, trained_line = text.splitlines()[2:4]
+    shown = lambda line, o, c: "".join(p.split(c)[0] for p in line.split(": ", 1)[1].split(o)[1:])
+    assert shown(prompt_line, "[", "]") == "질문: 갱신청구권 행사\\n답변:"
+    assert shown(trained_line, "⟦", "⟧") == " 묵시적 갱신입니다.</s>"
+
+
 def test_pad_equal_to_eos_refused(tok):
     enc = encode_example(tok, T, "질문", "답", tok.eos_token_id)
     with pytest.raises(TemplateError, match="pad token id equals EOS"):

@@ -70,17 +70,34 @@ def check_encoded(enc: Encoded, eos_id: int, pad_id: int) -> None:
         raise TemplateError(f"{enc.source}: no answer tokens are trained.")
 
 
+def token_pieces(tokenizer, ids: list[int], trained: list[bool]) -> list[tuple[str, bool]]:
+    """Each token's text as the user reads it, not its vocabulary entry: byte-level BPE (GPT-2, KoGPT2) spells a
+    Korean syllable as `ìłĦ`-like glyphs and often splits it over two or three tokens. Tokens that only together
+    make a character are joined into one piece (never across the prompt/answer boundary)."""
+    pieces: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(len(ids)):
+        boundary = i + 1 == len(ids) or trained[i + 1] != trained[i]
+        text = tokenizer.decode(ids[start:i + 1])
+        if text.endswith("\ufffd") and not boundary:  # an unfinished UTF-8 character: wait for its next byte
+            continue
+        pieces.append((text, trained[i]))
+        start = i + 1
+    return pieces
+
+
 def render_sample(tokenizer, enc: Encoded) -> str:
-    """Human-readable view: prompt tokens plain, trained tokens inside ⟦ ⟧."""
-    pieces = tokenizer.convert_ids_to_tokens(enc.input_ids)
-    pieces = [p.replace("\n", "\\n") for p in pieces]
-    prompt = "".join(f"[{p}]" for p, lab in zip(pieces, enc.labels) if lab == IGNORE)
-    trained = "".join(f"⟦{p}⟧" for p, lab in zip(pieces, enc.labels) if lab != IGNORE)
+    """Human-readable view: prompt tokens in [ ], trained tokens inside ⟦ ⟧."""
+    marks = [lab != IGNORE for lab in enc.labels]
+    pieces = [(t.replace("\n", "\\n"), tr) for t, tr in token_pieces(tokenizer, enc.input_ids, marks)]
+    prompt = "".join(f"[{p}]" for p, tr in pieces if not tr)
+    trained = "".join(f"⟦{p}⟧" for p, tr in pieces if tr)
+    joined = " (tokens that only together make one character are shown as one piece)" if len(pieces) < len(marks) else ""
     return (
         f"source: {enc.source}\n"
         f"text: {tokenizer.decode(enc.input_ids)!r}\n"
         f"prompt tokens (not trained, {len(enc.labels) - enc.n_trained}): {prompt}\n"
-        f"trained tokens ({enc.n_trained}, last is EOS id {enc.labels[-1]}): {trained}"
+        f"trained tokens ({enc.n_trained}, last is EOS id {enc.labels[-1]}): {trained}{joined}"
     )
 
 
