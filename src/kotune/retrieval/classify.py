@@ -8,7 +8,7 @@ retriever starts. Two feature sets, each a ranking in the fusion:
 
 Settings (l2 1e-3, scale 10, unigrams + bigrams) were chosen by 5-fold cross-validation on the training
 questions (bench/retrieval.py --cv), not on the dev set. Training uses torch (a kotune dependency) on the CPU:
-its sparse products make the word classifier's 400 steps take about a second (1.4 s for 1691 examples).
+its sparse products make the word classifier's 400 steps take about a second for 1691 examples.
 """
 
 from __future__ import annotations
