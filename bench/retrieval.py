@@ -8,8 +8,9 @@ without the article classifiers).
 
 --cv instead runs 5-fold cross-validation on the questions of the first --examples file (the training
 CSV): each fold's questions are held out of the examples (the other files stay) and retrieved with
-hybrid fusion and with the example rankings alone, without the classifier and with classifier
-settings. This, not the dev set, is how the classifier's settings and the default method were chosen.
+hybrid fusion and with the example rankings alone, without the classifiers, with the e5 one alone
+and with both, at several settings. This, not the dev set, is how the classifiers, their settings and
+the grounded recipe's method were chosen.
 """
 
 from __future__ import annotations

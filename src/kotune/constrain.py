@@ -1,4 +1,6 @@
-"""Decoding rules. Constrained citations: while the model writes `(근거: …)`, it may only cite the
+"""Decoding rules, as `generate` logits processors.
+
+Constrained citations: while the model writes `(근거: …)`, it may only cite the
 articles that were retrieved for the question (optionally with a paragraph,
 `제N항`, that the article has), separated by commas, closed by `)`.
 
@@ -6,6 +8,8 @@ The rule is checked on text, not tokens: a candidate token is allowed when the
 citation written so far plus the token's text is still the beginning of an
 allowed citation list. Only the most likely candidates are checked each step,
 so the cost is a few dozen short decodes per token, and only inside a citation.
+
+RepeatGuard: no run of n generated tokens a third time (loops), outside citations.
 """
 
 from __future__ import annotations

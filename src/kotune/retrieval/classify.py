@@ -1,4 +1,4 @@
-"""Article classifiers for retrieval: softmax regression (numpy, Adam, full batch) from a question to the
+"""Article classifiers for retrieval: softmax regression (torch on the CPU, Adam, full batch) from a question to the
 articles its answer cites, trained on the example questions and on each article's own text when the
 retriever starts. Two feature sets, each a ranking in the fusion:
 
@@ -23,12 +23,13 @@ def sparse_rows(rows: list[list[tuple[int, float]]], dim: int):
 
     import torch
 
-    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     rid = [i for i, r in enumerate(rows) for _ in r]
     idx = torch.tensor([rid, [c for r in rows for c, _ in r]], dtype=torch.int64).reshape(2, -1)
     coo = torch.sparse_coo_tensor(idx, torch.tensor([v for r in rows for _, v in r], dtype=torch.float32),
                                   (len(rows), dim), check_invariants=True).coalesce()
-    return coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta", once per conversion
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
 
 
 def train_classifier(x, targets, l2: float = 1e-3, scale: float = 10.0, steps: int = 400, lr: float = 0.05):
