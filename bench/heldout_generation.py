@@ -1,0 +1,39 @@
+"""Generation settings scored on a run's held-out training split (its `data.eval_ratio` rows), not on the dev set:
+citations against each row's own answer, ROUGE-L against that answer. This is how the grounded recipe's
+`repetition_penalty` was chosen.
+
+    .venv/bin/python bench/heldout_generation.py runs/civil_law_grounded --penalty 1.1 --penalty 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kotune.config import load_config
+from kotune.evaluate import evaluate_answers, markdown_table
+from kotune.generate import Chatbot
+from kotune.prepare import load_split
+from kotune.retrieval import Morphemes
+from kotune.statutes import find_citations, format_cite
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run")
+    ap.add_argument("--penalty", type=float, action="append", required=True, help="repetition_penalty to try (repeat)")
+    args = ap.parse_args()
+    _, held, _ = load_split(load_config(f"{args.run}/config.yaml"))
+    items = [{"id": e.source, "question": e.question, "citations": [format_cite(*c) for c in find_citations(e.answer)],
+              "key_facts": [], "reference": e.answer} for e in held]
+    tokenize = Morphemes()
+    results = {}
+    for p in args.penalty:
+        bot = Chatbot.from_run(args.run, greedy=True, repetition_penalty=p)
+        summary, _ = evaluate_answers(items, bot.answer_batch([i["question"] for i in items]), bot.kb, tokenize)
+        results[f"repetition_penalty {p}"] = {**summary, "key_fact_recall": None}  # the rows have no key facts
+    print(f"{args.run}: {len(items)} held-out training rows (greedy, batches of 8)")
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()
