@@ -112,6 +112,16 @@ def test_skip_example_leaves_the_question_itself_out(with_examples):
     assert ("민법", "565") not in [h.article.key for h in left_out[:1]]
 
 
+def test_a_question_in_two_example_files_votes_once(with_examples, tmp_path):
+    """A training row whose question is also in the example-question file must not find its own copy
+    when it is left out (training contexts)."""
+    twice = Retriever(_kb(), cache_dir=tmp_path, examples=EXAMPLES + [(EXAMPLES[2][0], [("민법", "281")])])
+    assert twice.examples == with_examples.examples  # the first occurrence's articles
+    q = EXAMPLES[2][0]
+    left_out = twice.search(q, k=4, method="examples", skip_example=q)
+    assert ("민법", "565") not in [h.article.key for h in left_out[:1]]
+
+
 def test_classifier_learns_separable_labels():
     import numpy as np
 
@@ -192,3 +202,28 @@ def test_bad_example_file_names_the_record(tmp_path):
 def test_missing_example_file_names_what_to_give(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.csv: example-question file not found.*civil_law_qa\.csv"):
         retrieval.load_examples_file(tmp_path / "nope.csv")
+
+
+LONG = Article("주택임대차보호법", "3", "대항력 등", (
+    "① 주택을 넘겨받고 주민등록을 마치면 그다음 날부터 제3자에게 임차권을 주장할 수 있다.",
+    "② 법인이 빌린 주택에 법인이 정한 입주자가 들어와도 제1항과 같다.",
+    "③ 중소기업 법인이 직원 숙소로 빌린 주택도 같다.",
+    "④ 임차주택을 산 사람은 임대인의 지위를 승계한다.",
+), ("대항력",))
+
+
+def test_long_summary_shows_the_paragraphs_the_question_is_about(retriever):
+    ranking = retriever.paragraph_ranking(LONG, "집주인이 집을 팔았는데 산 사람이 임대인 지위를 승계하나요?")
+    assert ranking[0] == 3
+    text = retrieval.format_context([LONG], 90, [ranking])
+    assert "④ 임차주택을 산 사람은 임대인의 지위를 승계한다." in text and "③" not in text
+    # whole paragraphs in their own order, a gap marked where some were left out
+    assert text.index("①") < text.index("… ④")
+    # without a ranking (or when everything fits) the summary's start, as before
+    assert retrieval.format_context([LONG], 90).endswith("…") and "④" not in retrieval.format_context([LONG], 90)
+    assert "③" in retrieval.format_context([LONG], 1000, [ranking])
+
+
+def test_one_paragraph_longer_than_the_budget_is_cut():
+    text = retrieval.format_context([LONG], 20, [[3, 0, 1, 2]])
+    assert text.startswith("- 주택임대차보호법 제3조(대항력 등): ④") and text.endswith("…")

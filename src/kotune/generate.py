@@ -108,9 +108,7 @@ class Chatbot:
     def prompt_ids(self, question: str, context: list | None = None) -> list[int]:
         text = ""
         if context:
-            from .retrieval import format_context
-
-            text = format_context(context, self.retrieval.snippet_chars)
+            text = self.retriever.format_context(context, question.strip(), self.retrieval.snippet_chars)
         prompt, _ = split_template(self.template, question.strip(), context=text)
         return encode_prompt(self.tok, prompt)
 
