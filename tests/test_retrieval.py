@@ -227,3 +227,10 @@ def test_long_summary_shows_the_paragraphs_the_question_is_about(retriever):
 def test_one_paragraph_longer_than_the_budget_is_cut():
     text = retrieval.format_context([LONG], 20, [[3, 0, 1, 2]])
     assert text.startswith("- 주택임대차보호법 제3조(대항력 등): ④") and text.endswith("…")
+
+
+def test_gap_marks_do_not_cut_the_last_paragraph():
+    art = Article("민법", "1", "t", ("가" * 10, "나" * 10, "다" * 10), ())
+    # 21 characters of paragraphs and a space; the " … " gap mark passes the budget instead of cutting "다"
+    assert retrieval.format_context([art], 21, [[0, 2, 1]]) == "- 민법 제1조(t): " + "가" * 10 + " … " + "다" * 10
+    assert retrieval.format_context([art], 20, [[0, 2, 1]]) == "- 민법 제1조(t): " + "가" * 10

@@ -310,23 +310,24 @@ def format_context(articles: list[Article], snippet_chars: int, rankings: list[l
     lines = []
     for n, a in enumerate(articles):
         text = " ".join(a.paragraphs)
-        if len(text) > snippet_chars and rankings is not None:
-            text = _pick_paragraphs(a.paragraphs, rankings[n], snippet_chars)
         if len(text) > snippet_chars:
-            text = text[:snippet_chars].rstrip() + "…"
+            text = (_pick_paragraphs(a.paragraphs, rankings[n], snippet_chars) if rankings is not None
+                    else text[:snippet_chars].rstrip() + "…")
         lines.append(f"- {a.cite}({a.title}): {text}")
     return "\n".join(lines)
 
 
 def _pick_paragraphs(paragraphs: tuple[str, ...], ranking: list[int], budget: int) -> str:
-    """The best-ranked paragraphs that fit in `budget` characters (always the first of them), in document order,
-    with `…` where paragraphs were left out between them."""
+    """The best-ranked paragraphs that fit in `budget` characters (always the first of them; the `…` marks between
+    paragraphs left out are not counted), in document order."""
     chosen: list[int] = []
     used = 0
     for i in ranking:
         if not chosen or used + 1 + len(paragraphs[i]) <= budget:
             chosen.append(i)
             used += len(paragraphs[i]) + (1 if used else 0)
+    if len(chosen) == 1 and used > budget:
+        return paragraphs[chosen[0]][:budget].rstrip() + "…"
     chosen.sort()
     parts = [paragraphs[chosen[0]]]
     for prev, i in zip(chosen, chosen[1:]):
