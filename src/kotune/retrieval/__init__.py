@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,7 +129,7 @@ class Retriever:
         self.ex_index = _Index([q for q, _ in self.examples], self.morph, root, query_side=True) if self.examples else None
         self.classifier = self._classifier() if self.examples else None
         self.words, self.word_classifier = self._word_classifier() if self.examples else (None, None)
-        self._df: dict[str, int] | None = None  # document frequency of each morpheme over the articles
+        self._df = Counter(t for toks in self.index.tokens for t in set(toks))  # articles holding each morpheme
         self._paragraphs: dict[tuple[str, str], tuple] = {}  # article -> (morphemes, vectors) of its paragraphs
 
     def _targets(self):
@@ -178,13 +179,8 @@ class Retriever:
 
         import numpy as np
 
-        if self._df is None:
-            self._df = {}
-            for toks in self.index.tokens:
-                for t in set(toks):
-                    self._df[t] = self._df.get(t, 0) + 1
         n = self.index.size
-        idf = lambda t: math.log((n - self._df.get(t, 0) + 0.5) / (self._df.get(t, 0) + 0.5) + 1)  # BM25's IDF
+        idf = lambda t: math.log((n - self._df[t] + 0.5) / (self._df[t] + 0.5) + 1)  # BM25's IDF
         if article.key not in self._paragraphs:  # only long articles get here, a few paragraphs each
             self._paragraphs[article.key] = ([set(self.morph(p)) for p in article.paragraphs],
                                              _embed(list(article.paragraphs), query=False))
