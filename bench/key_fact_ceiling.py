@@ -15,14 +15,18 @@ import json
 from pathlib import Path
 
 from kotune.config import load_config
-from kotune.evaluate import load_dev
+from kotune.evaluate import facts_found, load_dev
 from kotune.retrieval import Retriever, load_examples_file
 from kotune.statutes import find_citations, load_kb
 
 
 def share(items: list[dict], texts: list[str]) -> float:
-    return sum(sum(any(alt in t for alt in f) for f in it["key_facts"]) / max(len(it["key_facts"]), 1)
+    return sum(facts_found(t, it["key_facts"]) / max(len(it["key_facts"]), 1)
                for it, t in zip(items, texts)) / max(len(items), 1)
+
+
+def whole(articles) -> str:
+    return " ".join(p for a in articles for p in a.paragraphs)
 
 
 def main() -> None:
@@ -39,7 +43,6 @@ def main() -> None:
     items = load_dev(args.dev)
     k = args.k or cfg.answer_k or cfg.k
     chars = args.snippet_chars or cfg.snippet_chars
-    whole = lambda arts: " ".join(p for a in arts for p in a.paragraphs)  # noqa: E731
     ranked = [[h.article for h in retriever.search(it["question"], k=max(k, 2), method=cfg.method)] for it in items]
     gold = [[kb[c] for g in it["citations"] for c in find_citations(g) if c in kb] for it in items]
     rows = {

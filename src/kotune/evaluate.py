@@ -52,12 +52,17 @@ def rouge_l(candidate: list[str], reference: list[str]) -> float:
     return 2 * p * r / (p + r)
 
 
+def facts_found(text: str, facts: list[list[str]]) -> int:
+    """Key facts of which at least one alternative string is in `text`."""
+    return sum(any(alt in text for alt in fact) for fact in facts)
+
+
 def score_one(item: dict, text: str, raw_text: str, kb: dict, tokenize=None) -> Scored:
     gold = [c for g in item["citations"] for c in find_citations(g)]
     cited = find_citations(text)
     raw = find_citations(raw_text)
     facts = item["key_facts"]
-    found = sum(any(alt in text for alt in fact) for fact in facts)
+    found = facts_found(text, facts)
     rl = None
     if tokenize is not None and item.get("reference"):
         rl = rouge_l(tokenize(text), tokenize(item["reference"]))
