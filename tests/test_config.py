@@ -151,6 +151,14 @@ def test_task_specific_problems_reported():
     assert "text-classification" in msg and "QLoRA" in msg and len(e.value.problems) == 2
 
 
+def test_context_contrast_needs_retrieval_and_the_torch_engine():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["generation.context_contrast=0.5", "generation.backend=llamacpp"])
+    assert "retrieval.enabled" in str(e.value) and "backend: torch" in str(e.value) and len(e.value.problems) == 2
+    grounded = load_config(ROOT / "configs" / "civil_law_grounded.yaml", ["generation.context_contrast=0.5"])
+    assert grounded.generation.context_contrast == 0.5
+
+
 def test_columns_mapping():
     from kotune.config import input_column, target_column
 

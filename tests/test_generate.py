@@ -62,3 +62,49 @@ def test_ask_file_bad_line_named(bot, tmp_path):
     src.write_text('{"id": 1, "question": "q"}\n{"id": 2}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2 needs a non-empty"):
         ask_file(bot, src, tmp_path / "out.jsonl")
+
+
+def test_context_contrast_runs_each_prompt_beside_its_articles_free_twin(tiny_gpt2):
+    pytest.importorskip("kiwipiepy")
+    pytest.importorskip("bm25s")
+    from transformers import GPT2LMHeadModel
+
+    from kotune.config import GenerationSection, RetrievalSection
+    from kotune.fastgen import FastGenerator
+    from kotune.retrieval import Retriever
+    from kotune.statutes import load_kb
+
+    calls = []
+
+    class Recording(FastGenerator):
+        def generate(self, input_ids, attention_mask=None, **kw):
+            calls.append((input_ids, attention_mask, kw))
+            return super().generate(input_ids, attention_mask, **kw)
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    kb = load_kb()
+    gen = GenerationSection(greedy=True, max_new_tokens=6, context_contrast=0.5)
+    bot = Chatbot(Recording(GPT2LMHeadModel.from_pretrained(tiny_gpt2)), tok,
+                  "참고 조문:\n{context}\n질문: {question}\n답변: {answer}", gen,
+                  RetrievalSection(enabled=True, k=1, snippet_chars=60, method="bm25"), kb, Retriever(kb))
+    qs = ["전세권이란 무엇인가요?", "임대차 기간을 정하지 않으면 몇 년인가요 주택이요?"]
+    answers = bot.answer_batch(qs, batch_size=2)
+    ids, mask, kw = calls[-1]
+    assert kw["contrast_weight"] == 0.5
+    for b, q in enumerate(qs):
+        twin = [t for t, m in zip(kw["contrast_ids"][b].tolist(), kw["contrast_mask"][b].tolist()) if m]
+        assert twin == bot.prompt_ids(q)  # the same prompt with `{context}` empty
+        full = [t for t, m in zip(ids[b].tolist(), mask[b].tolist()) if m]
+        assert full == bot.prompt_ids(q, answers[b].context) and len(full) > len(twin)
+    assert bot.answer(qs[0]).text == answers[0].text  # streaming-path single answer, same contrast
+
+    class NoContrast:  # an engine without context-aware decoding (llama.cpp) is refused with the fix
+        device = torch.device("cpu")
+        config = bot.model.config
+
+        def generate(self, **kw):
+            raise AssertionError("must not be called")
+
+    bot.model = NoContrast()
+    with pytest.raises(ValueError, match="context_contrast.*torch"):
+        bot.answer(qs[0])

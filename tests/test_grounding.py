@@ -151,3 +151,18 @@ def test_ungrounded_run_still_checks_citations_against_the_shipped_kb(tiny_run):
     assert [c.cite for c in a.citations] == ["민법 제303조"]
     assert a.flagged == ["주택임대차보호법 제4조의3"]
     assert "주택임대차보호법 제4조의3[확인 필요: 지식 베이스에 없는 조문]" in a.text
+
+
+def test_eval_context_contrast_on_grounded_and_ungrounded_runs(grounded_run, tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import ROOT
+    from kotune.cli import app
+
+    dev = ROOT / "data" / "civil_law_dev.jsonl"
+    args = ["--questions", str(dev), "--limit", "2", "--max_new_tokens", "3", "--context_contrast", "0.5"]
+    res = CliRunner().invoke(app, ["eval", str(grounded_run), *args, "--output", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["summary"]["questions"] == 2
+    res = CliRunner().invoke(app, ["eval", str(tiny_run), *args])  # nothing retrieved, nothing to contrast
+    assert res.exit_code == 2 and "retrieval.enabled: true" in res.output and "Traceback" not in res.output

@@ -306,6 +306,8 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
     batch_size: int = typer.Option(8, "--batch_size"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
+    context_contrast: Optional[float] = typer.Option(None, "--context_contrast", min=0, max=5,
+                                                     help="Override the run's generation.context_contrast (context-aware decoding weight; 0: off)."),
 ):
     """Score answers on a dev set: citation hit/precision/recall, key facts, ROUGE-L, stop rate, latency."""
     from .evaluate import evaluate_answers, load_dev, markdown_table, retrieval_only_answers
@@ -319,7 +321,7 @@ def evaluate(
     else:
         if not run:
             _fail(ValueError("give a run folder, or --retrieval_only."))
-        bot = _bot(run, None, greedy=True, max_new_tokens=max_new_tokens)
+        bot = _bot(run, None, greedy=True, max_new_tokens=max_new_tokens, context_contrast=context_contrast)
         kb = bot.kb or kb
         name, answers = Path(run).name, bot.answer_batch(qs, batch_size=batch_size)
     try:

@@ -190,11 +190,14 @@ def next_tokens(logits, seen, *, do_sample: bool = False, generator=None, logits
 class FastGenerator:
     """A merged, cast HF causal LM with a lean decode loop (batch 1 or left-padded batches)."""
 
+    supports_contrast = True  # context-aware decoding (`contrast_ids`); llama.cpp's engine has none
+
     def __init__(self, model, precision: str = "float32", threads: int | None = None):
         import torch
 
         self.model = model
         self.config = model.config
+        self._cache_arg: str | None = None
         self.precision = precision
         self.threads = threads
         if threads:
@@ -209,16 +212,28 @@ class FastGenerator:
         return torch.device("cpu")
 
     def _forward(self, ids, mask, positions, cache, first: bool):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :], out.past_key_values
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated, then removed);
+        # pass and read whichever this version's model has.
+        if self._cache_arg is None:
+            import inspect
+
+            self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **{self._cache_arg: cache})
+        return out.logits[:, -1, :], out["cache"] if "cache" in out else out["past_key_values"]
 
     def generate(self, input_ids, attention_mask=None, streamer=None, max_new_tokens: int = 256,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, repetition_penalty: float = 1.0,
                  do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, logits_processor=None, **_ignored):
+                 top_k: int | None = None, logits_processor=None, contrast_ids=None, contrast_mask=None,
+                 contrast_weight: float = 0.0, **_ignored):
         """Same contract as `model.generate` for the arguments above: returns prompt + new ids,
-        finished rows padded with `pad_token_id`; `streamer.put` gets the prompt, then each token."""
+        finished rows padded with `pad_token_id`; `streamer.put` gets the prompt, then each token.
+
+        `contrast_ids` (left-padded, `contrast_mask`) with `contrast_weight` w > 0: context-aware decoding. Each row's
+        contrast prompt is decoded beside it with the same new tokens, and the next token is scored
+        (1+w)·log p(·|prompt) − w·log p(·|contrast) before any other processing: `generate`'s classifier-free
+        guidance with `guidance_scale` 1+w and the contrast as the negative prompt."""
         import torch
 
         if attention_mask is None:
@@ -233,9 +248,17 @@ class FastGenerator:
             streamer.put(seq.cpu())
         cache = None
         step_ids, step_pos = seq, positions
+        contrast = contrast_ids is not None and contrast_weight > 0
+        if contrast:
+            c_mask = torch.ones_like(contrast_ids) if contrast_mask is None else contrast_mask
+            c_ids, c_pos, c_cache = contrast_ids, (c_mask.long().cumsum(-1) - 1).clamp(min=0), None
         with torch.inference_mode():
             for _ in range(max_new_tokens):
                 logits, cache = self._forward(step_ids, mask, step_pos, cache, first=cache is None)
+                if contrast:
+                    c_logits, c_cache = self._forward(c_ids, c_mask, c_pos, c_cache, first=c_cache is None)
+                    logits = ((1 + contrast_weight) * logits.float().log_softmax(-1)
+                              - contrast_weight * c_logits.float().log_softmax(-1))
                 nxt = next_tokens(logits, seq, repetition_penalty=repetition_penalty, do_sample=do_sample,
                                   logits_processor=logits_processor,
                                   temperature=temperature, top_k=top_k, top_p=top_p)
@@ -249,6 +272,9 @@ class FastGenerator:
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+                if contrast:
+                    c_mask = torch.cat([c_mask, torch.ones_like(c_mask[:, :1])], dim=1)
+                    c_ids, c_pos = nxt[:, None], c_pos[:, -1:] + 1
         if streamer is not None:
             streamer.end()
         return seq

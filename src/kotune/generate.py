@@ -74,6 +74,9 @@ class Chatbot:
         gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         from .statutes import DEFAULT_KB, load_kb
 
+        if gen.context_contrast and not cfg.retrieval.enabled:
+            raise ValueError(f"{run_dir} answers without retrieved articles, so there is nothing to contrast: "
+                             "`context_contrast` works with grounded runs (`retrieval.enabled: true`) only.")
         if not cfg.retrieval.enabled:
             # No retrieval, but the citations a model writes are still checked against the shipped statutes: an
             # article the KB lacks is flagged (retrieval.citation_policy), one it has is listed under the answer.
@@ -126,6 +129,24 @@ class Chatbot:
 
         return {"logits_processor": LogitsProcessorList(procs)}
 
+    def _contrast(self, questions: list[str]) -> dict:
+        """Context-aware decoding (`generation.context_contrast`): each prompt's twin without the articles,
+        left-padded, for the engine to contrast against."""
+        w = self.gen.context_contrast
+        if not w or self.retriever is None:
+            return {}
+        if not getattr(self.model, "supports_contrast", False):
+            raise ValueError("`generation.context_contrast` needs the torch engine (`generation.backend: torch`); "
+                             "set it to 0 to answer with this engine.")
+        import torch
+
+        rows = [self.prompt_ids(q) for q in questions]
+        width = max(map(len, rows))
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
+        return {"contrast_ids": ids, "contrast_mask": mask, "contrast_weight": w}
+
     def answer(self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None) -> Answer:
         import torch
 
@@ -135,7 +156,8 @@ class Chatbot:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                      **self._kwargs(ids.shape[1], max_new_tokens), **self._processors([context], ids.shape[1]))
+                                      **self._kwargs(ids.shape[1], max_new_tokens), **self._processors([context], ids.shape[1]),
+                                      **self._contrast([question]))
         new = out[0, ids.shape[1]:].tolist()
         return self._answer(question, new, time.perf_counter() - t0, context)
 
@@ -155,7 +177,7 @@ class Chatbot:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width),
-                                          **self._processors(contexts, width))
+                                          **self._processors(contexts, width), **self._contrast(chunk))
             dt = (time.perf_counter() - t0) / len(chunk)
             for q, row, ctx in zip(chunk, out[:, width:].tolist(), contexts):
                 results.append(self._answer(q, row, dt, ctx))

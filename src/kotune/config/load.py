@@ -170,6 +170,12 @@ def _semantic_problems(cfg: KotuneConfig) -> list[str]:
                    "`참고 조문:\\n{context}\\n질문: {question}\\n답변: {answer}`.")
     if not cfg.retrieval.enabled and "{context}" in t:
         out.append("`data.template` uses `{context}`: set `retrieval.enabled: true` (or remove `{context}`).")
+    if cfg.generation.context_contrast and not cfg.retrieval.enabled:
+        out.append("`generation.context_contrast` contrasts the prompt with and without its retrieved articles: it needs "
+                   "`retrieval.enabled: true` (or set it to 0).")
+    if cfg.generation.context_contrast and cfg.generation.backend != "torch":
+        out.append("`generation.context_contrast` needs `generation.backend: torch` (llama.cpp runs one prompt per answer); "
+                   "set it to 0 to use llama.cpp.")
     if cfg.data.train_file is None and cfg.data.dataset_name is None:
         out.append("`data.train_file` or `data.dataset_name`: one of them must be set.")
     task = cfg.model.task

@@ -220,6 +220,7 @@ class GenerationSection(_Section):
     repetition_penalty: float = Field(1.1, ge=1.0, description="Penalty on repeating tokens (1.0: none).")
     greedy: bool = Field(False, description="Always pick the most likely token (deterministic).")
     repeat_guard: int = Field(6, ge=0, description="Loop guard: a run of this many generated tokens may occur at most twice in an answer (the prompt and citation lists do not count), which stops the loops small models fall into before EOS. 0: off.")
+    context_contrast: float = Field(0.0, ge=0, le=5, description="Context-aware decoding weight w (grounded runs): each token is scored (1+w)·log p(token | articles, question) − w·log p(token | question), favouring what the retrieved articles make likely over what the model would say without them. Runs a second prompt without the articles beside each answer (torch engine only; more compute per token). 0: off.")
     notice: str | None = Field(None, description="A line shown by `kotune chat` before answers (e.g. that answers are general information, not legal advice).")
     quick_test_questions: list[str] = Field(default_factory=lambda: list(DEFAULT_QUICK_TEST), description="Questions asked by `kotune chat --quick_test`.")
     backend: Literal["torch", "llamacpp"] = Field(
