@@ -207,3 +207,23 @@ def test_predict_command(tiny_gpt2, tmp_path):
     assert len((tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()) == 20
     res = run("predict", out, "--input", tmp_path / "missing.csv")
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_chat_prints_each_cited_articles_summary_and_ask_writes_it(capsys):
+    from kotune.cli import _show_answer
+    from kotune.generate import Answer
+    from kotune.statutes import load_kb
+
+    art = load_kb()[("민법", "303")]
+
+    class Bot:
+        retrieval = None
+
+        def answer(self, question, on_text):
+            on_text("전세권자는 용익하고 우선변제를 받습니다. (근거: 민법 제303조)")
+            return Answer(question, "…", 12, True, 0.1, citations=[art])
+
+    _show_answer(Bot(), "전세권이란?")
+    out = capsys.readouterr().out
+    assert f"근거 조문: 민법 제303조({art.title})" in out and f"요지: {art.summary}" in out
+    assert Answer("q", "a", 1, True, 0.1, citations=[art]).citation_records()[0]["summary"] == art.summary

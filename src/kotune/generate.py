@@ -24,13 +24,13 @@ class Answer:
     new_tokens: int
     stopped: bool  # ended with EOS before max_new_tokens
     seconds: float
-    citations: list = field(default_factory=list)  # valid cited Articles (law, article, title)
+    citations: list = field(default_factory=list)  # valid cited Articles
     flagged: list = field(default_factory=list)  # citations not in the KB or not retrieved
     context: list = field(default_factory=list)  # Articles put into the prompt
     raw_text: str = ""  # the generation before a citation policy marked or dropped anything
 
     def citation_records(self) -> list[dict]:
-        return [{"law": a.law, "article": a.article, "title": a.title, "cite": a.cite} for a in self.citations]
+        return [a.record() for a in self.citations]
 
 
 class HangulSafeStreamer:

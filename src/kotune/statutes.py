@@ -33,6 +33,14 @@ class Article:
     def cite(self) -> str:
         return format_cite(self.law, self.article)
 
+    @property
+    def summary(self) -> str:
+        return " ".join(self.paragraphs)
+
+    def record(self) -> dict:
+        """The article as `ask` output lines and the API's `citations` carry it."""
+        return {"law": self.law, "article": self.article, "title": self.title, "cite": self.cite, "summary": self.summary}
+
 
 def format_cite(law: str, article: str) -> str:
     """('주택임대차보호법', '3의2') → '주택임대차보호법 제3조의2'."""

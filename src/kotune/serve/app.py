@@ -30,10 +30,6 @@ STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 5.0  # an SSE comment while a request waits in the queue, so proxies and clients keep the connection
 
 
-def article_record(a) -> dict:
-    return {"law": a.law, "article": a.article, "title": a.title, "cite": a.cite, "summary": " ".join(a.paragraphs)}
-
-
 def citation_extras(answer, kb: dict | None, checked: bool) -> dict:
     """The extra response fields: checked citations, flagged ones, and the articles put in the prompt.
 
@@ -43,15 +39,15 @@ def citation_extras(answer, kb: dict | None, checked: bool) -> dict:
     the others are flagged.
     """
     if checked:
-        citations, flagged = [article_record(a) for a in answer.citations], list(answer.flagged)
+        citations, flagged = [a.record() for a in answer.citations], list(answer.flagged)
     else:
         citations, flagged = [], []
         for key in find_citations(answer.text):
             if kb and key in kb:
-                citations.append(article_record(kb[key]))
+                citations.append(kb[key].record())
             else:
                 flagged.append(format_cite(*key))
-    return {"citations": citations, "flagged_citations": flagged, "retrieved": [article_record(a) for a in answer.context]}
+    return {"citations": citations, "flagged_citations": flagged, "retrieved": [a.record() for a in answer.context]}
 
 
 def _sse(obj) -> str:
@@ -127,7 +123,7 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
     async def statute(law: str, article: str):
         if not kb or (law, article) not in kb:
             raise APIError(404, f"{format_cite(law, article)} is not in the statute knowledge base.", "not_found_error")
-        return article_record(kb[(law, article)])
+        return kb[(law, article)].record()
 
     def job_for(req: ChatRequest) -> Job:
         if req.model != model_id:
