@@ -29,7 +29,7 @@ def main() -> None:
     for ex in rows:
         for law, num, branch, para in PARAGRAPH.findall(ex.answer):
             art = kb.get((law, f"{num}의{branch}" if branch else num))
-            if art is None or len(" ".join(art.paragraphs)) <= args.chars or int(para) > len(art.paragraphs):
+            if art is None or len(art.summary) <= args.chars or int(para) > len(art.paragraphs):
                 continue
             wanted = art.paragraphs[int(para) - 1][:40]
             cases += 1

@@ -112,7 +112,7 @@ def retrieval_only_answers(retriever, questions: list[str], method: str = "hybri
     for q in questions:
         t0 = time.perf_counter()
         a = retriever.search(q, k=1, method=method)[0].article
-        text = " ".join(a.paragraphs) + f" (근거: {a.cite})"
+        text = a.summary + f" (근거: {a.cite})"
         out.append(Answer(q, text, 0, True, time.perf_counter() - t0, citations=[a], context=[a], raw_text=text))
     return out
 

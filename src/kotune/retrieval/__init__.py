@@ -33,7 +33,7 @@ RRF_K = 60  # the usual constant from Cormack et al. (2009)
 
 
 def article_text(a: Article) -> str:
-    return f"{a.cite} {a.title}. " + " ".join(a.paragraphs) + " " + " ".join(a.keywords)
+    return f"{a.cite} {a.title}. " + a.summary + " " + " ".join(a.keywords)
 
 
 class Morphemes:
@@ -194,7 +194,7 @@ class Retriever:
     def format_context(self, articles: list[Article], question: str, snippet_chars: int) -> str:
         """The prompt's context for `question`: long summaries show the paragraphs most relevant to it."""
         return format_context(articles, snippet_chars, [self.paragraph_ranking(a, question)
-                                                        if len(" ".join(a.paragraphs)) > snippet_chars else []
+                                                        if len(a.summary) > snippet_chars else []
                                                         for a in articles])
 
     def _votes(self, order: list[int], skip: str | None) -> list[int]:
@@ -305,7 +305,7 @@ def format_context(articles: list[Article], snippet_chars: int, rankings: list[l
     shows the most relevant paragraphs that fit, in their own order, instead of its start."""
     lines = []
     for n, a in enumerate(articles):
-        text = " ".join(a.paragraphs)
+        text = a.summary
         if len(text) > snippet_chars:
             text = (_pick_paragraphs(a.paragraphs, rankings[n], snippet_chars) if rankings is not None
                     else text[:snippet_chars].rstrip() + "…")
