@@ -219,6 +219,9 @@ def test_chat_prints_each_cited_articles_summary_and_ask_writes_it(capsys):
     class Bot:
         retrieval = None
 
+        def excerpt(self, article, question):  # an ungrounded bot's: the whole summary
+            return article.summary
+
         def answer(self, question, on_text):
             on_text("전세권자는 용익하고 우선변제를 받습니다. (근거: 민법 제303조)")
             return Answer(question, "…", 12, True, 0.1, citations=[art])

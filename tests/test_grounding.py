@@ -166,3 +166,15 @@ def test_eval_context_contrast_on_grounded_and_ungrounded_runs(grounded_run, tin
     assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["summary"]["questions"] == 2
     res = CliRunner().invoke(app, ["eval", str(tiny_run), *args])  # nothing retrieved, nothing to contrast
     assert res.exit_code == 2 and "retrieval.enabled: true" in res.output and "Traceback" not in res.output
+
+
+def test_chat_shows_a_long_cited_article_as_the_prompt_showed_it(grounded_run, tiny_run):
+    from kotune.generate import Chatbot
+
+    bot = Chatbot.from_run(grounded_run, greedy=True, max_new_tokens=4)
+    q = "계약이 끝났는데 보증금을 못 받았어요. 이사 가도 권리가 남나요?"
+    art = bot.kb[("주택임대차보호법", "3의3")]  # nine paragraphs, over 1000 characters
+    shown = bot.excerpt(art, q)
+    assert len(shown) < len(art.summary)
+    assert f"- {art.cite}({art.title}): {shown}" == bot.retriever.format_context([art], q, bot.retrieval.snippet_chars)
+    assert Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=4).excerpt(art, q) == art.summary  # no retrieval

@@ -111,7 +111,7 @@ def _show_answer(bot, question: str, echo_question: bool = True):
     if a.flagged and bot.retrieval is not None and bot.retrieval.citation_policy != "off":
         typer.echo(f"  (검토: {a.text})")
     for c in a.citations:  # the KB's summary beside the small model's explanation, which can be wrong in substance
-        typer.echo(f"  근거 조문: {c.cite}({c.title})\n    요지: {c.summary}")
+        typer.echo(f"  근거 조문: {c.cite}({c.title})\n    요지: {bot.excerpt(c, question)}")
     if a.flagged:
         typer.echo("  확인되지 않은 인용: " + ", ".join(a.flagged))
     end = "EOS" if a.stopped else f"max_new_tokens ({a.new_tokens} tokens)"

@@ -108,6 +108,13 @@ class Chatbot:
             kw.update(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or None)
         return kw
 
+    def excerpt(self, article, question: str) -> str:
+        """What to show of a cited article under the answer: in a grounded run the paragraphs its prompt showed
+        (the most relevant to the question), else the whole KB summary."""
+        if self.retriever is None:
+            return article.summary
+        return self.retriever.excerpt(article, question.strip(), self.retrieval.snippet_chars)
+
     def prompt_ids(self, question: str, context: list | None = None) -> list[int]:
         text = ""
         if context:

@@ -193,9 +193,14 @@ class Retriever:
 
     def format_context(self, articles: list[Article], question: str, snippet_chars: int) -> str:
         """The prompt's context for `question`: long summaries show the paragraphs most relevant to it."""
-        return format_context(articles, snippet_chars, [self.paragraph_ranking(a, question)
-                                                        if len(a.summary) > snippet_chars else []
-                                                        for a in articles])
+        return "\n".join(f"- {a.cite}({a.title}): {self.excerpt(a, question, snippet_chars)}" for a in articles)
+
+    def excerpt(self, article: Article, question: str, snippet_chars: int) -> str:
+        """`article`'s summary as the prompt shows it for `question`: whole, or its paragraphs most relevant to the
+        question that fit in `snippet_chars`."""
+        if len(article.summary) <= snippet_chars:
+            return article.summary
+        return _pick_paragraphs(article.paragraphs, self.paragraph_ranking(article, question), snippet_chars)
 
     def _votes(self, order: list[int], skip: str | None) -> list[int]:
         """Articles in the order their most similar example question cites them."""
