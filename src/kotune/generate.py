@@ -145,14 +145,18 @@ class Chatbot:
         if not getattr(self.model, "supports_contrast", False):
             raise ValueError("`generation.context_contrast` needs the torch engine (`generation.backend: torch`); "
                              "set it to 0 to answer with this engine.")
+        ids, mask = self._left_pad([self.prompt_ids(q) for q in questions])
+        return {"contrast_ids": ids, "contrast_mask": mask, "contrast_weight": w}
+
+    def _left_pad(self, rows: list[list[int]]):
+        """(ids, attention mask) for prompts of different lengths, padded on the left for decoding."""
         import torch
 
-        rows = [self.prompt_ids(q) for q in questions]
         width = max(map(len, rows))
         pad = self.tok.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
-        return {"contrast_ids": ids, "contrast_mask": mask, "contrast_weight": w}
+        return ids, mask
 
     def answer(self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None) -> Answer:
         import torch
@@ -173,14 +177,11 @@ class Chatbot:
         import torch
 
         results: list[Answer] = []
-        pad = self.tok.pad_token_id
         for k in range(0, len(questions), batch_size):
             chunk = questions[k:k + batch_size]
             contexts = [self.context_for(q) for q in chunk]
-            rows = [self.prompt_ids(q, c) for q, c in zip(chunk, contexts)]
-            width = max(map(len, rows))
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
+            ids, mask = self._left_pad([self.prompt_ids(q, c) for q, c in zip(chunk, contexts)])
+            width = ids.shape[1]
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width),

@@ -193,14 +193,13 @@ class Retriever:
 
     def format_context(self, articles: list[Article], question: str, snippet_chars: int) -> str:
         """The prompt's context for `question`: long summaries show the paragraphs most relevant to it."""
-        return "\n".join(f"- {a.cite}({a.title}): {self.excerpt(a, question, snippet_chars)}" for a in articles)
+        return "\n".join(_context_line(a, self.excerpt(a, question, snippet_chars)) for a in articles)
 
     def excerpt(self, article: Article, question: str, snippet_chars: int) -> str:
         """`article`'s summary as the prompt shows it for `question`: whole, or its paragraphs most relevant to the
         question that fit in `snippet_chars`."""
-        if len(article.summary) <= snippet_chars:
-            return article.summary
-        return _pick_paragraphs(article.paragraphs, self.paragraph_ranking(article, question), snippet_chars)
+        long = len(article.summary) > snippet_chars  # only long articles need (and pay for) a paragraph ranking
+        return excerpt(article, snippet_chars, self.paragraph_ranking(article, question) if long else None)
 
     def _votes(self, order: list[int], skip: str | None) -> list[int]:
         """Articles in the order their most similar example question cites them."""
@@ -308,14 +307,20 @@ def format_context(articles: list[Article], snippet_chars: int, rankings: list[l
     """One line per article: citation, title and its summary, cut to `snippet_chars`. `rankings`: for each
     article, its paragraph indices most relevant first (`Retriever.paragraph_ranking`); a long summary then
     shows the most relevant paragraphs that fit, in their own order, instead of its start."""
-    lines = []
-    for n, a in enumerate(articles):
-        text = a.summary
-        if len(text) > snippet_chars:
-            text = (_pick_paragraphs(a.paragraphs, rankings[n], snippet_chars) if rankings is not None
-                    else text[:snippet_chars].rstrip() + "…")
-        lines.append(f"- {a.cite}({a.title}): {text}")
-    return "\n".join(lines)
+    return "\n".join(_context_line(a, excerpt(a, snippet_chars, None if rankings is None else rankings[n]))
+                     for n, a in enumerate(articles))
+
+
+def _context_line(a: Article, text: str) -> str:
+    return f"- {a.cite}({a.title}): {text}"
+
+
+def excerpt(a: Article, snippet_chars: int, ranking: list[int] | None = None) -> str:
+    """`a`'s summary cut to `snippet_chars`: its best-ranked paragraphs that fit (`ranking`), else its start."""
+    text = a.summary
+    if len(text) <= snippet_chars:
+        return text
+    return _pick_paragraphs(a.paragraphs, ranking, snippet_chars) if ranking is not None else text[:snippet_chars].rstrip() + "…"
 
 
 def _pick_paragraphs(paragraphs: tuple[str, ...], ranking: list[int], budget: int) -> str:
