@@ -36,10 +36,10 @@ def resolve_precision(precision: str, device: str) -> str:
     int8 is never chosen automatically: it changes some greedy tokens (docs/benchmarks.md)."""
     if precision != "auto":
         return precision
-    import torch
-
     if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        from .memory import cuda_has_bf16
+
+        return "bfloat16" if cuda_has_bf16() else "float32"
     from .train import cpu_has_bf16
 
     return "bfloat16" if cpu_has_bf16() else "float32"

@@ -16,16 +16,25 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_precision(setting: str, device: str) -> str | None:
-    """The autocast dtype name, or None for plain fp32."""
+def cuda_has_bf16() -> bool:
+    """Native bf16 on the current CUDA GPU (Ampere or later). `torch.cuda.is_bf16_supported()` alone also says
+    True on a T4 or V100, where bf16 is only emulated (it can create the tensors): there `auto` must choose fp16."""
     import torch
 
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the flag: native bf16 is compute capability 8.0 (Ampere) or later
+        return bool(torch.version.hip) or torch.cuda.get_device_capability() >= (8, 0)
+
+
+def choose_precision(setting: str, device: str) -> str | None:
+    """The autocast dtype name, or None for plain fp32."""
     if setting == "no":
         return None
     if device.startswith("cuda"):
         if setting == "fp16":
             return "float16"
-        if setting == "bf16" or torch.cuda.is_bf16_supported():
+        if setting == "bf16" or cuda_has_bf16():
             return "bfloat16"
         return "float16"
     if setting == "fp16":

@@ -261,9 +261,11 @@ def _bnb_config(quantization: str):
     import torch
     from transformers import BitsAndBytesConfig
 
+    from .memory import cuda_has_bf16
+
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    compute = torch.bfloat16 if cuda_has_bf16() else torch.float16
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute)
 
