@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENCODINGS = ("utf-8-sig", "cp949")  # utf-8-sig also reads plain utf-8; cp949 is a superset of euc-kr
+DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+# Files that are not text at all, recognised by their first bytes: decoding them would only report an encoding problem.
+_BINARY = ((b"PAR1", "a Parquet file"), (b"\x7fELF", "a program"), (b"%PDF", "a PDF document"))
+_SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
 
 
 class DataError(ValueError):
@@ -40,34 +44,87 @@ class DataReport:
     problems: list[str] = field(default_factory=list)  # rows with errors (empty cells, broken JSON)
     duplicates: list[str] = field(default_factory=list)
     skipped: int = 0
+    unit: str = "record"  # what a problem's number counts: CSV rows, JSONL lines, or records of a JSON array / dataset
+    delimiter: str = ","
 
     def summary(self) -> str:
         enc = f", encoding {self.encoding}" if self.encoding else ""
+        if self.delimiter != ",":
+            enc += f", {DELIMITERS[self.delimiter]}-separated"
         return (
             f"{self.path}: {self.rows_read} rows read{enc}; {len(self.problems)} bad, "
             f"{len(self.duplicates)} duplicate, {self.skipped} skipped"
         )
 
 
+def _not_text(path: Path, raw: bytes) -> None:
+    """Refuse workbooks and other binary files by what they are; their bytes would only fail to decode."""
+    if path.suffix.lower() in _SPREADSHEETS or raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
+        raise DataError([f"{path}: this is a spreadsheet workbook (or another zip/binary file), not a text file. Export "
+                         "it to CSV (Excel: File → Save As → 'CSV UTF-8 (comma delimited)') and give the .csv file."])
+    for magic, what in _BINARY:
+        if raw.startswith(magic):
+            hint = " Give it as `data.dataset_name` (needs kotune[datasets])." if magic == b"PAR1" else ""
+            raise DataError([f"{path}: this is {what}, not a CSV or JSONL text file.{hint}"])
+    if b"\x00" in raw[:4096] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError([f"{path}: this is a binary file (it contains NUL bytes), not a CSV or JSONL text file."])
+
+
 def read_text(path: Path, encoding: str | None) -> tuple[str, str]:
     raw = path.read_bytes()
+    _not_text(path, raw)
+    if encoding is None and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode text" export
+        return raw.decode("utf-16"), "utf-16"
     tried = [encoding] if encoding else list(ENCODINGS)
     for enc in tried:
         try:
             return raw.decode(enc), enc
-        except (UnicodeDecodeError, LookupError):
+        except UnicodeDecodeError:
             continue
+        except LookupError:
+            raise DataError([f"{path}: `data.encoding: {enc}` is not an encoding name Python knows; use e.g. utf-8 or cp949, "
+                             "or unset it to detect the encoding."]) from None
     raise DataError(
         [f"{path}: cannot decode as {' or '.join(tried)}. Save it as UTF-8, or set `data.encoding` to the file's encoding."]
     )
 
 
+def _delimiter(path: Path, header_line: str, qcol: str, acol: str) -> str:
+    """The delimiter that splits the header into the expected columns (Excel writes `;` in many locales, tab for
+    "Unicode text"); the suffix's own delimiter is tried first."""
+    order = ["\t", ",", ";", "|"] if path.suffix.lower() == ".tsv" else [",", "\t", ";", "|"]
+    for d in order:
+        cells = [c.strip() for c in next(csv.reader([header_line], delimiter=d))]
+        if qcol in cells and acol in cells:
+            return d
+    return order[0]
+
+
+def _quote_problem(path: Path, text: str, first: int, last: int, err: csv.Error, row: int) -> str:
+    """Where a strict parse failed: the line that opens a quote it never closes, or text after a closing quote."""
+    lines = text.split("\n")  # the line breaks csv counts (splitlines would also break at \x0b, \x1c, …)
+    for n in range(first, min(last, len(lines)) + 1):
+        if lines[n - 1].count('"') % 2:
+            end = ("is never closed" if "end of data" in str(err)
+                   else f"has no closing quote (the next quote, line {last}, is followed by text)")
+            return (f"{path}: row {row} (line {n}): the quoted cell that opens here {end}, so the rows after it would be "
+                    "read as part of this cell. Close the quote, or write a quote inside a cell as \"\".")
+    return (f"{path}: row {row} (line {first}): text follows a closing quote ({err}). A quoted cell must end with its "
+            "quote; write a quote inside a cell as \"\".")
+
+
 def _csv_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -> list[dict]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    report.unit = "row"
+    report.delimiter = d = _delimiter(path, text.split("\n", 1)[0], qcol, acol)
+    csv.field_size_limit(2**31 - 1)  # a long cell is a length problem for the tokenizer to report, not a crash here
+    # strict: an unclosed quote raises instead of silently swallowing the rest of the file into one cell
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=d, strict=True)
     try:
         header = next(reader)
     except StopIteration:
         raise DataError([f"{path}: the file is empty. Expected a header row `{qcol},{acol},category,difficulty`."]) from None
+    except csv.Error as e:
+        raise DataError([_quote_problem(path, text, 1, reader.line_num, e, 1)]) from None
     header = [h.strip() for h in header]
     missing = [c for c in (qcol, acol) if c not in header]
     if missing:
@@ -77,32 +134,62 @@ def _csv_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -
              f"(`data.text_column`/`data.label_column` for classification)."]
         )
     rows = []
-    for i, cells in enumerate(reader, start=2):  # spreadsheet numbering: header is row 1
-        if not any(c.strip() for c in cells):
-            continue
-        if len(cells) != len(header):
-            report.problems.append(
-                f"{path}: row {i} has {len(cells)} cells but the header has {len(header)}; quote cells that contain commas."
-            )
-            continue
-        rows.append({"_row": i, **dict(zip(header, cells))})
+    i, line = 1, reader.line_num
+    try:
+        for i, cells in enumerate(reader, start=2):  # spreadsheet numbering: header is row 1
+            line = reader.line_num
+            if not any(c.strip() for c in cells):
+                continue
+            if len(cells) != len(header):
+                report.problems.append(
+                    f"{path}: row {i} has {len(cells)} cells but the header has {len(header)}; quote cells that contain "
+                    f"{'commas' if d == ',' else DELIMITERS[d] + 's'}."
+                )
+                continue
+            rows.append({"_row": i, **dict(zip(header, cells))})
+    except csv.Error as e:  # fatal: past an unclosed quote no row can be trusted
+        raise DataError([_quote_problem(path, text, line + 1, reader.line_num, e, i + 1)]) from None
     return rows
 
 
-def _jsonl_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -> list[dict]:
-    rows = []
+def json_records(path: Path, text: str, problems: list[str]) -> tuple[str, list[tuple[int, object]]]:
+    """(unit, [(number, value)]): the lines of a JSONL file, or the items of a JSON array file (alpaca's own
+    format). A line that is not JSON goes to `problems`; a whole file that cannot be read raises."""
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError([f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). A file starting "
+                             "with `[` must be one array of objects; JSON lines need one object per line."]) from None
+        if isinstance(data, list):
+            return "record", list(enumerate(data, start=1))
+    items = []
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            items.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
-            report.problems.append(f"{path}: line {i} is not valid JSON ({e.msg} at column {e.colno}).")
-            continue
+            if not items and not problems:
+                try:
+                    whole = json.loads(text)
+                except json.JSONDecodeError:
+                    whole = None
+                if isinstance(whole, dict):
+                    raise DataError([f"{path}: one JSON object spread over several lines. Write one object per line "
+                                     "(JSON lines), or an array of objects `[{…}, {…}]`."]) from None
+            problems.append(f"{path}: line {i} is not valid JSON ({e.msg} at column {e.colno}).")
+    return "line", items
+
+
+def _jsonl_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -> list[dict]:
+    rows = []
+    report.unit, items = json_records(path, text, report.problems)
+    for i, obj in items:
         if not isinstance(obj, dict):
-            report.problems.append(f"{path}: line {i} is not a JSON object.")
+            report.problems.append(f"{path}: {report.unit} {i} is not a JSON object.")
             continue
-        rows.extend(_normalise_record(obj, f"{i}", qcol, acol, path, report, "line"))
+        rows.extend(_normalise_record(obj, f"{i}", qcol, acol, path, report, report.unit))
     return rows
 
 
@@ -165,6 +252,7 @@ def _hf_rows(name: str, split: str, cache_dir: str | None, qcol: str, acol: str,
         raise DataError([f"{name}: could not load the dataset ({type(e).__name__}: {e}). "
                          "Check the name, the network, or pass a local `save_to_disk` folder."]) from None
     rows = []
+    report.unit = "record"
     for i, rec in enumerate(ds, start=1):
         rows.extend(_normalise_record(dict(rec), str(i), qcol, acol, name, report, "record"))
     return rows
@@ -204,10 +292,10 @@ def load_examples(
         elif suffix in (".csv", ".tsv", ".txt"):
             rows = _csv_rows(p, text, qcol, acol, report)
         else:
-            raise DataError([f"{p}: unknown file type `{suffix}`; use .csv or .jsonl, or a `save_to_disk` folder."])
+            raise DataError([f"{p}: unknown file type `{suffix}`; use .csv, .tsv or .jsonl, or a `save_to_disk` folder."])
         origin = str(p)
     report.rows_read = len(rows) + len(report.problems)
-    unit = "row" if origin.endswith(".csv") else "line" if origin.endswith((".jsonl", ".json")) else "record"
+    unit = report.unit
     examples: list[Example] = []
     seen: dict[tuple[str, str], str] = {}
     for r in rows:
@@ -242,21 +330,26 @@ def load_examples(
 
 
 def read_question_lines(path: str | Path, required: tuple[str, ...] = ("question",)) -> list[dict]:
-    """JSONL of question records (for `ask` and `eval`): every line an object whose
+    """JSONL (or a JSON array) of question records (for `ask` and `eval`): every record an object whose
     `required` keys are present and whose `question` is non-empty; `id` defaults to the line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError([f"{path}: file not found." if not path.is_dir() else f"{path}: is a folder; give a .jsonl file."])
+    text, _ = read_text(path, None)
+    problems: list[str] = []
+    unit, items = json_records(path, text, problems)
+    if problems:
+        raise ValueError(problems[0] + ' Each line must be one JSON object, e.g. {"id": 1, "question": "…"}.')
     records = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {i} is not valid JSON ({e.msg}).") from None
+    for i, rec in items:
         if not isinstance(rec, dict) or not str(rec.get("question") or "").strip():
-            raise ValueError(f"{path}: line {i} needs a non-empty \"question\" field.")
+            raise ValueError(f"{path}: {unit} {i} needs a non-empty \"question\" field.")
         missing = [k for k in required if k not in rec]
         if missing:
-            raise ValueError(f"{path}: line {i} lacks {', '.join(missing)}.")
+            raise ValueError(f"{path}: {unit} {i} lacks {', '.join(missing)}.")
         rec.setdefault("id", i)
         records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no questions in the file. Write one JSON object per line, e.g. "
+                         '{"id": 1, "question": "전세권이란 무엇인가요?"}.')
     return records
