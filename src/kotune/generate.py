@@ -68,10 +68,11 @@ class Chatbot:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
+        from .config import apply_overrides
         from .fastgen import load_engine  # the engine named by generation.backend/precision (or an override)
 
         model, tok, cfg = load_engine(run_dir, **overrides)
-        gen = cfg.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        gen = apply_overrides(cfg.generation, "generation", overrides)  # validated: a flag may not set what YAML may not
         from .statutes import DEFAULT_KB, load_kb
 
         if gen.context_contrast and not cfg.retrieval.enabled:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .sections import SECTIONS, ConfigError, DataSection, KotuneConfig
+
+PLACEHOLDERS = ("question", "answer", "context")  # what `data.template` fills in; prompt.split_template
 # The seed's flags (`main_train_cpu.py` / `main_inference_cpu.py`) map onto dotted keys.
 FLAG_KEYS = {
     "csv_path": "data.train_file",
@@ -95,7 +98,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError([f"override `{text}`: expected `section.key=value`."])
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:  # `Q: {question} A: {answer}` is no YAML, but plainly meant as text
+        value = raw.strip()
+    if isinstance(value, dict):  # `{question}…` and `Q: x` read as YAML mappings, and no key takes a mapping
+        value = raw.strip()
     # YAML reads `1e-4` as a string (it wants `1.0e-4`); users mean a number.
     if isinstance(value, str):
         try:
@@ -153,6 +161,26 @@ def load_config(
     return config
 
 
+def apply_overrides(section: BaseModel, name: str, overrides: dict[str, Any]) -> BaseModel:
+    """`section` (the `name` section of a config) with `overrides` from command-line flags (None: not given),
+    validated by the section's own model: a flag cannot set what the YAML file may not."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return section
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = str(err["loc"][0]) if err["loc"] else ""
+            flag = f" (--{key})" if key in given else ""
+            msg = f"`{name}.{key}`{flag}: {err['msg']} (got {err.get('input')!r})."
+            if key == "temperature" and given.get(key) == 0:
+                msg += " Temperature 0 means no sampling: use --greedy for deterministic answers, or a temperature above 0."
+            problems.append(msg)
+        raise ConfigError(problems) from None
+
+
 def _semantic_problems(cfg: KotuneConfig) -> list[str]:
     out = []
     t = cfg.data.template
@@ -160,9 +188,16 @@ def _semantic_problems(cfg: KotuneConfig) -> list[str]:
         out.append("`data.template`: must contain `{question}` and `{answer}`.")
     elif not t.rstrip().endswith("{answer}"):
         out.append("`data.template`: `{answer}` must be the last thing in the template (EOS is appended right after it).")
+    unknown = sorted(set(re.findall(r"\{(\w+)\}", t)) - set(PLACEHOLDERS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], PLACEHOLDERS, n=1, cutoff=0.6)
+        out.append(f"`data.template`: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; only "
+                   f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)} are filled in, anything else would stay as "
+                   "literal text in every sample." + (f" Did you mean `{{{close[0]}}}`?" if close else ""))
     if "\\n" in t:
         out.append("`data.template` contains a literal backslash-n: in YAML write the template in double quotes "
-                   "(\"질문: {question}\\n답변: {answer}\") or as a block, so `\\n` becomes a newline.")
+                   "(\"질문: {question}\\n답변: {answer}\") or as a block, so `\\n` becomes a newline; on the command "
+                   "line: --set 'data.template=\"질문: {question}\\n답변: {answer}\"'.")
     if "</s>" in t or "<eos>" in t:
         out.append("`data.template`: remove the literal EOS string; kotune appends the tokenizer's real EOS id.")
     if cfg.retrieval.enabled and "{context}" not in t:
