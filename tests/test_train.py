@@ -158,7 +158,7 @@ def test_checkpoint_ignores_half_written_folder(tmp_path):
     ckpt.save_checkpoint(root, 2, {"w": torch.ones(2)}, {"step": 2}, keep=3)
     (root / ".tmp-step-0000004-123").mkdir()  # a save killed before its rename
     (root / "step-0000005").mkdir()  # a folder without state: never taken for a checkpoint
-    assert ckpt.find_checkpoint(tmp_path).name == "step-0000002"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-0000002"]
     for s in (3, 4, 6):
         ckpt.save_checkpoint(root, s, {"w": torch.ones(2) * s}, {"step": s}, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-0000004", "step-0000006"]
@@ -180,9 +180,9 @@ def test_ctrl_c_writes_checkpoint_and_resume_finishes(tiny_gpt2, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     assert "checkpoint saved" in output
-    found = ckpt.find_checkpoint(out)
-    assert found is not None
-    step = int(found.name.split("-")[1])
+    found = ckpt.list_checkpoints(out / "checkpoints")
+    assert found
+    step = int(found[-1].name.split("-")[1])
     assert 0 < step < 400
     done = subprocess.run(args[:-0 or None] + ["--resume", "--max_steps", str(step + 2)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

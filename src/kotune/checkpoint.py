@@ -2,11 +2,14 @@
 
 A checkpoint is written into a temporary folder and renamed into place, so a
 kill during a save leaves either the previous checkpoints or the new one —
-never a half-written folder that resume would pick up.
+never a half-written folder that resume would pick up. A save that fails (a full
+disk) removes its partial folder; a checkpoint damaged after it was written is
+named on resume, which falls back to the one before it (`load_intact`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -27,15 +30,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def find_checkpoint(path: Path) -> Path | None:
-    """`path` is a checkpoint itself, a checkpoints folder, or a run folder."""
-    if (path / STATE).is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = list_checkpoints(root)
-        if found:
-            return found[-1]
-    return None
+class CheckpointError(RuntimeError):
+    pass
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict, state: dict, keep: int) -> Path:
@@ -46,12 +42,20 @@ def save_checkpoint(root: Path, step: int, trainable: dict, state: dict, keep: i
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / WEIGHTS))
-    torch.save(state, tmp / STATE)
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / WEIGHTS))
+        torch.save(state, tmp / STATE)
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:  # a full disk surfaces as OSError from torch and as SafetensorError from safetensors
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        then = "continue with `--resume`" if list_checkpoints(root) else "train again"
+        reason = "the disk is full; free some space" if full else f"{str(e).splitlines()[0][:200]}; fix that"
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}, then {then}. "
+                              "The partial checkpoint was removed.") from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -64,9 +68,41 @@ def save_checkpoint(root: Path, step: int, trainable: dict, state: dict, keep: i
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(trainable weights, state); a file that cannot be read raises CheckpointError naming it."""
     import torch
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / WEIGHTS))
-    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except Exception as e:
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable ({str(e).splitlines()[0][:160]})") from None
+    try:
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path / STATE}: unreadable ({str(e).splitlines()[0][:160]})") from None
+    if "step" not in state or "optimizer" not in state:
+        raise CheckpointError(f"{path / STATE}: not a kotune checkpoint state (no step or optimizer state)")
     return weights, state
+
+
+def load_intact(path: Path, warn) -> tuple[Path, dict, dict]:
+    """The newest checkpoint under `path` (a run, a checkpoints folder or one checkpoint) that loads. A broken
+    newer one (truncated by a kill or a full disk) is reported through `warn` and the one before it is used;
+    a checkpoint named directly is used or refused, never replaced by another."""
+    if (path / STATE).is_file() or (path / WEIGHTS).is_file():
+        candidates = [path]
+    else:
+        candidates = next((c for c in (list_checkpoints(path), list_checkpoints(path / "checkpoints")) if c), [])
+    if not candidates:
+        raise CheckpointError(f"no checkpoint found in {path}; train without --resume first.")
+    broken = []
+    for c in reversed(candidates):
+        try:
+            weights, state = load_checkpoint(c)
+        except CheckpointError as e:
+            broken.append(str(e))
+            warn(f"{e}; " + ("trying the checkpoint before it" if c != candidates[0] else "no earlier checkpoint"))
+            continue
+        return c, weights, state
+    raise CheckpointError("no intact checkpoint to resume from:\n" + "\n".join(f"  - {b}" for b in broken) +
+                          "\nStart over with `--overwrite` (the broken run is kept until the new one finishes).")

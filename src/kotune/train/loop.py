@@ -111,29 +111,28 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
 def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | None, overwrite: bool) -> Path:
     import torch
 
-    ckroot = out / "checkpoints"
-    start_ckpt = None
-    if resume:
-        start_ckpt = ckpt.find_checkpoint(out if resume == "latest" else Path(resume))
-        if start_ckpt is None:
-            raise TrainError(f"no checkpoint found in {out if resume == 'latest' else resume}; train without --resume first.")
-    elif ckpt.list_checkpoints(ckroot):
-        if not overwrite:
-            raise TrainError(f"{out} already holds checkpoints. Continue with `--resume`, start over with `--overwrite`, "
-                             "or choose another `--output_dir`.")
-        dd.barrier(d)  # every process has looked before rank 0 deletes
-        if d.main:
-            shutil.rmtree(ckroot)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    dd.barrier(d)
+    from .. import runfolder
 
+    held = None if resume else runfolder.holds_run(out)
+    if held and not overwrite:
+        raise TrainError(f"{out} already holds {held}. Continue with `--resume`, start over with `--overwrite` (the old "
+                         "run is kept until the new one finishes), or choose another `--output_dir`.")
     if d.main:
-        log_path = setup_logging(out, cfg.logging.level, cfg.logging.format)
-    else:
-        log_path = setup_logging(None, "WARNING", cfg.logging.format)
+        runfolder.check_writable(out)
+    # Console only until everything is checked: nothing in `out` changes before the data, model name and template pass.
+    setup_logging(None, cfg.logging.level, cfg.logging.format)
     threads = cfg.training.num_threads or max(1, len(os.sched_getaffinity(0)) // (d.world if device == "cpu" else 1))
     torch.set_num_threads(threads)
     prep = prepare(cfg)
+    start = ckpt.load_intact(out if resume == "latest" else Path(resume), log.warning) if resume else None
+    dd.barrier(d)  # every process has checked before rank 0 moves the old run aside
+    log_path = None
+    if d.main:
+        if held:
+            runfolder.set_aside(out)
+        log_path = setup_logging(out, cfg.logging.level, cfg.logging.format)
+    else:
+        setup_logging(None, "WARNING", cfg.logging.format)
     for r in prep["reports"]:
         log.info(r.summary())
         for msg in r.problems + r.duplicates:
@@ -147,7 +146,17 @@ def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | 
     if d.enabled:
         engine = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}.get(d.engine, "data-parallel (DDP)")
         log.info("%s: %d processes; each takes 1/%d of every batch of %d rows", engine, d.world, d.world, cfg.data.batch_size)
-    return _loop(cfg, prep, out, start_ckpt, log_path, threads, d, device)
+    try:
+        result = _loop(cfg, prep, out, start, log_path, threads, d, device)
+    except BaseException as e:
+        if d.main and (out / runfolder.PREVIOUS).is_dir():
+            # Resumable (a checkpoint of its own, or Ctrl+C): the new run stays and the old one waits beside it.
+            resumable = isinstance(e, Interrupted) or bool(ckpt.list_checkpoints(out / "checkpoints"))
+            log.warning(runfolder.settle(out, log_path, resumable))
+        raise
+    if d.main:
+        runfolder.discard_previous(out)  # the new run is complete: the one it replaced can go
+    return result
 
 
 def _build_model(cfg: KotuneConfig, prep: dict, device: str):
@@ -181,7 +190,7 @@ def _build_model(cfg: KotuneConfig, prep: dict, device: str):
     return model, (lc.target_modules or targets) if lc.enabled else "all (full fine-tune)"
 
 
-def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log_path: Path | None, threads: int,
+def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_path: Path | None, threads: int,
           d: dd.Dist, device: str) -> Path:
     import torch
 
@@ -215,8 +224,8 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start_ckpt: Path | None, log
     epoch_acc = [0.0, 0]
 
     step = 0
-    if start_ckpt is not None:
-        weights, state = ckpt.load_checkpoint(start_ckpt)
+    if start is not None:
+        start_ckpt, weights, state = start
         missing = set(params) - set(weights)
         if missing:
             raise TrainError(f"{start_ckpt} does not match this model/LoRA config (missing {sorted(missing)[:3]}…).")
