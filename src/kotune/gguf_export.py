@@ -106,13 +106,16 @@ def write_merged_gguf(template: Path, merged: dict, output: Path, weight_type: s
             data = t.data
             writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, t.tensor_type)
         payload.append(data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for data in payload:
-        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
-    writer.close()
-    os.replace(tmp, output)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for data in payload:
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+        writer.close()
+        os.replace(tmp, output)
+    finally:  # a failed write (full disk) leaves no partial file behind
+        tmp.unlink(missing_ok=True)
     return {"replaced": len(merged), "copied": len(reader.tensors) - len(merged)}
 
 
@@ -124,9 +127,10 @@ def adapted_weights(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     from .config import load_config
-    from .model import resolve_model
+    from .model import check_run_files, resolve_model
 
     cfg = load_config(run_dir / "config.yaml")
+    check_run_files(run_dir)
     acfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     scale = acfg["lora_alpha"] / acfg["r"]
     if acfg.get("use_rslora"):
@@ -155,11 +159,22 @@ def adapted_weights(run_dir: Path) -> dict:
 def export_gguf(run_dir: str | Path, output: str | Path | None = None, weight_type: str = "q8_0") -> Path:
     """Write `<run>/model-<type>.gguf` (or `output`): the run's merged model for llama.cpp."""
     from .config import load_config
-    from .model import ModelError
+    from .model import ModelError, check_run_files
+    from .runfolder import check_writable, refuse_inside_run
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
         raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/). Train one with `kotune train`.")
+    if weight_type not in WEIGHT_TYPES:
+        raise ExportError(f"unknown GGUF weight type {weight_type!r}; use one of {', '.join(WEIGHT_TYPES)}.")
+    out = Path(output) if output else run / f"model-{weight_type}.gguf"
+    if out.is_dir():  # like cp: a folder receives the file under its default name
+        out = out / f"model-{weight_type}.gguf"
+    if out.suffix.lower() != ".gguf":
+        raise ExportError(f"{out}: `--output` is the GGUF file to write; give a name ending in .gguf.")
+    refuse_inside_run(out, run, own="model-*.gguf")
+    check_writable(out.parent)
+    check_run_files(run)
     cfg = load_config(run / "config.yaml")
     template = base_gguf(cfg.model.name, cfg.model.cache_dir)
     if template is None:
@@ -177,7 +192,6 @@ def export_gguf(run_dir: str | Path, output: str | Path | None = None, weight_ty
         if g is None:
             raise ExportError(f"no GGUF name for {hf_name} in architecture {reader_arch}.")
         merged[g] = w
-    out = Path(output) if output else run / f"model-{weight_type}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     stats = write_merged_gguf(template, merged, out, weight_type,
                               extra_kv={gguf.Keys.General.NAME: (f"kotune {run.name}", gguf.GGUFValueType.STRING)})

@@ -294,6 +294,37 @@ def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, fan_i
         raise ModelError(f"LoRA targets {target_modules} do not match this model ({e}). Module names it has: {', '.join(names[:40])}") from None
 
 
+def check_weights(path: Path) -> None:
+    """Read a safetensors file's header, so a damaged file (cut short by a kill or a full disk, or replaced by
+    another format) is named here instead of failing deep inside PEFT or transformers."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ModelError(f"{path}: missing. The run folder is incomplete; train it again (or restore the file).")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:
+        raise ModelError(f"{path}: damaged or not a safetensors file ({str(e).splitlines()[0][:160]}). Train the run "
+                         "again, or restore the file from a copy.") from None
+
+
+def check_run_files(run: Path, full: bool = False) -> None:
+    """The adapter (or full model) files of a finished run are readable; a damaged one raises naming it."""
+    import json
+
+    if full:
+        for f in sorted((run / "model").glob("*.safetensors")) or [run / "model" / "model.safetensors"]:
+            check_weights(f)
+        return
+    conf = run / "adapter" / "adapter_config.json"
+    try:
+        json.loads(conf.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{conf}: damaged ({e}). Train the run again, or restore the file from a copy.") from None
+    check_weights(run / "adapter" / "adapter_model.safetensors")
+
+
 def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = None):
     """Load a run folder for inference: (model, tokenizer, config). The run folder is all
     that is needed: its config names the base model, its adapter and tokenizer are inside."""
@@ -308,7 +339,12 @@ def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = Non
         raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/ or model/). Train one with `kotune train`.")
     cfg = load_config(run / "config.yaml")
     task = cfg.model.task
-    tok = AutoTokenizer.from_pretrained(str(run))
+    check_run_files(run, full)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(run))
+    except Exception as e:
+        raise ModelError(f"{run}: cannot load the run's tokenizer files ({str(e).splitlines()[0][:160]}). Train the run "
+                         "again, or restore tokenizer.json from a copy.") from None
     labels = run_labels(run) if task == "text-classification" else None
     if full:  # a full fine-tune: the run folder holds the whole model
         resolved = ResolvedModel(str(run / "model"), None, None)
@@ -337,12 +373,25 @@ def run_labels(run: Path) -> list[str]:
 
 
 def merge_run(run_dir: str | Path, output: str | Path) -> Path:
-    """Write base + adapter as one safetensors model folder (with tokenizer and notice)."""
+    """Write base + adapter as one safetensors model folder (with tokenizer and notice). The folder is written
+    beside its final name and renamed into place, so a failure leaves no half-written model."""
+    from .config import load_config
+    from .runfolder import check_merge_output
+
     run, out = Path(run_dir), Path(output)
+    if (run / "config.yaml").is_file():
+        cfg = load_config(run / "config.yaml")
+        check_merge_output(out, run, Path(resolve_model(cfg.model.name, cfg.model.cache_dir).path))
     model, tok, cfg = load_run(run, merge=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    if (run / "NOTICE").is_file():
-        shutil.copy(run / "NOTICE", out / "NOTICE")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if (run / "NOTICE").is_file():
+            shutil.copy(run / "NOTICE", tmp / "NOTICE")
+        if out.is_dir():  # an earlier merge (check_merge_output allows no other folder): replaced whole
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -70,15 +70,23 @@ def predict_records(model, tok, cfg, texts: list[str], labels: list[str] | None,
 
 def predict_file(run: str | Path, input_path: str | Path, output: str | Path | None = None, batch_size: int = 16) -> dict:
     """Predict every record of `input_path`; write JSONL to `output` (or return the records)."""
+    from .config import load_config
     from .model import ModelError, load_run, run_labels
 
-    model, tok, cfg = load_run(run)
+    if not (Path(run) / "config.yaml").is_file():
+        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml). Train one with `kotune train`.")
+    cfg = load_config(Path(run) / "config.yaml")
     task = cfg.model.task
     if task == "causal-lm":
         raise ModelError(f"{run} is a causal-lm run: use `kotune ask` / `kotune chat` for it. `predict` is for "
                          "text-classification and text2text runs.")
     text_col, gold_col = input_column(cfg.data, task), target_column(cfg.data, task)
-    records = read_inputs(input_path, text_col, cfg.data.encoding)
+    records = read_inputs(input_path, text_col, cfg.data.encoding)  # before the model loads: a bad file fails at once
+    if output is not None:
+        from .runfolder import check_output_file
+
+        check_output_file(Path(output), Path(run), inputs=(Path(input_path),))
+    model, tok, cfg = load_run(run)
     labels = run_labels(Path(run)) if task == "text-classification" else None
     preds = predict_records(model, tok, cfg, [str(r[text_col]) for r in records], labels, batch_size)
     rows = [{**r, **p} for r, p in zip(records, preds)]
