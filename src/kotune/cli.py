@@ -14,13 +14,21 @@ from typing import List, Optional
 
 import typer
 
+from .cliguard import Guarded
 from .config import ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(cls=Guarded, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="kotune: fine-tune Korean language models with LoRA, then chat, ask and merge.")
 
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an unexpected error "
+                                                                "(may also be given after the command).")):
+    pass
+
+
 _KNOWN_ERRORS = ("ConfigError", "DataError", "ModelError", "TrainError", "TemplateError", "ValueError", "FileNotFoundError",
-                 "ImportError", "ExportError")
+                 "ImportError", "ExportError", "CheckpointError", "OutputError")
 
 
 def _fail(err: Exception) -> None:
@@ -70,7 +78,8 @@ def train(
     checkpoint_path: Optional[str] = typer.Option(None, "--checkpoint_path", help="With --resume: the checkpoint (or run folder) to continue from."),
     dry_run: bool = typer.Option(False, "--dry_run", help="Validate config and data, print statistics and one rendered sample, then exit."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue from the latest checkpoint of the run folder, or from PATH."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already has checkpoints."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already holds a run "
+                                   "(finished, or checkpoints); the old run is kept until the new one finishes."),
 ):
     """Fine-tune (LoRA or full): causal-LM, text-classification or text2text, as model.task says.
 
@@ -96,6 +105,13 @@ def _bot(run: Optional[str], model_path: Optional[str], **gen):
     path = run or model_path
     if not path:
         _fail(ValueError("give the run folder: kotune chat RUN (or --model_path RUN)."))
+    if (Path(path) / "config.yaml").is_file():  # flags are checked before the model loads, as the config would be
+        from .config import apply_overrides
+
+        try:
+            apply_overrides(load_config(Path(path) / "config.yaml").generation, "generation", gen)
+        except ConfigError as e:
+            _fail(e)
     from .generate import Chatbot
 
     return _run(Chatbot.from_run, path, **gen)
@@ -164,15 +180,18 @@ def ask(
     run: str = typer.Argument(..., help="Run folder."),
     questions: Path = typer.Option(..., "--questions", help='JSONL input, lines {"id": …, "question": …}.'),
     output: Path = typer.Option(..., "--output", help="JSONL output: the input lines plus \"answer\"."),
-    batch_size: int = typer.Option(8, "--batch_size", help="Questions generated together."),
+    batch_size: int = typer.Option(8, "--batch_size", min=1, help="Questions generated together."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
     greedy: Optional[bool] = typer.Option(None, "--greedy/--sample"),
 ):
     """Answer a batch file of questions."""
+    from .data import read_question_lines
     from .generate import ask_file
+    from .runfolder import check_output_file
 
-    if not questions.is_file():
-        _fail(FileNotFoundError(f"{questions}: file not found."))
+    # Every input is checked before the model loads (which takes seconds to minutes).
+    _run(read_question_lines, questions)
+    _run(check_output_file, output, Path(run), inputs=(questions,))
     bot = _bot(run, None, max_new_tokens=max_new_tokens, greedy=greedy)
     stats = _run(ask_file, bot, questions, output, batch_size)
     typer.echo(f"wrote {output}: {stats['questions']} answers, {stats['stopped_at_eos']} ended with EOS, "
@@ -184,7 +203,7 @@ def predict(
     run: str = typer.Argument(..., help="Run folder of a text-classification or text2text run."),
     input: Path = typer.Option(..., "--input", "-i", help="CSV or JSONL with the run's input column (data.text_column)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL output: each record plus prediction (and score). Default: print."),
-    batch_size: int = typer.Option(16, "--batch_size"),
+    batch_size: int = typer.Option(16, "--batch_size", min=1),
 ):
     """Predict labels (text-classification) or targets (text2text) for a file; scores them when it has the target column."""
     from .predict import predict_file
@@ -282,7 +301,7 @@ def export(
 @app.command()
 def retrieve(
     question: str = typer.Argument(..., help="A question, as a user would ask it."),
-    k: int = typer.Option(5, "--k", help="How many articles to show."),
+    k: int = typer.Option(5, "--k", min=1, help="How many articles to show."),
     method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (votes of similar example questions plus the article classifiers) or hybrid (reciprocal-rank fusion of all)."),
     kb: Optional[Path] = typer.Option(None, "--kb", help="Statute knowledge-base folder (default: the KB shipped with kotune, src/kotune/kb)."),
     examples: Optional[List[Path]] = typer.Option(None, "--examples", help=EXAMPLES_HELP),
@@ -303,8 +322,8 @@ def evaluate(
     retrieval_only: bool = typer.Option(False, "--retrieval_only", help="Baseline: answer with the top-1 retrieved article's summary."),
     examples: Optional[List[Path]] = typer.Option(None, "--examples", help="With --retrieval_only: " + EXAMPLES_HELP),
     method: str = typer.Option("hybrid", "--method", help="With --retrieval_only: the retrieval method (bm25, dense, examples, hybrid)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
-    batch_size: int = typer.Option(8, "--batch_size"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
+    batch_size: int = typer.Option(8, "--batch_size", min=1),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
     context_contrast: Optional[float] = typer.Option(None, "--context_contrast", min=0, max=5,
                                                      help="Override the run's generation.context_contrast (context-aware decoding weight; 0: off)."),
@@ -314,6 +333,10 @@ def evaluate(
     from .statutes import DEFAULT_KB, load_kb
 
     items = _run(load_dev, questions)[:limit]
+    if output:  # the report is written after every answer: a bad path must fail now, not then
+        from .runfolder import check_output_file
+
+        _run(check_output_file, output, Path(run) if run else None, inputs=(questions,))
     qs = [i["question"] for i in items]
     kb = _run(load_kb, DEFAULT_KB)
     if retrieval_only:
@@ -343,11 +366,11 @@ def evaluate(
 def serve(
     run: str = typer.Argument(..., help="Run folder written by `kotune train`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The default is loopback only; set an API key before binding others."),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, "--api-key", "--api_key", envvar="KOTUNE_API_KEY",
                                           help="Require `Authorization: Bearer KEY` on every /v1 route (or set KOTUNE_API_KEY)."),
-    max_tokens_limit: int = typer.Option(1024, "--max_tokens_limit", help="Largest max_tokens a request may ask for."),
-    max_queue: int = typer.Option(64, "--max_queue", help="Requests waiting or generating at once; more get HTTP 429."),
+    max_tokens_limit: int = typer.Option(1024, "--max_tokens_limit", min=1, help="Largest max_tokens a request may ask for."),
+    max_queue: int = typer.Option(64, "--max_queue", min=1, help="Requests waiting or generating at once; more get HTTP 429."),
     greedy: Optional[bool] = typer.Option(None, "--greedy/--sample", help="Default decoding (a request's temperature overrides it)."),
 ):
     """Serve a run: OpenAI-compatible API (/v1/chat/completions, /v1/models), /health and a chat page at /."""
@@ -398,13 +421,15 @@ def show_config(
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
-    """`--resume` may stand alone (latest checkpoint) or take a PATH."""
+    """`--resume` may stand alone (latest checkpoint) or take a PATH; `--debug` may come anywhere."""
     out = []
     for i, a in enumerate(argv):
+        if a == "--debug":
+            continue
         out.append(a)
         if a == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-") or argv[i + 1].endswith((".yaml", ".yml"))):
             out.append("latest")
-    return out
+    return ["--debug"] * ("--debug" in argv) + out
 
 
 def main() -> None:
