@@ -56,8 +56,11 @@ TINY_GEMMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   query_pre_attn_scalar=16, attention_bias=False, final_logit_softcapping=None,
                   attn_logit_softcapping=None, tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"])
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
-# Relative tolerance for GPU bf16 vs the CPU reference eval answer loss (see docs/benchmarks.md, GPU section).
-LOSS_TOLERANCE = 0.03
+# GPU bf16 against the CPU reference: eval answer loss and every step's training loss within 2 %, the tolerance
+# docs/benchmarks.md set for CPU bf16 against fp32 (every step within 2 %).
+LOSS_TOLERANCE = 0.02
+# On the device no step starts after --budget-s, and one already running may overrun it by this much.
+GRACE_S = 45
 
 
 def sha256_bytes(*chunks: bytes) -> str:
@@ -596,7 +599,7 @@ class Check:
         self.say(f"{'PASS' if ok else 'SKIP' if ok is None else 'FAIL'} {name}: {detail}")
 
     def worker(self, kind: str, spec: dict, name: str, timeout: float, cpu: bool = False) -> dict:
-        if self.left() < 20:
+        if self.left() < 0:
             self.r["skipped"].append(f"{name}: time budget ({self.args.budget_s} s) spent")
             return {"ok": False, "error": "skipped: time budget spent", "budget": True}
         spec_f, res_f = self.work / f"{name}.spec.json", self.work / f"{name}.result.json"
@@ -609,9 +612,13 @@ class Check:
         self.log.write(f"\n===== {name} ({kind}) =====\n")
         self.log.flush()
         t = time.perf_counter()
+        # On the device every step has its limit (the session's device time is short); the CPU dry run has none
+        # unless --budget-s is given: on a shared 2-core CPU one 270M step can take a minute.
+        # A step started inside the budget may run GRACE_S past it, so the report is written before the call's limit.
+        limit = None if self.mode == "cpu" and not self.args.budget_s else max(10, min(timeout, self.left() + GRACE_S))
         try:
             subprocess.run([sys.executable, __file__, "_worker", kind, str(spec_f), str(res_f)], env=env, cwd=ROOT,
-                           stdout=self.log, stderr=subprocess.STDOUT, timeout=max(10, min(timeout, self.left())))
+                           stdout=self.log, stderr=subprocess.STDOUT, timeout=limit)
         except subprocess.TimeoutExpired:
             return {"ok": False, "error": f"timed out after {time.perf_counter() - t:.0f} s"}
         if not res_f.is_file():
@@ -682,7 +689,7 @@ class Check:
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", *files]
         t = time.perf_counter()
         try:
-            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=min(240, self.left()))
+            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=min(240, self.left() + GRACE_S))
             text, rc = p.stdout + p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
             text, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), 124
@@ -737,6 +744,8 @@ class Check:
             p = self.train("cap_probe", [f"memory.max_gpu_memory_usage={frac}", "memory.mixed_precision=bf16",
                                          "training.max_steps=2", "training.save_steps=100000"], 180)
             self.r["cap_probe"] = {**p, "fraction": frac, "cap_mib": a.probe_cap_mib}
+            if p.get("budget"):
+                return self.check(f"cap enforced ({a.probe_cap_mib} MiB)", None, p["error"])
             self.check(f"cap enforced ({a.probe_cap_mib} MiB)", bool(p.get("oom")),
                        f"out-of-memory with {p.get('free_mib_at_oom')} MiB of the GPU still free" if p.get("oom")
                        else f"no out-of-memory: {p.get('error') or 'trained under a cap smaller than the model'}")
@@ -744,6 +753,8 @@ class Check:
             self.check("cap enforced", None, "needs CUDA (the cap is ignored on CPU)")
 
     def training_checks(self, name: str, r: dict) -> None:
+        if r.get("budget"):
+            return self.check(f"train {name}", None, r["error"])
         if not r.get("ok"):
             if r.get("needs_cuda") or (self.mode == "cpu" and "CUDA" in r.get("error", "")):
                 self.check(f"train {name}", None, "needs CUDA: " + r["error"].split(": ", 1)[-1][:160])
@@ -777,13 +788,10 @@ class Check:
                        f"{self.args.steps} steps in {self.expected_path.name}: measure it with "
                        "`bash bench/gpu_check.sh --cpu --write-expected`")
             return
-        same_start = ref.get("weights_sha256") == self.r["model"]["weights_sha256"]
-        same_rows = ref.get("tokens_sha256") == r.get("tokens_sha256")
-        diff = (r["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"]
+        ok, detail, diff, steps = compare_losses(r, ref, self.r["model"]["weights_sha256"])
         self.r["reference_diff"] = round(diff, 4)
-        detail = (f"{r['device']} {r['eval_loss']:.4f} vs CPU {ref['eval_loss']:.4f} ({100 * diff:+.2f} %, tolerance "
-                  f"{100 * LOSS_TOLERANCE:.0f} %); same initial weights: {same_start}; same token ids: {same_rows}")
-        self.check("eval loss vs CPU", abs(diff) <= LOSS_TOLERANCE and same_start and same_rows, detail)
+        self.r["reference_step_diffs"] = [round(x, 4) for x in steps]
+        self.check("eval loss vs CPU", ok, detail)
 
     def write_expected(self, r: dict) -> None:
         if not r.get("ok") or r["device"] != "cpu":
@@ -807,12 +815,14 @@ class Check:
     def generation(self) -> None:
         src = self.r["train"].get("bf16", {})
         if not src.get("ok"):
-            self.check("fast engine", False, "no trained run to generate from")
+            self.check("fast engine", None if src.get("budget") else False, "no trained run to generate from")
             return
         a = self.args
         g = self.worker("generate", {"run": src["run"], "rows": str(self.bundle / "eval.jsonl"), "precisions": ["auto", "float32"],
                                      "single": a.gen_prompts, "batch": 8, "max_new_tokens": a.gen_tokens}, "generate", 400)
         self.r["generation"] = g
+        if g.get("budget"):
+            return self.check("fast engine", None, g["error"])
         if not g.get("ok"):
             self.check("fast engine", False, g.get("error", "?")[:300])
             return
@@ -826,7 +836,7 @@ class Check:
     def resume(self) -> None:
         src = self.r["train"].get("bf16", {})
         if not src.get("ok"):
-            self.check("resume on CPU", False, "no trained run with a checkpoint")
+            self.check("resume on CPU", None if src.get("budget") else False, "no trained run with a checkpoint")
             return
         a = self.args
         run, copy = Path(src["run"]), self.work / "runs" / "resume_cpu"
@@ -847,6 +857,8 @@ class Check:
                                   "answer": {"rows": str(self.bundle / "eval.jsonl"), "max_new_tokens": 24, "also": [str(run)]}},
                         "resume_cpu", 600, cpu=True)
         self.r["resume"] = {**r, "from": keep[-1].name, "taken_on": src["device"]}
+        if r.get("budget"):
+            return self.check("resume on CPU", None, r["error"])
         if not r.get("ok"):
             self.check("resume on CPU", False, r.get("error", "?")[:300])
             return
@@ -893,8 +905,6 @@ def render_markdown(r: dict) -> str:
     for c in r["checks"]:
         res = "pass" if c["ok"] else "skipped" if c["ok"] is None else "**FAIL**"
         lines.append(f"| {c['check']} | {res} | {c['detail'].replace('|', '/')} |")
-    for s in r.get("skipped", []):
-        lines.append(f"| {s.split(':')[0]} | skipped | {s.replace('|', '/')} |")
     if r.get("pytest"):
         p = r["pytest"]
         lines += ["", f"`{p['command']}`: {p['summary']} (exit {p['rc']}, {p['seconds']} s; full output in pytest.txt)"]
@@ -947,6 +957,35 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def compare_losses(run: dict, ref: dict, weights_sha256: str | None) -> tuple[bool, str, float, list[float]]:
+    """GPU (or any) bf16 run against the CPU reference: eval answer loss and the training loss of every step."""
+    same_start = ref.get("weights_sha256") == weights_sha256
+    same_rows = ref.get("tokens_sha256") == run.get("tokens_sha256")
+    diff = (run["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"]
+    steps = [(a - b) / b for a, b in zip(run["losses"], ref.get("losses") or [])]
+    worst = max(steps, key=abs) if steps else 0.0
+    detail = (f"{run['device']} {run['eval_loss']:.4f} vs CPU {ref['eval_loss']:.4f} ({100 * diff:+.2f} %); training loss "
+              f"step 1 {100 * (steps[0] if steps else 0):+.2f} %, worst step {100 * worst:+.2f} % (tolerance "
+              f"{100 * LOSS_TOLERANCE:.0f} %); same initial weights: {same_start}; same token ids: {same_rows}")
+    ok = abs(diff) <= LOSS_TOLERANCE and abs(worst) <= LOSS_TOLERANCE and same_start and same_rows
+    return ok, detail, diff, steps
+
+
+def cmd_compare(args) -> int:
+    """A device report against a CPU reference measured later (or again): the eval answer losses side by side."""
+    r = json.loads(Path(args.report).read_text(encoding="utf-8"))
+    refs = json.loads(Path(args.expected).read_text(encoding="utf-8")).get("references", {})
+    ref = refs.get(r["bundle"]["fingerprint"], {}).get(str(r["steps"]))
+    t = r.get("train", {}).get("bf16", {})
+    if ref is None or not t.get("ok"):
+        print(f"nothing to compare: reference {'found' if ref else 'missing'} for bundle {r['bundle']['fingerprint']} "
+              f"at {r['steps']} steps; bf16 run {'ok' if t.get('ok') else 'failed'}")
+        return 1
+    ok, detail, _, _ = compare_losses(t, ref, r.get("model", {}).get("weights_sha256"))
+    print(("PASS " if ok else "FAIL ") + detail)
+    return 0 if ok else 1
+
+
 # ====================================================================== command line
 
 def main(argv=None) -> int:
@@ -976,6 +1015,10 @@ def main(argv=None) -> int:
     p.add_argument("--expected", default=str(EXPECTED))
     p.add_argument("--write-expected", action="store_true", help="store the CPU eval loss as the reference")
     p.set_defaults(fn=lambda a: Check(a).run())
+    p = sub.add_parser("compare", help="a device report.json against the CPU reference in --expected")
+    p.add_argument("report")
+    p.add_argument("--expected", default=str(EXPECTED))
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("slim-wheel", help="drop bitsandbytes' native libraries for other CUDA/ROCm releases")
     p.add_argument("wheel")
     p.add_argument("--keep", nargs="+", default=["cpu", "cuda128", "cuda130", "cuda132"])

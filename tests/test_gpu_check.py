@@ -144,7 +144,7 @@ def test_cuda_report_logic_with_canned_worker_results(tmp_path):
     (bundle / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     expected = tmp_path / "expected.json"
     expected.write_text(json.dumps({"references": {"f00d": {"30": {
-        "eval_loss": 2.02, "weights_sha256": "w", "tokens_sha256": {"train": "t", "eval": "e"}, "host": "cpu", "measured": "d",
+        "eval_loss": 2.02, "losses": [3.01] * 30, "weights_sha256": "w", "tokens_sha256": {"train": "t", "eval": "e"}, "host": "cpu", "measured": "d",
         "mixed_precision": "bf16", "wall_s": 100.0}}}}), encoding="utf-8")
     args = argparse.Namespace(
         out=str(tmp_path / "out"), work=str(tmp_path / "work"), bundle=str(bundle), cpu=False, tiny=False, steps=30,
@@ -212,3 +212,19 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     ref = json.loads(expected.read_text(encoding="utf-8"))["references"][report["bundle"]["fingerprint"]]["4"]
     assert ref["eval_loss"] == report["train"]["bf16"]["eval_loss"]
     assert "## Training" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_steps_past_the_budget_are_reported_as_skipped(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "meta.json").write_text(json.dumps({"fingerprint": "f", "source_config": "c", "tokens_sha256": {}}), encoding="utf-8")
+    args = argparse.Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), bundle=str(bundle), cpu=False, tiny=False,
+                              steps=30, cap=0.25, probe_cap_mib=512, gen_tokens=8, gen_prompts=2, budget_s=-1.0, skip=[],
+                              expected=str(tmp_path / "none.json"), write_expected=False, config="")
+    check = gpu_check.Check(args)
+    check.r["versions"], check.r["model"] = {"gpu_memory_mib": 81559}, {"weights_sha256": "w"}
+    check.training()
+    check.generation()
+    check.save()
+    assert check.r["checks"] and all(c["ok"] is None for c in check.r["checks"] if c["check"].startswith(("train", "cap enforced")))
+    assert (tmp_path / "out" / "report.md").is_file() and "time budget" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
