@@ -47,5 +47,11 @@ def citing_bot(tiny_gpt2):
         opt.step()
         opt.zero_grad()
     model.eval()
-    assert bot.answer(CITING_QUESTION).text == CITING_ANSWER, "the tiny model did not learn its one answer"
+    assert bot.answer(CITING_QUESTION).raw_text == CITING_ANSWER, "the tiny model did not learn its one answer"
     return bot
+
+
+def citing_text(bot) -> str:
+    """What the user reads for CITING_QUESTION: the article's rule in the KB's words, then the model's answer."""
+    rule = bot.rule_for(CITING_QUESTION, bot.context_for(CITING_QUESTION))
+    return rule + "\n\n" + CITING_ANSWER if rule else CITING_ANSWER

@@ -178,3 +178,84 @@ def test_chat_shows_a_long_cited_article_as_the_prompt_showed_it(grounded_run, t
     assert len(shown) < len(art.summary)
     assert f"- {art.cite}({art.title}): {shown}" == bot.retriever.format_context([art], q, bot.retrieval.snippet_chars)
     assert Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=4).excerpt(art, q) == art.summary  # no retrieval
+
+
+OUT_OF_SCOPE = ["오늘 날씨 어때?", "이혼하면 재산분할은 어떻게 하나요?", "회사에서 갑자기 해고당했어요", "점심 메뉴 추천해줘",
+                "교통사고 합의금은 얼마가 적당한가요?", "양도소득세 계산 좀 해주세요", "안녕하세요 반가워요", "상속 포기는 어떻게 하나요?",
+                "취득세 감면 받을 수 있나요?", "친구가 돈을 안 갚아요 고소할 수 있나요?", "코딩 공부 어떻게 시작해요?", "퇴직금은 언제 받나요?"]
+
+
+@pytest.fixture(scope="module")
+def abstaining_run(tiny_gpt2, tmp_path_factory):
+    from kotune.train import train
+
+    root = tmp_path_factory.mktemp("abstaining")
+    oos = root / "oos.jsonl"
+    oos.write_text("".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in OUT_OF_SCOPE), encoding="utf-8")
+    cfg = tiny_config(tiny_gpt2, write_csv(root / "qa.csv", qa_rows()), root / "run", training={"max_steps": 1},
+                      retrieval={**GROUNDED, "k": 1, "out_of_scope_examples": f"[{oos}]", "abstain_in_scope": 0.05},
+                      data={"template": TEMPLATE, "max_length": 900})
+    return train(cfg)
+
+
+def test_grounded_answer_states_the_rule_then_the_checked_application(abstaining_run):
+    from kotune.generate import Chatbot
+
+    bot = Chatbot.from_run(abstaining_run, greedy=True, max_new_tokens=4)
+    q = "전세권에 대해 알려주세요 5번?"
+    [art] = bot.context_for(q)
+    fake = "전세권은 20년 동안 씁니다. 전세금을 내고 쓰는 권리입니다. (근거: 민법 제303조)"
+    a = bot._answer(q, bot.tok(fake, add_special_tokens=False)["input_ids"] + [bot.tok.eos_token_id], 0.1, [art])
+    rule, application = a.text.split("\n\n")
+    assert rule == f"{art.cite}({art.title}): {bot.excerpt(art, q)}"  # the KB's words for the relevant paragraphs
+    assert application == "전세금을 내고 쓰는 권리입니다. (근거: 민법 제303조)"
+    assert a.dropped == ["전세권은 20년 동안 씁니다."] and a.raw_text == fake  # 20년 is in neither article nor question
+    shown: list[str] = []
+    streamed = bot.answer(q, on_text=shown.append)  # chat and the API stream what the answer holds
+    assert "".join(shown) == streamed.text and streamed.text.startswith(rule)
+
+
+def test_out_of_scope_and_non_korean_questions_are_refused_without_citations(abstaining_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from kotune.cli import app
+    from kotune.generate import Chatbot, ask_file
+    from kotune.grounded import ABSTAIN_MESSAGE, LANGUAGE_MESSAGE
+
+    assert (abstaining_run / "retrieval_out_of_scope.jsonl").is_file()  # the run folder is all chat needs
+    bot = Chatbot.from_run(abstaining_run, greedy=True, max_new_tokens=4)
+    cal = bot.retriever.calibration
+    assert 0 < cal.threshold < 1 and cal.examples["out_of_scope"] == len(OUT_OF_SCOPE)
+    out = bot.answer(OUT_OF_SCOPE[0])
+    assert out.abstained and out.text == ABSTAIN_MESSAGE and not out.citations and out.scope < cal.threshold
+    inside = bot.answer("전세권에 대해 알려주세요 7번?")
+    assert not inside.abstained and inside.scope >= cal.threshold and "민법 제303조" in inside.text
+    english = bot.answer("How do I get my deposit back?")
+    assert english.abstained and english.text == LANGUAGE_MESSAGE
+    for bad, says in (("   ", "empty"), ("가" * 20000, "20,000 characters")):
+        with pytest.raises(ValueError, match=says):
+            bot.answer(bad)
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"id": "a", "question": OUT_OF_SCOPE[3]}, ensure_ascii=False) + "\n"
+                 + json.dumps({"id": "b", "question": "대항력에 대해 알려주세요 1번?"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    ask_file(bot, q, tmp_path / "a.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [x["abstained"] for x in lines] == [True, False] and lines[0]["citations"] == []
+
+    long_q = tmp_path / "long.jsonl"
+    long_q.write_text(json.dumps({"id": 7, "question": "가" * 20000}) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["ask", str(abstaining_run), "--questions", str(long_q), "--output", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2 and "record 7" in res.output and "max_question_chars" in res.output
+
+    oos = tmp_path / "oos.jsonl"
+    oos.write_text("".join(json.dumps({"question": x}, ensure_ascii=False) + "\n" for x in OUT_OF_SCOPE[:2]), encoding="utf-8")
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"id": 1, "question": "확정일자에 대해 알려주세요 2번?", "citations": ["주택임대차보호법 제3조의2"],
+                               "key_facts": [["확정일자"]]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["eval", str(abstaining_run), "--questions", str(dev), "--out_of_scope", str(oos),
+                                   "--max_new_tokens", "3", "--output", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert report["summary"]["abstain_rate"] == 0 and report["summary"]["citation_hit"] == 1
+    assert report["out_of_scope_summary"] == {"questions": 2, "abstain_rate": 1.0, "cited_rate": 0.0}

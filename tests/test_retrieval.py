@@ -234,3 +234,29 @@ def test_gap_marks_do_not_cut_the_last_paragraph():
     # 21 characters of paragraphs and a space; the " … " gap mark passes the budget instead of cutting "다"
     assert retrieval.format_context([art], 21, [[0, 2, 1]]) == "- 민법 제1조(t): " + "가" * 10 + " … " + "다" * 10
     assert retrieval.format_context([art], 20, [[0, 2, 1]]) == "- 민법 제1조(t): " + "가" * 10
+
+
+def test_scope_threshold_is_calibrated_out_of_fold_to_the_in_scope_target():
+    import numpy as np
+
+    from kotune.retrieval.scope import ScopeModel, calibrate
+
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=16)
+
+    def rows(sign, n):
+        x = sign * centre + 1.5 * rng.normal(size=(n, 16))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    vectors = np.concatenate([rows(1, 150), rows(-1, 50)]).astype("float32")
+    tokens = [["전세", f"w{i % 9}"] for i in range(150)] + [["날씨", f"w{i % 9}"] for i in range(50)]
+    in_scope = [True] * 150 + [False] * 50
+    cal = calibrate(vectors, tokens, in_scope, in_scope_rate=0.04)
+    at = next(r for r in cal.curve if r["threshold"] == round(cal.threshold, 4))
+    assert at["in_scope_abstained"] <= 0.04 and at["out_of_scope_abstained"] > 0.8
+    rates = [r["in_scope_abstained"] for r in cal.curve]
+    assert rates == sorted(rates) and cal.examples == {"in_scope": 150, "out_of_scope": 50}
+    model = ScopeModel(vectors, tokens, in_scope)
+    assert model.score(vectors[0], tokens[0]) > cal.threshold > model.score(vectors[-1], tokens[-1])
+    with pytest.raises(ValueError, match="in-scope and out-of-scope"):
+        ScopeModel(vectors[:5], tokens[:5], [True] * 5)

@@ -15,7 +15,7 @@ pytest.importorskip("httpx")
 
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from serving import CITING_ANSWER, CITING_QUESTION  # noqa: E402
+from serving import CITING_QUESTION, citing_text  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
@@ -110,6 +110,7 @@ def test_completion_schema_and_stream_carry_the_same_answer(bot):
     (body(max_tokens=100_000), 400, "max_tokens", "max_tokens_too_large"),
     (body(max_tokens=0), 400, "max_tokens", None),
     (body("가" * 5000), 400, "messages[0].content", "message_too_long"),
+    (body("가" * 3000), 400, "messages[0].content", "invalid_question"),  # over generation.max_question_chars
     (body() | {"messages": []}, 400, "messages", None),
     (body() | {"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}, 400, "messages", None),
     (body() | {"messages": [{"role": "wizard", "content": "질문"}]}, 400, "messages.0.role", None),
@@ -158,7 +159,7 @@ def test_grounded_answer_carries_structured_citations(citing_bot):
         events = streamed(c, body(CITING_QUESTION, stream=True))
         art = c.get("/v1/statutes/민법/303").json()
         missing = c.get("/v1/statutes/민법/9999")
-    assert full["choices"][0]["message"]["content"] == CITING_ANSWER
+    assert full["choices"][0]["message"]["content"] == citing_text(citing_bot) and full["abstained"] is False
     [cite] = full["citations"]
     assert (cite["law"], cite["article"], cite["cite"]) == ("민법", "303", "민법 제303조")
     assert cite["title"] == art["title"] and cite["summary"] == art["summary"] and len(cite["summary"]) > 20

@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from serving import CITING_ANSWER, CITING_QUESTION  # noqa: E402
+from serving import CITING_QUESTION, citing_text  # noqa: E402
 
 CHROMIUM = os.environ.get("KOTUNE_CHROMIUM", "/usr/bin/chromium")
 
@@ -36,7 +36,7 @@ def site(citing_bot):
         yield url
 
 
-def test_page_streams_an_answer_and_opens_its_citation(browser, site):
+def test_page_streams_an_answer_and_opens_its_citation(browser, site, citing_bot):
     page = browser.new_page(viewport={"width": 1100, "height": 760})
     external = []
     page.on("request", lambda r: None if r.url.startswith(site) else external.append(r.url))
@@ -55,8 +55,9 @@ def test_page_streams_an_answer_and_opens_its_citation(browser, site):
     page.press("#question", "Enter")
     answer = page.locator(".msg.assistant").first
     sync_api.expect(answer).to_have_attribute("data-done", "stop", timeout=60_000)
-    assert answer.locator(".bubble").inner_text() == CITING_ANSWER
-    partial = [t for t in page.evaluate("window.seen") if t and CITING_ANSWER.startswith(t) and t != CITING_ANSWER]
+    expected = citing_text(citing_bot)
+    assert answer.locator(".bubble").inner_text() == expected
+    partial = [t for t in page.evaluate("window.seen") if t and expected.startswith(t) and t != expected]
     assert len(set(partial)) >= 2, "the answer appeared at once, not streamed"
 
     chip = answer.locator(".chip.cited")

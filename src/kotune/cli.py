@@ -122,14 +122,23 @@ def _show_answer(bot, question: str, echo_question: bool = True):
     if echo_question:
         typer.echo(f"질문: {question}")
     typer.echo("답변: ", nl=False)
-    a = bot.answer(question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    a = _run(bot.answer, question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     typer.echo("")
+    if a.abstained:
+        scope = f", scope {a.scope:.2f} < {bot.retriever.calibration.threshold:.2f}" if a.scope is not None else ""
+        typer.echo(f"  [답변하지 않음: 근거로 삼을 조문이 없는 질문{scope}]\n")
+        return a
     if a.flagged and bot.retrieval is not None and bot.retrieval.citation_policy != "off":
         typer.echo(f"  (검토: {a.text})")
-    for c in a.citations:  # the KB's summary beside the small model's explanation, which can be wrong in substance
-        typer.echo(f"  근거 조문: {c.cite}({c.title})\n    요지: {bot.excerpt(c, question)}")
+    for c in a.citations:
+        if a.rule:  # the answer already starts with the article's relevant paragraphs
+            typer.echo(f"  근거 조문: {c.cite}({c.title})")
+        else:  # the KB's summary beside the model's explanation, which can be wrong in substance
+            typer.echo(f"  근거 조문: {c.cite}({c.title})\n    요지: {bot.excerpt(c, question)}")
     if a.flagged:
         typer.echo("  확인되지 않은 인용: " + ", ".join(a.flagged))
+    if a.dropped:
+        typer.echo(f"  (조문과 질문에 없는 기간·비율이 있어 뺀 문장 {len(a.dropped)}개)")
     end = "EOS" if a.stopped else f"max_new_tokens ({a.new_tokens} tokens)"
     typer.echo(f"  [{a.new_tokens} tokens, {a.seconds:.1f}s, stopped by {end}]\n")
     return a
@@ -172,7 +181,10 @@ def chat(
             if q.lower() in EXIT_WORDS:
                 break
             if q:
-                _show_answer(bot, q, echo_question=False)
+                try:
+                    _show_answer(bot, q, echo_question=False)
+                except typer.Exit:  # a question that cannot be answered (too long): say why, keep the session
+                    continue
 
 
 @app.command()
@@ -272,17 +284,20 @@ def merge(
     typer.echo(f"merged model written to {out}")
 
 
+DEFAULT_OUT_OF_SCOPE = "data/civil_law_out_of_scope.jsonl"
 EXAMPLES_HELP = ("Example questions for retrieval: a Q&A training file (e.g. data/civil_law_qa.csv), a file of "
                  "{\"question\", \"citations\"} lines (data/civil_law_questions.jsonl) or a run's retrieval_examples.jsonl. "
                  "Repeat to use several.")
 
 
-def _retriever(kb_dir: Optional[Path], examples: Optional[List[Path]]):
+def _retriever(kb_dir: Optional[Path], examples: Optional[List[Path]], out_of_scope: Optional[List[Path]] = None):
+    from .prepare import out_of_scope_questions
     from .retrieval import Retriever, load_examples_file
     from .statutes import DEFAULT_KB, load_kb
 
     pairs = [p for f in examples for p in _run(load_examples_file, f)] if examples else None
-    return _run(Retriever, _run(load_kb, kb_dir or DEFAULT_KB), examples=pairs)
+    oos = _run(out_of_scope_questions, [str(f) for f in out_of_scope]) if out_of_scope else None
+    return _run(Retriever, _run(load_kb, kb_dir or DEFAULT_KB), examples=pairs, out_of_scope=oos)
 
 
 @app.command()
@@ -327,26 +342,42 @@ def evaluate(
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
     context_contrast: Optional[float] = typer.Option(None, "--context_contrast", min=0, max=5,
                                                      help="Override the run's generation.context_contrast (context-aware decoding weight; 0: off)."),
+    out_of_scope: Optional[Path] = typer.Option(
+        None, "--out_of_scope", help="Also answer these questions, which no KB article answers (JSONL `{\"question\"}` "
+        "lines), and report how often the system abstained and how often it cited an article anyway. "
+        f"Default: {DEFAULT_OUT_OF_SCOPE} when it exists; `--out_of_scope none` to skip."),
+    abstain_examples: Optional[List[Path]] = typer.Option(
+        None, "--abstain_examples", help="With --retrieval_only: out-of-scope example questions (as "
+        "`retrieval.out_of_scope_examples`) that let the baseline abstain as the chatbot does. Repeat to use several."),
 ):
-    """Score answers on a dev set: citation hit/precision/recall, key facts, ROUGE-L, stop rate, latency."""
-    from .evaluate import evaluate_answers, load_dev, markdown_table, retrieval_only_answers
+    """Score answers on a dev set: citation hit/precision/recall, key facts, ROUGE-L, stop rate, latency, abstentions
+    (and, on out-of-scope questions, how often the system abstained or cited anyway)."""
+    from .data import read_question_lines
+    from .evaluate import evaluate_answers, load_dev, markdown_table, out_of_scope_summary, retrieval_only_answers
     from .statutes import DEFAULT_KB, load_kb
 
     items = _run(load_dev, questions)[:limit]
+    if out_of_scope is None and Path(DEFAULT_OUT_OF_SCOPE).is_file():
+        out_of_scope = Path(DEFAULT_OUT_OF_SCOPE)
+    oos = _run(read_question_lines, out_of_scope)[:limit] if out_of_scope and str(out_of_scope) != "none" else []
     if output:  # the report is written after every answer: a bad path must fail now, not then
         from .runfolder import check_output_file
 
         _run(check_output_file, output, Path(run) if run else None, inputs=(questions,))
     qs = [i["question"] for i in items]
     kb = _run(load_kb, DEFAULT_KB)
+    oos_qs = [r["question"] for r in oos]
     if retrieval_only:
-        name, answers = "retrieval-only", _run(retrieval_only_answers, _retriever(None, examples), qs, method)
+        retriever = _retriever(None, examples, abstain_examples)
+        name, answers = "retrieval-only", _run(retrieval_only_answers, retriever, qs, method)
+        oos_answers = _run(retrieval_only_answers, retriever, oos_qs, method)
     else:
         if not run:
             _fail(ValueError("give a run folder, or --retrieval_only."))
         bot = _bot(run, None, greedy=True, max_new_tokens=max_new_tokens, context_contrast=context_contrast)
         kb = bot.kb or kb
-        name, answers = Path(run).name, bot.answer_batch(qs, batch_size=batch_size)
+        name, answers = Path(run).name, _run(bot.answer_batch, qs, batch_size=batch_size)
+        oos_answers = _run(bot.answer_batch, oos_qs, batch_size=batch_size)
     try:
         from .retrieval import Morphemes
 
@@ -354,11 +385,20 @@ def evaluate(
     except ImportError:
         tokenize = None
     summary, rows = evaluate_answers(items, answers, kb, tokenize)
+    report = {"system": name, "questions": str(questions), "summary": summary, "rows": rows}
+    if oos:
+        o = out_of_scope_summary(oos_answers)
+        summary.update(out_of_scope_abstain_rate=o["abstain_rate"], out_of_scope_cited_rate=o["cited_rate"])
+        report.update(out_of_scope=str(out_of_scope), out_of_scope_summary=o,
+                      out_of_scope_rows=[{"id": r.get("id"), "question": r["question"], "answer": a.text,
+                                          "abstained": a.abstained, "scope": a.scope} for r, a in zip(oos, oos_answers)])
     typer.echo(markdown_table({name: summary}))
+    if oos:
+        typer.echo(f"out of scope ({out_of_scope}, {len(oos)} questions): abstained {o['abstain_rate']:.3f}, "
+                   f"cited an article anyway {o['cited_rate']:.3f}")
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"system": name, "questions": str(questions), "summary": summary, "rows": rows},
-                                     ensure_ascii=False, indent=2), encoding="utf-8")
+        output.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
         typer.echo(f"report written to {output}")
 
 

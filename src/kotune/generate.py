@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .data import read_question_lines
 from .prompt import encode_prompt, split_template
 
 EXIT_WORDS = {"quit", "exit", "종료", "나가기", "q"}
+OUT_OF_SCOPE_FILE = "retrieval_out_of_scope.jsonl"  # in a run folder: the questions the scope classifier learnt to refuse
 
 
 @dataclass
@@ -28,6 +30,10 @@ class Answer:
     flagged: list = field(default_factory=list)  # citations not in the KB or not retrieved
     context: list = field(default_factory=list)  # Articles put into the prompt
     raw_text: str = ""  # the generation before a citation policy marked or dropped anything
+    abstained: bool = False  # a refusal (outside the KB's scope, or not Korean) instead of an answer
+    scope: float | None = None  # the retriever's P(in scope), when it has out-of-scope examples
+    dropped: list = field(default_factory=list)  # sentences of the generation removed by the quantity check
+    rule: str = ""  # the article's relevant paragraphs the answer starts with (grounded on one article), else ""
 
     def citation_records(self) -> list[dict]:
         return [a.record() for a in self.citations]
@@ -87,13 +93,55 @@ class Chatbot:
         kb = load_kb(Path(run_dir) / "statutes")
         ex_file = Path(run_dir) / "retrieval_examples.jsonl"
         examples = load_examples_file(ex_file) if ex_file.is_file() else None
-        return cls(model, tok, cfg.data.template, gen, cfg.retrieval, kb, Retriever(kb, examples=examples))
+        oos_file = Path(run_dir) / OUT_OF_SCOPE_FILE
+        oos = [r["question"] for r in read_question_lines(oos_file)] if oos_file.is_file() else None
+        retriever = Retriever(kb, examples=examples, out_of_scope=oos, abstain_in_scope=cfg.retrieval.abstain_in_scope)
+        return cls(model, tok, cfg.data.template, gen, cfg.retrieval, kb, retriever)
 
     def context_for(self, question: str) -> list:
         if self.retriever is None:
             return []
         r = self.retrieval
         return [h.article for h in self.retriever.search(question, k=r.answer_k or r.k, method=r.method)]
+
+    def check_question(self, question: str) -> str:
+        """The question, stripped; a clear error for one that cannot be answered at all."""
+        q = (question or "").strip()
+        if not q:
+            raise ValueError("the question is empty: write a question.")
+        if len(q) > self.gen.max_question_chars:
+            raise ValueError(f"the question is {len(q):,} characters long; the limit is {self.gen.max_question_chars:,} "
+                             "(generation.max_question_chars). Shorten it to the situation and the question.")
+        return q
+
+    def refusal_for(self, question: str) -> tuple[str | None, float | None]:
+        """(the message to give instead of an answer, or None; the scope score). Only grounded runs refuse: an
+        ungrounded model has no knowledge base to be outside of."""
+        if self.retriever is None:
+            return None, None
+        from .grounded import ABSTAIN_MESSAGE, refusal
+
+        score = self.retriever.scope(question)
+        text = refusal(question, score is None or score >= self.retriever.calibration.threshold)
+        if text == ABSTAIN_MESSAGE and self.retrieval.abstain_message:
+            text = self.retrieval.abstain_message
+        return text, score
+
+    def rule_for(self, question: str, context: list) -> str:
+        """The rule a grounded answer starts with: its one article's paragraphs relevant to the question. With
+        several articles in the prompt the model picks one, which is only known once it has cited it: no rule."""
+        if self.retriever is None or len(context) != 1:
+            return ""
+        from .grounded import rule_line
+
+        return rule_line(context[0], self.excerpt(context[0], question))
+
+    def _gate(self, question: str, context: list, on_text=None):
+        """The quantity check of a grounded answer's application: its sources are the articles and the question."""
+        from .grounded import SentenceGate, quantities
+
+        allowed = quantities(question).union(*(quantities(a.summary) for a in context))
+        return SentenceGate(allowed, on_text)
 
     def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
         g = self.gen
@@ -162,24 +210,46 @@ class Chatbot:
     def answer(self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None) -> Answer:
         import torch
 
+        question = self.check_question(question)
+        t0 = time.perf_counter()
+        refused, score = self.refusal_for(question)
+        if refused is not None:
+            if on_text:
+                on_text(refused)
+            return Answer(question, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score)
         context = self.context_for(question)
+        gate = None
+        if on_text and self.rule_for(question, context):
+            on_text(self.rule_for(question, context) + "\n\n")
+            gate = self._gate(question, context, on_text)
+            on_text = gate.feed
         ids = torch.tensor([self.prompt_ids(question, context)], device=self.model.device)
         streamer = HangulSafeStreamer(self.tok, on_text) if on_text else None
-        t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                       **self._kwargs(ids.shape[1], max_new_tokens), **self._processors([context], ids.shape[1]),
                                       **self._contrast([question]))
         new = out[0, ids.shape[1]:].tolist()
-        return self._answer(question, new, time.perf_counter() - t0, context)
+        if gate is not None:
+            gate.close()  # the gate holds the last sentence until it knows it ended
+        return self._answer(question, new, time.perf_counter() - t0, context, score)
 
     def answer_batch(self, questions: list[str], batch_size: int = 8) -> list[Answer]:
         """Left-padded batches; each answer is cut at its own EOS."""
         import torch
 
-        results: list[Answer] = []
-        for k in range(0, len(questions), batch_size):
-            chunk = questions[k:k + batch_size]
+        questions = [self.check_question(q) for q in questions]
+        results: dict[int, Answer] = {}
+        todo = []
+        for i, q in enumerate(questions):
+            t0 = time.perf_counter()
+            refused, score = self.refusal_for(q)
+            if refused is not None:
+                results[i] = Answer(q, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score)
+            else:
+                todo.append((i, score))
+        for k in range(0, len(todo), batch_size):
+            chunk = [questions[i] for i, _ in todo[k:k + batch_size]]
             contexts = [self.context_for(q) for q in chunk]
             ids, mask = self._left_pad([self.prompt_ids(q, c) for q, c in zip(chunk, contexts)])
             width = ids.shape[1]
@@ -188,17 +258,25 @@ class Chatbot:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width),
                                           **self._processors(contexts, width), **self._contrast(chunk))
             dt = (time.perf_counter() - t0) / len(chunk)
-            for q, row, ctx in zip(chunk, out[:, width:].tolist(), contexts):
-                results.append(self._answer(q, row, dt, ctx))
-        return results
+            for (i, score), q, row, ctx in zip(todo[k:k + batch_size], chunk, out[:, width:].tolist(), contexts):
+                results[i] = self._answer(q, row, dt, ctx, score)
+        return [results[i] for i in range(len(questions))]
 
-    def _answer(self, question: str, new: list[int], seconds: float, context: list | None = None) -> Answer:
+    def _answer(self, question: str, new: list[int], seconds: float, context: list | None = None,
+                score: float | None = None) -> Answer:
         eos = self.tok.eos_token_id
         stopped = eos in new
         if stopped:
             new = new[: new.index(eos) + 1]
         text = self.tok.decode(new, skip_special_tokens=True).strip()
-        answer = Answer(question, text, len(new), stopped, seconds, context=context or [], raw_text=text)
+        raw, dropped = text, []
+        rule = self.rule_for(question, context or [])
+        if rule:  # the rule in the KB's words, then the model's application with unsupported quantities removed
+            gate = self._gate(question, context)
+            gate.feed(text)
+            text, dropped = rule + "\n\n" + gate.close(), gate.dropped
+        answer = Answer(question, text, len(new), stopped, seconds, context=context or [], raw_text=raw, scope=score,
+                        dropped=dropped, rule=rule)
         if self.kb is not None:
             from .retrieval import apply_citation_policy, check_citations
 
@@ -214,14 +292,22 @@ def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: 
     """`{"id","question"}` lines in, the same lines plus `"answer"` out."""
     import json
 
-    from .data import read_question_lines
+    from .data import DataError
 
     records = read_question_lines(questions_path)
+    problems = []
+    for r in records:
+        try:
+            bot.check_question(r["question"])
+        except ValueError as e:
+            problems.append(f"{questions_path}: record {r['id']}: {e}")
+    if problems:
+        raise DataError(problems)
     answers = bot.answer_batch([r["question"] for r in records], batch_size=batch_size)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with output_path.open("w", encoding="utf-8") as f:
         for rec, a in zip(records, answers):
-            out = {**rec, "answer": a.text, "stopped": a.stopped}
+            out = {**rec, "answer": a.text, "stopped": a.stopped, "abstained": a.abstained}
             if bot.kb is not None:
                 out["citations"] = a.citation_records()
                 out["flagged_citations"] = a.flagged

@@ -61,7 +61,7 @@ def prepare(cfg: KotuneConfig):
     tok = load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     d, task = cfg.data, cfg.model.task
     train_ctx = eval_ctx = None
-    examples = []
+    examples, out_of_scope = [], []
     if cfg.retrieval.enabled:
         from .retrieval import example_pairs
         from .statutes import DEFAULT_KB, load_kb
@@ -69,6 +69,7 @@ def prepare(cfg: KotuneConfig):
         kb = load_kb(cfg.retrieval.kb_dir or DEFAULT_KB)
         examples = example_pairs(train_ex) if cfg.retrieval.example_questions else []
         examples += extra_examples(cfg.retrieval.extra_examples, kb)
+        out_of_scope = out_of_scope_questions(cfg.retrieval.out_of_scope_examples)
         train_ctx, eval_ctx = grounding_contexts(cfg, kb, train_ex, eval_ex, examples)
     labels = label2id = None
     if task == "text-classification":
@@ -92,7 +93,22 @@ def prepare(cfg: KotuneConfig):
         check_encoded(train_enc[0], tok.eos_token_id, tok.pad_token_id)
     stats = length_stats(lengths, d.max_length)
     return dict(resolved=resolved, tokenizer=tok, train=train_enc, eval=eval_enc, reports=reports,
-                long_rows=long_rows, stats=stats, labels=labels, retrieval_examples=examples)
+                long_rows=long_rows, stats=stats, labels=labels, retrieval_examples=examples, out_of_scope=out_of_scope)
+
+
+def out_of_scope_questions(files: list[str]) -> list[str]:
+    """The questions of `retrieval.out_of_scope_examples`, every problem reported at once."""
+    from .data import read_question_lines
+
+    questions, problems = [], []
+    for f in files:
+        try:
+            questions += [r["question"].strip() for r in read_question_lines(f)]
+        except (DataError, ValueError) as e:
+            problems.append(f"retrieval.out_of_scope_examples: {e}")
+    if problems:
+        raise DataError(problems + ["fix the file, or remove it from `retrieval.out_of_scope_examples`."])
+    return questions
 
 
 def extra_examples(files: list[str], kb: dict) -> list:

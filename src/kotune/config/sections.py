@@ -221,6 +221,7 @@ class GenerationSection(_Section):
     greedy: bool = Field(False, description="Always pick the most likely token (deterministic).")
     repeat_guard: int = Field(6, ge=0, description="Loop guard: a run of this many generated tokens may occur at most twice in an answer (the prompt and citation lists do not count), which stops the loops small models fall into before EOS. 0: off.")
     context_contrast: float = Field(0.0, ge=0, le=5, description="Context-aware decoding weight w (grounded runs): each token is scored (1+w)·log p(token | articles, question) − w·log p(token | question), favouring what the retrieved articles make likely over what the model would say without them. Runs a second prompt without the articles beside each answer (torch engine only; more compute per token). 0: off.")
+    max_question_chars: int = Field(2000, ge=1, description="Longest question answered, in characters (chat, ask, eval, serve); a longer one gets a clear error instead of a prompt far longer than any the model was trained on.")
     notice: str | None = Field(None, description="A line shown by `kotune chat` before answers (e.g. that answers are general information, not legal advice).")
     quick_test_questions: list[str] = Field(default_factory=lambda: list(DEFAULT_QUICK_TEST), description="Questions asked by `kotune chat --quick_test`.")
     backend: Literal["torch", "llamacpp"] = Field(
@@ -249,6 +250,9 @@ class RetrievalSection(_Section):
     snippet_chars: int = Field(160, ge=20, description="Characters of each article's summary shown in the prompt (keeps prompts short). A longer summary shows the whole paragraphs most relevant to the question that fit, in their own order (the first one cut if it alone is longer).")
     constrain_citations: bool = Field(True, description="While the model writes `(근거: …)`, let it cite only the retrieved articles (and paragraphs they have): a rule on the decoder, so no citation can be invented or come from outside the context.")
     citation_policy: Literal["mark", "drop", "off"] = Field("mark", description="Citations of articles that do not exist or were not retrieved: `mark` them in the answer, `drop` them, or leave them (`off`).")
+    out_of_scope_examples: list[str] = Field(default_factory=list, description="Files of questions that no article of the KB answers (`{\"question\"}` lines: other laws, other topics, chat), e.g. `data/out_of_scope_examples.jsonl`. With them a classifier learns in scope (the example questions) against out of scope, and the chatbot abstains, citing nothing, on a question it scores out of scope. The run folder keeps them (`retrieval_out_of_scope.jsonl`). Empty: never abstain.")
+    abstain_in_scope: float = Field(0.02, ge=0, lt=0.5, description="Sets the abstention threshold: the highest one at which at most this share of the in-scope example questions, each scored while held out of a 5-fold cross-validation, would be abstained (the curve: `bench/abstain_curve.py`).")
+    abstain_message: str | None = Field(None, description="What the chatbot says instead of an answer to an out-of-scope question. Unset: a Korean message that the question is outside the statutes it answers from, with where to ask instead (대한법률구조공단 132, a lawyer).")
 
 
 class KotuneConfig(_Section):

@@ -109,10 +109,15 @@ class Retriever:
     """`examples`: (question, [(law, article), …]) pairs — usually the training rows."""
 
     def __init__(self, kb: dict[tuple[str, str], Article], cache_dir: str | Path | None = None,
-                 examples: list[tuple[str, list[tuple[str, str]]]] | None = None):
+                 examples: list[tuple[str, list[tuple[str, str]]]] | None = None,
+                 out_of_scope: list[str] | None = None, abstain_in_scope: float = 0.02):
+        """`out_of_scope`: questions with no basis in the KB; with them (and examples) the retriever also scores
+        whether a question is in scope (`scope`), abstaining below a threshold calibrated so that at most
+        `abstain_in_scope` of the in-scope examples would be abstained (scope.py)."""
         from ..config import cache_root
 
         root = Path(cache_dir) if cache_dir else cache_root() / "retrieval"
+        self._queries: dict[str, tuple] = {}  # question -> (morphemes, e5 vector): search and scope share them
         self.articles = list(kb.values())
         self.morph = Morphemes()
         self.index = _Index([article_text(a) for a in self.articles], self.morph, root, query_side=False)
@@ -131,6 +136,48 @@ class Retriever:
         self.words, self.word_classifier = self._word_classifier() if self.examples else (None, None)
         self._df = Counter(t for toks in self.index.tokens for t in set(toks))  # articles holding each morpheme
         self._paragraphs: dict[tuple[str, str], tuple] = {}  # article -> (morphemes, vectors) of its paragraphs
+        self.scope_model = self.calibration = None
+        if out_of_scope and self.examples:
+            self._scope(list(dict.fromkeys(out_of_scope)), abstain_in_scope, root)
+
+    def _scope(self, questions: list[str], rate: float, root: Path) -> None:
+        """The in-scope classifier and its calibrated threshold (cached beside the index: 5 folds take seconds)."""
+        import numpy as np
+
+        from .scope import Calibration, ScopeModel, calibrate
+
+        oos = _Index(questions, self.morph, root, query_side=True)
+        vectors = np.concatenate([self.ex_index.vectors, oos.vectors])
+        tokens = self.ex_index.tokens + oos.tokens
+        in_scope = [True] * self.ex_index.size + [False] * oos.size
+        self.scope_model = ScopeModel(vectors, tokens, in_scope)
+        key = hashlib.sha1(json.dumps([[q for q, _ in self.examples], questions, rate], ensure_ascii=False).encode())
+        path = root / f"scope-{key.hexdigest()[:16]}.json"
+        if path.is_file():
+            self.calibration = Calibration(**json.loads(path.read_text(encoding="utf-8")))
+        else:
+            self.calibration = calibrate(vectors, tokens, in_scope, rate)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.calibration.__dict__, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    def query(self, question: str) -> tuple[list[str], object]:
+        """(morphemes, e5 query vector) of a question, computed once for search and scope."""
+        if question not in self._queries:
+            if len(self._queries) > 256:
+                self._queries.clear()
+            self._queries[question] = (self.morph(question), _embed([question], query=True)[0])
+        return self._queries[question]
+
+    def scope(self, question: str) -> float | None:
+        """P(question is within the KB's scope), or None without out-of-scope examples."""
+        if self.scope_model is None:
+            return None
+        tokens, vector = self.query(question)
+        return self.scope_model.score(vector, tokens)
+
+    def in_scope(self, question: str) -> bool:
+        score = self.scope(question)
+        return score is None or score >= self.calibration.threshold
 
     def _targets(self):
         """One row per example question (its articles, weights summing to 1), then one per article (itself),
@@ -218,8 +265,7 @@ class Retriever:
             raise ValueError(f"unknown retrieval method `{method}`; use one of {', '.join(METHODS)}.")
         if method == "examples" and self.ex_index is None:
             raise ValueError("retrieval method `examples` needs example questions (the training Q&A file).")
-        tokens = self.morph(question) if method != "dense" else []
-        vector = _embed([question], query=True)[0] if method != "bm25" else None
+        tokens, vector = self.query(question)
         orders = {}
         if method in ("bm25", "hybrid"):
             orders["bm25"] = self.index.bm25_order(tokens)
@@ -381,7 +427,8 @@ def training_contexts(retriever: Retriever, kb: dict, examples, k: int, snippet_
     """Context for each training row, as chat would build it: the top-k retrieved articles in
     retrieval order (the row's own question left out of the example votes). Where retrieval misses
     the cited (gold) article, it takes the place of the lowest distractor at a random position, so
-    the model learns both that the first article is often right and to read the others.
+    the model learns both that the first article is often right and to read the others. A row citing
+    k or more articles sees exactly those, in its citation order.
     Returns (contexts, problems) — a problem is a row citing an article the KB lacks."""
     import random
 
@@ -392,6 +439,9 @@ def training_contexts(retriever: Retriever, kb: dict, examples, k: int, snippet_
         if missing:
             problems.append(f"{ex.source}: cites {', '.join(missing)}, which the knowledge base does not have.")
         gold = [kb[g] for g in gold_keys if g in kb]
+        if len(gold) >= k:  # no room for a distractor: the context is the cited articles, and no search is needed
+            contexts.append(retriever.format_context(gold, ex.question, snippet_chars))
+            continue
         width = max(k, len(gold))
         chosen = [h.article for h in retriever.search(ex.question, k=width, method=method, skip_example=ex.question)]
         rng = random.Random(seed * 100003 + i)

@@ -32,11 +32,13 @@ def sparse_rows(rows: list[list[tuple[int, float]]], dim: int):
         return coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
 
 
-def train_classifier(x, targets, l2: float = 1e-3, scale: float = 10.0, steps: int = 400, lr: float = 0.05):
-    """Softmax regression from unit-length rows of `x` (a dense array, or `sparse_rows`' pair) to articles:
-    `targets` rows are each example's articles, weights summing to 1. Adam on the full batch (torch's formula
-    with weight decay l2 is the same as the gradient of cross-entropy + l2/2·|W|²). Returns the (dim × articles)
-    weight matrix W as numpy; an article's score for a query row q is q @ W."""
+def train_classifier(x, targets, l2: float = 1e-3, scale: float = 10.0, steps: int = 400, lr: float = 0.05,
+                     row_mass=None):
+    """Softmax regression from unit-length rows of `x` (a dense array, or `sparse_rows`' pair) to classes (articles):
+    `targets` rows are each example's classes, weights summing to 1, or to the row's weight in the loss when
+    `row_mass` gives those weights (the scope classifier balances its two classes so). Adam on the full batch
+    (torch's formula with weight decay l2 is the same as the gradient of cross-entropy + l2/2·|W|²). Returns the
+    (dim × classes) weight matrix W as numpy; a class's score for a query row q is q @ W."""
     import torch
 
     if isinstance(x, tuple):
@@ -45,13 +47,14 @@ def train_classifier(x, targets, l2: float = 1e-3, scale: float = 10.0, steps: i
         x = torch.as_tensor(x, dtype=torch.float32)
         xt = x.T
     t = torch.as_tensor(targets, dtype=torch.float32)
+    mass = torch.as_tensor(row_mass, dtype=torch.float32)[:, None] if row_mass is not None else 1.0
     w = torch.zeros(x.shape[1], t.shape[1])
     w.grad = torch.zeros_like(w)
     opt = torch.optim.Adam([w], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=l2)
     with torch.no_grad():
         for _ in range(steps):
             p = torch.softmax(scale * (x @ w), dim=1)
-            w.grad.copy_(scale * (xt @ (p - t)) / x.shape[0])
+            w.grad.copy_(scale * (xt @ (p * mass - t)) / x.shape[0])
             opt.step()
     return w.numpy().copy()
 

@@ -47,7 +47,8 @@ def citation_extras(answer, kb: dict | None, checked: bool) -> dict:
                 citations.append(kb[key].record())
             else:
                 flagged.append(format_cite(*key))
-    return {"citations": citations, "flagged_citations": flagged, "retrieved": [a.record() for a in answer.context]}
+    return {"citations": citations, "flagged_citations": flagged, "retrieved": [a.record() for a in answer.context],
+            "abstained": answer.abstained}
 
 
 def _sse(obj) -> str:
@@ -145,6 +146,10 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
         if last.role != "user" or not last.text().strip():
             raise APIError(400, "The last message must be a non-empty `user` message: it is the question answered.",
                            param="messages")
+        try:
+            bot.check_question(last.text())
+        except ValueError as e:
+            raise APIError(400, str(e), param=f"messages[{len(req.messages) - 1}].content", code="invalid_question") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is not None and max_tokens > limits.max_tokens:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}.",

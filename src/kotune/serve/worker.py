@@ -12,6 +12,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..config import apply_overrides
+
 
 class Cancelled(Exception):
     """The client went away; raised inside generation to stop it early."""
@@ -82,7 +84,8 @@ class Worker:
                 raise Cancelled()  # unwinds model.generate from inside its streamer
             job.on_text(piece)
 
-        self.bot.gen = self.base_gen.model_copy(update=job.overrides) if job.overrides else self.base_gen
+        # validated like the config, though the app only passes values it has checked
+        self.bot.gen = apply_overrides(self.base_gen, "generation", job.overrides) if job.overrides else self.base_gen
         try:
             answer = self.bot.answer(job.question, on_text=on_text if job.on_text else None, max_new_tokens=job.max_tokens)
             # counted here: the tokenizer is not safe to share with the event-loop thread

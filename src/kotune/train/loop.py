@@ -397,6 +397,11 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path, state: dict | N
             from ..retrieval import save_examples
 
             save_examples(prep["retrieval_examples"], out / "retrieval_examples.jsonl")
+        if prep.get("out_of_scope"):
+            from ..generate import OUT_OF_SCOPE_FILE
+
+            (out / OUT_OF_SCOPE_FILE).write_text("".join(json.dumps({"question": q}, ensure_ascii=False) + "\n"
+                                                         for q in prep["out_of_scope"]), encoding="utf-8")
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     log.info("run folder ready: %s (%s, tokenizer, config.yaml, metrics.jsonl, loss.png%s)", out, weights.name,
              f", {log_path.name}" if log_path else "")
