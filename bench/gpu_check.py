@@ -324,8 +324,14 @@ def w_versions(spec: dict) -> dict:
 
     import torch
 
+    cpu = platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cuda_available": torch.cuda.is_available(), "cpu": platform.processor() or platform.machine(),
+           "cuda_available": torch.cuda.is_available(), "cpu": cpu,
            "cpu_threads": len(os.sched_getaffinity(0))}
     for pkg in ("transformers", "peft", "accelerate", "bitsandbytes", "tokenizers", "safetensors", "pydantic", "pytest"):
         try:
