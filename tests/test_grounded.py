@@ -43,3 +43,12 @@ def test_refusals():
     assert refusal("전세금은 언제 돌려받나요?", in_scope=False) == ABSTAIN_MESSAGE
     assert refusal("전세금은 언제 돌려받나요?", in_scope=True) is None
     assert "132" in ABSTAIN_MESSAGE and "Korean" in LANGUAGE_MESSAGE
+
+
+def test_gate_drops_restatements_of_the_rule_and_a_sentence_cut_by_the_token_limit():
+    rule = "임차인은 임차주택의 매각대금에서 후순위권리자보다 먼저 보증금을 변제받을 권리가 있다."
+    gate = SentenceGate(set(), rule=rule)
+    gate.feed("임차인은 매각대금에서 후순위권리자보다 먼저 보증금을 변제받을 수 없습니다. "  # a near-copy that flips it
+              "집이 경매로 넘어가도 배당요구를 하면 은행보다 먼저 받습니다. (근거: 주택임대차보호법 제3조의2) 그리고 보증")
+    assert gate.close(complete=False) == "집이 경매로 넘어가도 배당요구를 하면 은행보다 먼저 받습니다. (근거: 주택임대차보호법 제3조의2)"
+    assert gate.restated == ["임차인은 매각대금에서 후순위권리자보다 먼저 보증금을 변제받을 수 없습니다."]

@@ -33,6 +33,20 @@ def test_default_targets_per_architecture(tiny_gpt2, tiny_gemma):
     assert "q_proj" in targets and "down_proj" in targets and not fifo
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_last_layers_adapts_only_the_top_of_the_stack_and_backward_stops_there(tiny_gemma):
+    m = AutoModelForCausalLM.from_pretrained(tiny_gemma)  # two layers
+    m = add_lora(m, r=2, alpha=4, dropout=0, target_modules=["q_proj", "down_proj"], fan_in_fan_out=False, last_layers=1)
+    trained = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trained and all(".layers.1." in n for n in trained)
+    seen = []  # layer 0 runs forward but gets no gradient: nothing below layer 1 is trained
+    m.base_model.model.model.layers[0].register_full_backward_hook(lambda *a: seen.append(0))
+    m.base_model.model.model.layers[1].register_full_backward_hook(lambda *a: seen.append(1))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    m(input_ids=ids, labels=ids).loss.backward()
+    assert seen == [1]
+
+
 def test_wrong_lora_targets_list_module_names(tiny_gpt2):
     m = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     with pytest.raises(ModelError, match="c_attn"):

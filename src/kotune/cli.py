@@ -168,8 +168,11 @@ def chat(
         _show_answer(bot, question)
     if quick_test:
         qs = bot.gen.quick_test_questions
-        stopped = sum(_show_answer(bot, q).stopped for q in qs)
-        typer.echo(f"quick test: {stopped}/{len(qs)} answers ended with EOS before max_new_tokens")
+        answers = [_show_answer(bot, q) for q in qs]
+        refused = sum(a.abstained for a in answers)
+        stopped = sum(a.stopped for a in answers if not a.abstained)
+        typer.echo(f"quick test: {stopped}/{len(qs) - refused} answers ended with EOS before max_new_tokens"
+                   + (f"; {refused} question(s) refused as outside the knowledge base" if refused else ""))
     if interactive or not (question or quick_test):
         typer.echo("민법 부동산·전세 상담 챗봇입니다. 종료: quit / exit / 종료 / 나가기")
         while True:

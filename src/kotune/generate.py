@@ -134,14 +134,15 @@ class Chatbot:
             return ""
         from .grounded import rule_line
 
-        return rule_line(context[0], self.excerpt(context[0], question))
+        return rule_line(context[0], self.retriever.excerpt(context[0], question.strip(), self.retrieval.rule_chars))
 
     def _gate(self, question: str, context: list, on_text=None):
-        """The quantity check of a grounded answer's application: its sources are the articles and the question."""
+        """The checks on a grounded answer's application: its quantities' sources are the articles and the question,
+        and the rule it follows is the one shown above it."""
         from .grounded import SentenceGate, quantities
 
         allowed = quantities(question).union(*(quantities(a.summary) for a in context))
-        return SentenceGate(allowed, on_text)
+        return SentenceGate(allowed, on_text, rule=self.rule_for(question, context))
 
     def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
         g = self.gen
@@ -230,8 +231,8 @@ class Chatbot:
                                       **self._kwargs(ids.shape[1], max_new_tokens), **self._processors([context], ids.shape[1]),
                                       **self._contrast([question]))
         new = out[0, ids.shape[1]:].tolist()
-        if gate is not None:
-            gate.close()  # the gate holds the last sentence until it knows it ended
+        if gate is not None:  # the gate holds the last sentence until it knows it ended
+            gate.close(complete=self.tok.eos_token_id in new)
         return self._answer(question, new, time.perf_counter() - t0, context, score)
 
     def answer_batch(self, questions: list[str], batch_size: int = 8) -> list[Answer]:
@@ -274,7 +275,7 @@ class Chatbot:
         if rule:  # the rule in the KB's words, then the model's application with unsupported quantities removed
             gate = self._gate(question, context)
             gate.feed(text)
-            text, dropped = rule + "\n\n" + gate.close(), gate.dropped
+            text, dropped = (rule + "\n\n" + gate.close(complete=stopped)).strip(), gate.dropped
         answer = Answer(question, text, len(new), stopped, seconds, context=context or [], raw_text=raw, scope=score,
                         dropped=dropped, rule=rule)
         if self.kb is not None:

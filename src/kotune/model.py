@@ -280,12 +280,22 @@ def default_targets(model, preset: Preset | None) -> tuple[list[str] | str, bool
 
 
 def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, fan_in_fan_out: bool, bias: str = "none",
-             task: str = "causal-lm"):
+             task: str = "causal-lm", last_layers: int | None = None):
+    """`last_layers`: adapt only the last N transformer layers; nothing below them needs a gradient, so the
+    backward pass stops at the lowest adapted layer."""
     from peft import LoraConfig, get_peft_model
 
+    layers = None
+    if last_layers is not None:
+        mc = model.config
+        n = getattr(mc, "num_hidden_layers", None) or getattr(mc, "n_layer", None) or getattr(mc, "num_layers", None)
+        if not n:
+            raise ModelError("`lora.last_layers` needs the model's layer count (config num_hidden_layers or n_layer), "
+                             "which this model does not declare; unset `lora.last_layers`.")
+        layers = list(range(max(0, n - last_layers), n))
     cfg = LoraConfig(
         task_type=PEFT_TASK_TYPES[task], r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=target_modules, fan_in_fan_out=fan_in_fan_out, bias=bias,
+        target_modules=target_modules, fan_in_fan_out=fan_in_fan_out, bias=bias, layers_to_transform=layers,
     )
     try:
         return get_peft_model(model, cfg)

@@ -141,6 +141,11 @@ class LoraSection(_Section):
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt. Unset: the model preset's choice (e.g. `c_attn`,`c_proj` for GPT-2/KoGPT2; attention and MLP projections for Gemma/Llama)."
     )
+    last_layers: int | None = Field(
+        None, ge=1, description="Adapt only the last N transformer layers (unset: all). No layer below them needs a "
+        "gradient, so the backward pass stops at the lowest adapted one (turn off `memory.gradient_checkpointing`, "
+        "which makes every layer's input carry a gradient). Measurements: docs/benchmarks.md."
+    )
     fan_in_fan_out: bool | None = Field(None, description="Set for GPT-2 style Conv1D layers. Unset: detected from the architecture.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
 
@@ -248,6 +253,7 @@ class RetrievalSection(_Section):
     k: int = Field(3, ge=1, description="Articles put into the prompt, in retrieval order. In training, a row's cited (gold) article replaces the last distractor when retrieval misses it, and the row's own question is left out of the example votes.")
     answer_k: int | None = Field(None, ge=1, description="Articles in the prompt when answering (chat, ask, eval, serve); unset: `k`. Fewer than `k` answers from the best-ranked ones: a small model picks among several articles worse than retrieval ranks them (docs/evaluation.md).")
     snippet_chars: int = Field(160, ge=20, description="Characters of each article's summary shown in the prompt (keeps prompts short). A longer summary shows the whole paragraphs most relevant to the question that fit, in their own order (the first one cut if it alone is longer).")
+    rule_chars: int = Field(600, ge=20, description="Characters of the article a grounded answer starts with (its rule, in the KB's words): the whole summary when it fits, else its paragraphs most relevant to the question. The prompt's own context uses `snippet_chars`.")
     constrain_citations: bool = Field(True, description="While the model writes `(근거: …)`, let it cite only the retrieved articles (and paragraphs they have): a rule on the decoder, so no citation can be invented or come from outside the context.")
     citation_policy: Literal["mark", "drop", "off"] = Field("mark", description="Citations of articles that do not exist or were not retrieved: `mark` them in the answer, `drop` them, or leave them (`off`).")
     out_of_scope_examples: list[str] = Field(default_factory=list, description="Files of questions that no article of the KB answers (`{\"question\"}` lines: other laws, other topics, chat), e.g. `data/out_of_scope_examples.jsonl`. With them a classifier learns in scope (the example questions) against out of scope, and the chatbot abstains, citing nothing, on a question it scores out of scope. The run folder keeps them (`retrieval_out_of_scope.jsonl`). Empty: never abstain.")

@@ -181,7 +181,8 @@ def _build_model(cfg: KotuneConfig, prep: dict, device: str):
     torch.manual_seed(cfg.training.seed)  # LoRA init
     if lc.enabled:
         model = add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules or targets,
-                         fan_in_fan_out=fifo if lc.fan_in_fan_out is None else lc.fan_in_fan_out, bias=lc.bias, task=task)
+                         fan_in_fan_out=fifo if lc.fan_in_fan_out is None else lc.fan_in_fan_out, bias=lc.bias, task=task,
+                         last_layers=lc.last_layers)
     if checkpointing and not quantized:
         base = model.get_base_model() if lc.enabled else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
