@@ -155,7 +155,7 @@ def test_context_contrast_needs_retrieval_and_the_torch_engine():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["generation.context_contrast=0.5", "generation.backend=llamacpp"])
     assert "retrieval.enabled" in str(e.value) and "backend: torch" in str(e.value) and len(e.value.problems) == 2
-    grounded = load_config(ROOT / "configs" / "civil_law_grounded.yaml", ["generation.context_contrast=0.5"])
+    grounded = load_config(ROOT / "configs" / "civil_law.yaml", ["generation.context_contrast=0.5"])
     assert grounded.generation.context_contrast == 0.5
 
 

@@ -207,7 +207,9 @@ def test_grounded_answer_states_the_rule_then_the_checked_application(abstaining
     fake = "전세권은 20년 동안 씁니다. 전세금을 내고 쓰는 권리입니다. (근거: 민법 제303조)"
     a = bot._answer(q, bot.tok(fake, add_special_tokens=False)["input_ids"] + [bot.tok.eos_token_id], 0.1, [art])
     rule, application = a.text.split("\n\n")
-    assert rule == f"{art.cite}({art.title}): {bot.excerpt(art, q)}"  # the KB's words for the relevant paragraphs
+    # the KB's words for the paragraphs relevant to the question, up to retrieval.rule_chars
+    assert rule == f"{art.cite}({art.title}): {bot.retriever.excerpt(art, q, bot.retrieval.rule_chars)}"
+    assert rule.endswith("전세권의 목적으로 삼을 수 없다.")  # 303's two paragraphs fit in 600 characters
     assert application == "전세금을 내고 쓰는 권리입니다. (근거: 민법 제303조)"
     assert a.dropped == ["전세권은 20년 동안 씁니다."] and a.raw_text == fake  # 20년 is in neither article nor question
     shown: list[str] = []

@@ -39,6 +39,20 @@ class Answer:
         return [a.record() for a in self.citations]
 
 
+def _after_blank_line(on_text: Callable[[str], None]) -> Callable[[str], None]:
+    """`on_text` that starts with a blank line once there is text: the application under the rule, or nothing
+    when the gate dropped it all (the answer then ends with the rule, as streamed)."""
+    started = False
+
+    def emit(piece: str) -> None:
+        nonlocal started
+        if piece and not started:
+            piece, started = "\n\n" + piece.lstrip(), True
+        if piece:
+            on_text(piece)
+    return emit
+
+
 class HangulSafeStreamer:
     """Minimal `generate` streamer: `put` receives token ids, `end` closes."""
 
@@ -220,9 +234,10 @@ class Chatbot:
             return Answer(question, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score)
         context = self.context_for(question)
         gate = None
-        if on_text and self.rule_for(question, context):
-            on_text(self.rule_for(question, context) + "\n\n")
-            gate = self._gate(question, context, on_text)
+        rule = self.rule_for(question, context)
+        if on_text and rule:
+            on_text(rule)
+            gate = self._gate(question, context, _after_blank_line(on_text))
             on_text = gate.feed
         ids = torch.tensor([self.prompt_ids(question, context)], device=self.model.device)
         streamer = HangulSafeStreamer(self.tok, on_text) if on_text else None
