@@ -146,6 +146,34 @@ def test_epoch_batches_deterministic_and_complete():
     assert b1 != epoch_batches(lengths, 2, seed=1, epoch=1, group_by_length=True)
 
 
+def test_split_by_tokens_keeps_rows_in_order_within_the_budget():
+    from kotune.prepare import split_by_tokens
+
+    lengths = [30, 30, 20, 20, 10, 10, 90]
+    assert split_by_tokens([0, 1, 2, 3, 4, 5], lengths, None) == [[0, 1, 2, 3, 4, 5]]
+    assert split_by_tokens([0, 1, 2, 3, 4, 5], lengths, 60) == [[0, 1], [2, 3, 4], [5]]
+    assert split_by_tokens([6, 4], lengths, 60) == [[6], [4]]  # a row over the budget stands alone
+    assert split_by_tokens([4, 5, 2], lengths, 1000) == [[4, 5, 2]]
+
+
+def test_max_batch_tokens_splits_a_step_without_changing_its_loss(tiny_gemma, qa_csv, tmp_path, monkeypatch):
+    """Splitting the long batches lowers peak memory only: every row still counts, and the step's loss (and so its
+    gradient, test_gradient_accumulation_equals_large_batch) is normalised by the step's trained tokens. (Gemma: no
+    dropout in the base model, whose random masks would differ with the batch shapes.)"""
+    from kotune.train import loop
+
+    parts = []
+    real = loop.split_by_tokens
+    monkeypatch.setattr(loop, "split_by_tokens", lambda *a: parts.append(real(*a)) or parts[-1])
+    common = dict(training={"max_steps": 1, "logging_steps": 1}, lora={"dropout": 0})  # no random masks to differ
+    whole = train(tiny_config(tiny_gemma, qa_csv, tmp_path / "whole", data={"batch_size": 8}, **common))
+    split = train(tiny_config(tiny_gemma, qa_csv, tmp_path / "split", data={"batch_size": 8, "max_batch_tokens": 120},
+                              **common))
+    assert [len(p) for p in parts[0]] == [8] and len(parts[1]) > 1 and sum(map(len, parts[1])) == 8
+    loss = [next(r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r) for out in (whole, split)]
+    assert loss[0] == pytest.approx(loss[1], rel=1e-5)
+
+
 def test_lr_schedule():
     assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
     assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)

@@ -52,6 +52,21 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
     return [batches[i] for i in perm]
 
 
+def split_by_tokens(rows: list[int], lengths: list[int], budget: int | None) -> list[list[int]]:
+    """`rows` as consecutive parts whose padded size (rows × longest row) stays within `budget` tokens (a part is
+    never empty; one row longer than the budget is a part of its own). None: one part."""
+    if not budget:
+        return [rows]
+    parts: list[list[int]] = [[]]
+    for i in rows:
+        part = parts[-1]
+        if part and (len(part) + 1) * max(lengths[j] for j in part + [i]) > budget:
+            parts.append([i])
+        else:
+            part.append(i)
+    return parts
+
+
 def prepare(cfg: KotuneConfig):
     """Load data and tokenizer, encode, and check one sample. Shared by dry-run and training."""
     from .model import load_tokenizer, resolve_model

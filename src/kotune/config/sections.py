@@ -124,6 +124,12 @@ class DataSection(_Section):
     eval_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation when `eval_file` is unset (0 disables evaluation).")
     batch_size: int = Field(4, ge=1, description="Micro-batch size per optimizer micro-step.")
     group_by_length: bool = Field(True, description="Batch rows of similar length together so little compute is spent on padding.")
+    max_batch_tokens: int | None = Field(
+        None, ge=16, description="Split a micro-batch whose padded size (rows × longest row) is over this many tokens "
+        "into smaller ones run one after the other. The step's gradient is the same (the loss is normalised by the "
+        "step's trained tokens); only the peak memory of the longest batches falls. Single-process training only "
+        "(distributed processes must run the same micro-batches). Unset: no split."
+    )
 
 
 class LoraSection(_Section):

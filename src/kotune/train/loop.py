@@ -22,7 +22,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as dd
 from ..config import KotuneConfig
 from ..memory import apply_cap, choose_precision, memory_line, memory_stats, release_cache
-from ..prepare import dry_run_report, epoch_batches, prepare
+from ..prepare import dry_run_report, epoch_batches, prepare, split_by_tokens
 from ..tasks import classification_metrics, collate, confusion, count, item_length
 from .logs import (Interrupted, StopFlag, TrainError, early_stop_update, epoch_report, format_eval, log, progress,
                    setup_logging, tensorboard)
@@ -253,15 +253,19 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_pat
         if metrics is not None:
             metrics.write(rec)
 
-    def micro_batch(m: int) -> tuple[dict, float]:
-        """This process's share of global micro-batch m, and its weight: 0 for a one-row
-        filler when the slice is empty (the engines' collectives need every process)."""
+    def micro_batches(m: int) -> list[tuple[dict, float]]:
+        """This process's share of global micro-batch m, with its weight: 0 for a one-row filler when the slice
+        is empty (the engines' collectives need every process). One process alone splits a batch over
+        `data.max_batch_tokens` into smaller ones; several must run the same number of micro-batches."""
         epoch, k = divmod(m, n_batches)
         if epoch not in cache:
             cache.clear()
             cache[epoch] = epoch_batches(lengths, bs, t.seed, epoch, cfg.data.group_by_length)
         rows = dd.shard(cache[epoch][k], d)
-        return collate([train_set[i] for i in rows or cache[epoch][k][:1]], pad), 1.0 if rows else 0.0
+        if not rows:
+            return [(collate([train_set[i] for i in cache[epoch][k][:1]], pad), 0.0)]
+        parts = split_by_tokens(rows, lengths, cfg.data.max_batch_tokens) if d.world == 1 else [rows]
+        return [(collate([train_set[i] for i in part], pad), 1.0) for part in parts]
 
     def evaluate() -> dict | None:
         if not eval_set:
@@ -310,7 +314,7 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_pat
     try:
         with stop:
             while step < total and not early["stopped"]:
-                batches, weights = zip(*(micro_batch(m) for m in range(step * ga, (step + 1) * ga)))
+                batches, weights = zip(*(b for m in range(step * ga, (step + 1) * ga) for b in micro_batches(m)))
                 n_global = dd.all_sum([float(sum(count(task, b) for b, w in zip(batches, weights) if w))], d)[0]
                 loss_s, n_tok, n_real = accumulate_gradients(runner, list(batches), device, autocast, task,
                                                              n_total=int(n_global), weights=list(weights), world=d.world)
