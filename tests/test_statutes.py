@@ -79,9 +79,7 @@ DEV = ROOT / "data" / "civil_law_dev.jsonl"
 
 
 def _dev():
-    import json
-
-    return [json.loads(x) for x in DEV.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return _jsonl(DEV)
 
 
 def test_dev_set_shape_and_citations_exist(kb):
@@ -100,9 +98,7 @@ QUESTIONS = ROOT / "data" / "civil_law_questions.jsonl"  # retrieval example que
 
 
 def _questions():
-    import json
-
-    return [json.loads(x) for x in QUESTIONS.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return _jsonl(QUESTIONS)
 
 
 def test_example_questions_cite_existing_articles_and_cover_the_kb(kb):
@@ -117,12 +113,61 @@ def test_example_questions_cite_existing_articles_and_cover_the_kb(kb):
     assert set(cited) == set(kb), sorted(set(kb) - set(cited))  # every article has user-phrased questions
 
 
-@pytest.mark.parametrize("source", ["training CSV", "example questions"])
-def test_dev_questions_do_not_overlap_training_questions(source):
-    train = [e.question.replace(" ", "") for e in load_examples(QA)[0]] if source == "training CSV" else \
-        [i["question"].replace(" ", "") for i in _questions()]
+USERS = ROOT / "data" / "civil_law_dev_users.jsonl"  # the second evaluation set, in users' wording
+OUT_OF_SCOPE = ROOT / "data" / "civil_law_out_of_scope.jsonl"  # evaluation: questions no shipped article answers
+OUT_OF_SCOPE_EXAMPLES = ROOT / "data" / "out_of_scope_examples.jsonl"  # calibration of the abstention (retrieval)
+LONG = ROOT / "data" / "civil_law_questions_long.jsonl"  # story-like retrieval example questions
+
+
+def _jsonl(path):
+    import json
+
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def test_users_set_shape_and_citations_exist(kb):
+    items = _jsonl(USERS)
+    assert len(items) >= 60 and len({i["id"] for i in items}) == len(items)
+    assert {i["style"] for i in items} == {"typo", "slang", "story", "two-in-one"}
+    for i in items:
+        assert set(i) == {"id", "question", "citations", "key_facts", "reference", "category", "style"}, i["id"]
+        cites = [c for text in i["citations"] for c in find_citations(text)]
+        assert cites and all(c in kb for c in cites) and all(c in i["reference"] for c in i["citations"]), i["id"]
+        assert i["key_facts"] and all(isinstance(f, list) and f and all(isinstance(x, str) and x for x in f)
+                                      for f in i["key_facts"]), i["id"]
+
+
+def test_out_of_scope_files_hold_distinct_questions_with_their_area():
+    evaluation, examples = _jsonl(OUT_OF_SCOPE), _jsonl(OUT_OF_SCOPE_EXAMPLES)
+    assert len(evaluation) >= 60 and all(set(i) == {"id", "question", "area", "why"} for i in evaluation)
+    assert all(set(i) == {"question", "area"} and i["question"].strip() and i["area"].strip() for i in examples)
+    assert len({i["question"] for i in examples}) == len(examples), "duplicate calibration questions"
+    for i in evaluation + examples:  # an out-of-scope question cites nothing: a citation would make it in scope
+        assert not find_citations(i["question"]), i
+
+
+def test_long_example_questions_cite_existing_articles(kb):
+    items = _jsonl(LONG)
+    assert all(set(i) == {"question", "citations"} for i in items) and len({i["question"] for i in items}) == len(items)
+    for i in items:
+        cites = [c for text in i["citations"] for c in find_citations(text)]
+        assert cites and len(cites) == len(i["citations"]) and all(c in kb for c in cites), i
+
+
+def _questions_of(source: str) -> list[str]:
+    if source == "training CSV":
+        return [e.question for e in load_examples(QA)[0]]
+    return [i["question"] for i in _jsonl({"example questions": QUESTIONS, "long example questions": LONG,
+                                           "out-of-scope examples": OUT_OF_SCOPE_EXAMPLES}[source])]
+
+
+@pytest.mark.parametrize("evaluation", [DEV, USERS, OUT_OF_SCOPE], ids=["dev", "users", "out_of_scope"])
+@pytest.mark.parametrize("source", ["training CSV", "example questions", "long example questions", "out-of-scope examples"])
+def test_evaluation_questions_do_not_overlap_what_the_system_learns_from(evaluation, source):
+    """No evaluation question, nor any 20-character span of one, is in the data a run trains or calibrates on."""
+    train = [q.replace(" ", "") for q in _questions_of(source)]
     spans = {q[k:k + 20] for q in train for k in range(max(1, len(q) - 19))}
-    for i in _dev():
+    for i in _jsonl(evaluation):
         q = i["question"].replace(" ", "")
         assert q not in train, i["id"]
         shared = [q[k:k + 20] for k in range(max(1, len(q) - 19)) if q[k:k + 20] in spans]
