@@ -70,7 +70,7 @@ class FirstToken:
 def worker(args) -> dict:
     import torch
 
-    from kotune.fastgen import cpu_threads
+    from kotune.memory import cpu_threads
     from kotune.prompt import encode_prompt
 
     torch.set_num_threads(cpu_threads())
@@ -101,7 +101,7 @@ def worker(args) -> dict:
         from llama_cpp import Llama
         from transformers import AutoTokenizer
 
-        from kotune.fastgen import cpu_threads as threads
+        from kotune.memory import cpu_threads as threads
 
         tok = AutoTokenizer.from_pretrained(str(run))
         llm = Llama(model_path=args.gguf or str(run / "model-q8_0.gguf"), n_ctx=2048, n_threads=threads(),

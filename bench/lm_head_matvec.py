@@ -20,7 +20,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from kotune.fastgen import cpu_threads, int8_linear
+    from kotune.fastgen import int8_linear
+    from kotune.memory import cpu_threads
 
     torch.set_num_threads(args.threads or cpu_threads())
     warnings.simplefilter("ignore")

@@ -15,20 +15,14 @@ drops in where an HF model was.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
+
+from .memory import cpu_threads
 
 log = logging.getLogger("kotune")
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8")
-
-
-def cpu_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -40,7 +34,7 @@ def resolve_precision(precision: str, device: str) -> str:
         from .memory import cuda_has_bf16
 
         return "bfloat16" if cuda_has_bf16() else "float32"
-    from .train import cpu_has_bf16
+    from .memory import cpu_has_bf16
 
     return "bfloat16" if cpu_has_bf16() else "float32"
 

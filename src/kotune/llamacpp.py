@@ -32,7 +32,7 @@ class LlamaCppGenerator:
     """`generate(input_ids, …)` over a llama.cpp model; batches run row by row."""
 
     def __init__(self, gguf_path: str | Path, n_ctx: int = 2048, threads: int | None = None):
-        from .fastgen import cpu_threads
+        from .memory import cpu_threads
 
         Llama = import_llama()
         self.path = Path(gguf_path)

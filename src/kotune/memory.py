@@ -8,6 +8,14 @@ import os
 from pathlib import Path
 
 
+def cpu_threads() -> int:
+    """Cores this process may run on (its affinity on Linux; elsewhere, e.g. macOS, all cores)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -21,7 +20,7 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from .. import distributed as dd
 from ..config import KotuneConfig
-from ..memory import apply_cap, choose_precision, memory_line, memory_stats, release_cache
+from ..memory import apply_cap, choose_precision, cpu_threads, memory_line, memory_stats, release_cache
 from ..prepare import dry_run_report, epoch_batches, prepare, split_by_tokens
 from ..tasks import classification_metrics, collate, confusion, count, item_length
 from .logs import (Interrupted, StopFlag, TrainError, early_stop_update, epoch_report, format_eval, log, progress,
@@ -121,7 +120,7 @@ def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | 
         runfolder.check_writable(out)
     # Console only until everything is checked: nothing in `out` changes before the data, model name and template pass.
     setup_logging(None, cfg.logging.level, cfg.logging.format)
-    threads = cfg.training.num_threads or max(1, len(os.sched_getaffinity(0)) // (d.world if device == "cpu" else 1))
+    threads = cfg.training.num_threads or max(1, cpu_threads() // (d.world if device == "cpu" else 1))
     torch.set_num_threads(threads)
     prep = prepare(cfg)
     start = ckpt.load_intact(out if resume == "latest" else Path(resume), log.warning) if resume else None
