@@ -72,6 +72,10 @@ def test_train_then_resume_then_chat_ask_merge(tiny_gpt2, qa_csv, tmp_path):
     assert res.exit_code == 0, res.output
     assert "quick test:" in res.output and res.output.count("질문:") == 5
 
+    for bad, says in (("  ", "empty"), ("가" * 20000, "max_question_chars")):  # a clear error, not a REPL or a traceback
+        res = run("chat", out, "--question", bad)
+        assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output
+
     res = run("chat", out, "--interactive", input="전세권?\n종료\n")
     assert res.exit_code == 0, res.output
     assert res.output.count("질문>") == 2

@@ -245,6 +245,9 @@ def test_out_of_scope_and_non_korean_questions_are_refused_without_citations(abs
     lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["abstained"] for x in lines] == [True, False] and lines[0]["citations"] == []
 
+    res = CliRunner().invoke(app, ["chat", str(abstaining_run), "--question", "How do I get my deposit back?"])
+    assert res.exit_code == 0 and LANGUAGE_MESSAGE in res.output and "답변하지 않음" in res.output, res.output
+
     long_q = tmp_path / "long.jsonl"
     long_q.write_text(json.dumps({"id": 7, "question": "가" * 20000}) + "\n", encoding="utf-8")
     res = CliRunner().invoke(app, ["ask", str(abstaining_run), "--questions", str(long_q), "--output", str(tmp_path / "o.jsonl")])

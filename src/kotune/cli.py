@@ -164,7 +164,7 @@ def chat(
                repetition_penalty=repetition_penalty, greedy=greedy)
     if bot.gen.notice:
         typer.echo(f"※ {bot.gen.notice}\n")
-    if question:
+    if question is not None:  # an empty --question is an error to report, not a request for the REPL
         _show_answer(bot, question)
     if quick_test:
         qs = bot.gen.quick_test_questions
@@ -173,7 +173,7 @@ def chat(
         stopped = sum(a.stopped for a in answers if not a.abstained)
         typer.echo(f"quick test: {stopped}/{len(qs) - refused} answers ended with EOS before max_new_tokens"
                    + (f"; {refused} question(s) refused as outside the knowledge base" if refused else ""))
-    if interactive or not (question or quick_test):
+    if interactive or (question is None and not quick_test):
         typer.echo("민법 부동산·전세 상담 챗봇입니다. 종료: quit / exit / 종료 / 나가기")
         while True:
             try:
