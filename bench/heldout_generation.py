@@ -3,8 +3,8 @@ citations against each row's own answer, ROUGE-L against that answer. This is ho
 `repetition_penalty` and `context_contrast` were chosen. Every combination of the values given is scored; an option
 left out keeps the run's own value.
 
-    .venv/bin/python bench/heldout_generation.py runs/civil_law_grounded --penalty 1.1 --penalty 1.0
-    .venv/bin/python bench/heldout_generation.py runs/civil_law_grounded --contrast 0 --contrast 0.5 --contrast 1
+    .venv/bin/python bench/heldout_generation.py runs/civil_law --penalty 1.1 --penalty 1.0
+    .venv/bin/python bench/heldout_generation.py runs/civil_law --contrast 0 --contrast 0.5 --contrast 1
 """
 
 from __future__ import annotations

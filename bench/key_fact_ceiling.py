@@ -3,7 +3,7 @@ article context, in whole retrieved summaries, in the gold articles' summaries a
 answers. An answer can only repeat what its context holds or infer the rest from the user's facts, so these shares
 bound what copying from the context can reach.
 
-    .venv/bin/python bench/key_fact_ceiling.py runs/civil_law_grounded --report bench/results/eval_grounded.json
+    .venv/bin/python bench/key_fact_ceiling.py runs/civil_law --report bench/results/eval_grounded.json
 
 Only the run folder's config, KB and retrieval examples are used; no model is loaded.
 """
