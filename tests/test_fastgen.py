@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from kotune.fastgen import FastGenerator, convert_model, load_engine, load_fast, warp_scores
+from kotune.fastgen import FastGenerator, convert_model, load_engine, load_fast
+from kotune.sampling import warp_scores
 from kotune.generate import Chatbot
 from kotune.model import load_run
 

@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import CheckpointError
+
 PREFIX = "step-"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
@@ -28,10 +30,6 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file() and (p / WEIGHTS).is_file()]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict, state: dict, keep: int) -> Path:

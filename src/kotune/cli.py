@@ -27,8 +27,10 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show the full tr
     pass
 
 
-_KNOWN_ERRORS = ("ConfigError", "DataError", "ModelError", "TrainError", "TemplateError", "ValueError", "FileNotFoundError",
-                 "ImportError", "ExportError", "CheckpointError", "OutputError")
+# Besides kotune's own errors, the plain builtins that library code raises with a message meant for the user (a missing
+# file, a bad argument, a missing optional extra). Their subclasses (JSONDecodeError, ModuleNotFoundError…) are bugs
+# of ours when they escape, and go to cliguard.
+_PLAIN_ERRORS = (ValueError, FileNotFoundError, ImportError)
 
 
 def _fail(err: Exception) -> None:
@@ -46,7 +48,9 @@ def _run(fn, *args, **kwargs):
         typer.echo(f"\nstopped: checkpoint saved at {e.checkpoint}. Continue with `kotune train --config … --resume`.", err=True)
         raise typer.Exit(130)
     except Exception as e:  # noqa: BLE001 - narrowed just below
-        if type(e).__name__ in _KNOWN_ERRORS:
+        from .errors import KotuneError
+
+        if isinstance(e, KotuneError) or type(e) in _PLAIN_ERRORS:
             _fail(e)
         raise
 

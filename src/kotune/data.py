@@ -12,19 +12,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import DataError
+
 ENCODINGS = ("utf-8-sig", "cp949")  # utf-8-sig also reads plain utf-8; cp949 is a superset of euc-kr
 DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
 # Files that are not text at all, recognised by their first bytes: decoding them would only report an encoding problem.
 _BINARY = ((b"PAR1", "a Parquet file"), (b"\x7fELF", "a program"), (b"%PDF", "a PDF document"))
 _SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
-
-
-class DataError(ValueError):
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        shown = problems[:50]
-        more = f"\n  … and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__("data problems:\n" + "\n".join(f"  - {p}" for p in shown) + more)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from .memory import cpu_threads
+from .sampling import next_tokens
 
 log = logging.getLogger("kotune")
 
@@ -139,48 +140,6 @@ def convert_model(model, precision: str, fp16_head: bool = False):
     return model
 
 
-def warp_scores(logits, seen, *, repetition_penalty: float = 1.0, do_sample: bool = False,
-                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                logits_processor=None):
-    """Last-position logits [batch, vocab] → scores after `generate`'s processors, in its
-    order: repetition penalty over `seen` (all ids so far, prompt included), the caller's
-    `logits_processor` (on `seen`), then, when sampling, temperature, top-k and top-p
-    (removed tokens get -inf)."""
-    import torch
-
-    scores = logits.float()
-    if repetition_penalty and repetition_penalty != 1.0:
-        picked = scores.gather(1, seen)
-        picked = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
-        scores = scores.scatter(1, seen, picked)
-    for proc in logits_processor or ():
-        scores = proc(seen, scores)
-    if not do_sample:
-        return scores
-    if temperature and temperature != 1.0:
-        scores = scores / temperature
-    if top_k:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
-        drop[:, -1] = False  # the most likely token always stays
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return scores
-
-
-def next_tokens(logits, seen, *, do_sample: bool = False, generator=None, logits_processor=None, **warp):
-    """Next ids [batch]: argmax of the penalised logits, or a sample from the warped ones.
-    `logits_processor` (as in `generate`, e.g. constrained citations) runs before the sampling warpers, as there."""
-    import torch
-
-    scores = warp_scores(logits, seen, do_sample=do_sample, logits_processor=logits_processor, **warp)
-    if not do_sample:
-        return scores.argmax(-1)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-
-
 class FastGenerator:
     """A merged, cast HF causal LM with a lean decode loop (batch 1 or left-padded batches)."""
 
@@ -296,13 +255,11 @@ def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None 
 def load_engine(run_dir: str | Path, backend: str | None = None, precision: str | None = None, **_ignored):
     """(engine, tokenizer, config): the backend named in the run's `generation.backend`
     (or the override) — `torch` (this module) or `llamacpp` (a GGUF export run by llama.cpp)."""
-    from .config import load_config
-    from .model import ModelError
+    from .errors import ModelError
+    from .runfolder import require_run
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/). Train one with `kotune train`.")
-    cfg = load_config(run / "config.yaml")
+    cfg = require_run(run)
     if cfg.model.task != "causal-lm":  # checked before any weights are loaded
         raise ModelError(f"{run} is a {cfg.model.task} run; use `kotune predict {run} --input FILE`.")
     g = cfg.generation

@@ -15,13 +15,11 @@ import logging
 import os
 from pathlib import Path
 
+from .errors import ExportError
+
 log = logging.getLogger("kotune")
 
 WEIGHT_TYPES = ("q8_0", "f16", "f32")
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def base_gguf(model_name: str, cache_dir: str | None = None) -> Path | None:
@@ -158,13 +156,11 @@ def adapted_weights(run_dir: Path) -> dict:
 
 def export_gguf(run_dir: str | Path, output: str | Path | None = None, weight_type: str = "q8_0") -> Path:
     """Write `<run>/model-<type>.gguf` (or `output`): the run's merged model for llama.cpp."""
-    from .config import load_config
-    from .model import ModelError, check_run_files
-    from .runfolder import check_writable, refuse_inside_run
+    from .model import check_run_files
+    from .runfolder import check_writable, refuse_inside_run, require_run
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
-        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/). Train one with `kotune train`.")
+    cfg = require_run(run, "adapter")
     if weight_type not in WEIGHT_TYPES:
         raise ExportError(f"unknown GGUF weight type {weight_type!r}; use one of {', '.join(WEIGHT_TYPES)}.")
     out = Path(output) if output else run / f"model-{weight_type}.gguf"
@@ -175,7 +171,6 @@ def export_gguf(run_dir: str | Path, output: str | Path | None = None, weight_ty
     refuse_inside_run(out, run, own="model-*.gguf")
     check_writable(out.parent)
     check_run_files(run)
-    cfg = load_config(run / "config.yaml")
     template = base_gguf(cfg.model.name, cfg.model.cache_dir)
     if template is None:
         raise ExportError(f"GGUF export needs a base model that came from a GGUF file (the default `gemma3-270m`, or a `.gguf` "

@@ -4,7 +4,7 @@ Optional (extra `kotune[llamacpp]`). It takes the same `generate` keyword
 arguments as the torch engine and the HF model, feeding llama.cpp the token
 ids kotune's tokenizer made (the GGUF carries the same vocabulary), so prompts,
 EOS handling and Hangul-safe streaming are shared with the torch path.
-llama.cpp computes the logits; kotune's `fastgen.next_tokens` picks each token, so
+llama.cpp computes the logits; kotune's `sampling.next_tokens` picks each token, so
 greedy/sampling and the repetition penalty (over the whole sequence, prompt
 included) behave as in `generate` and the torch engine.
 """
@@ -64,7 +64,7 @@ class LlamaCppGenerator:
             return int(scores.argmax())
         import torch
 
-        from .fastgen import next_tokens
+        from .sampling import next_tokens
 
         procs = [lambda _seen, sc: constrain(sc)] if constrain is not None else None
         return int(next_tokens(torch.from_numpy(scores)[None], torch.tensor([seen]), do_sample=do_sample,

@@ -7,6 +7,8 @@ import gc
 import os
 from pathlib import Path
 
+from .errors import TrainError
+
 
 def cpu_threads() -> int:
     """Cores this process may run on (its affinity on Linux; elsewhere, e.g. macOS, all cores)."""
@@ -46,8 +48,6 @@ def choose_precision(setting: str, device: str) -> str | None:
             return "bfloat16"
         return "float16"
     if setting == "fp16":
-        from .train import TrainError
-
         raise TrainError("fp16 autocast is for CUDA GPUs; on CPU use `memory.mixed_precision: bf16` or `no`.")
     if setting == "bf16" or cpu_has_bf16():
         return "bfloat16"

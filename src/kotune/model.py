@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ModelError
+
 log = logging.getLogger("kotune")
 # PEFT still calls the old name; the warning is noise for users.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -69,10 +71,6 @@ TARGETS_BY_TYPE = {
 AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "text-classification": "AutoModelForSequenceClassification",
                 "text2text": "AutoModelForSeq2SeqLM"}
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "text-classification": "SEQ_CLS", "text2text": "SEQ_2_SEQ_LM"}
-
-
-class ModelError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -341,13 +339,11 @@ def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = Non
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .config import load_config
+    from .runfolder import require_run
 
     run = Path(run_dir)
+    cfg = require_run(run)
     full = (run / "model" / "config.json").is_file()
-    if not (run / "config.yaml").is_file() or not ((run / "adapter" / "adapter_config.json").is_file() or full):
-        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml and adapter/ or model/). Train one with `kotune train`.")
-    cfg = load_config(run / "config.yaml")
     task = cfg.model.task
     check_run_files(run, full)
     try:
@@ -385,13 +381,11 @@ def run_labels(run: Path) -> list[str]:
 def merge_run(run_dir: str | Path, output: str | Path) -> Path:
     """Write base + adapter as one safetensors model folder (with tokenizer and notice). The folder is written
     beside its final name and renamed into place, so a failure leaves no half-written model."""
-    from .config import load_config
-    from .runfolder import check_merge_output
+    from .runfolder import check_merge_output, require_run
 
     run, out = Path(run_dir), Path(output)
-    if (run / "config.yaml").is_file():
-        cfg = load_config(run / "config.yaml")
-        check_merge_output(out, run, Path(resolve_model(cfg.model.name, cfg.model.cache_dir).path))
+    cfg = require_run(run)
+    check_merge_output(out, run, Path(resolve_model(cfg.model.name, cfg.model.cache_dir).path))
     model, tok, cfg = load_run(run, merge=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

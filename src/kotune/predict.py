@@ -70,12 +70,11 @@ def predict_records(model, tok, cfg, texts: list[str], labels: list[str] | None,
 
 def predict_file(run: str | Path, input_path: str | Path, output: str | Path | None = None, batch_size: int = 16) -> dict:
     """Predict every record of `input_path`; write JSONL to `output` (or return the records)."""
-    from .config import load_config
-    from .model import ModelError, load_run, run_labels
+    from .errors import ModelError
+    from .model import load_run, run_labels
+    from .runfolder import require_run
 
-    if not (Path(run) / "config.yaml").is_file():
-        raise ModelError(f"{run}: not a finished kotune run (needs config.yaml). Train one with `kotune train`.")
-    cfg = load_config(Path(run) / "config.yaml")
+    cfg = require_run(run, "config")
     task = cfg.model.task
     if task == "causal-lm":
         raise ModelError(f"{run} is a causal-lm run: use `kotune ask` / `kotune chat` for it. `predict` is for "

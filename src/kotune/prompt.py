@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import TemplateError
+
 IGNORE = -100
 
 
@@ -29,10 +31,6 @@ class Encoded:
     @property
     def n_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
-
-
-class TemplateError(ValueError):
-    pass
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .checkpoint import list_checkpoints
+from .errors import OutputError
 
 # What `kotune train` writes (loop._finish, the tokenizer's save_pretrained, checkpoints, logs) and the
 # GGUF that `kotune export` puts beside it by default. Anything else in the folder is the user's and stays.
@@ -32,8 +33,30 @@ MERGE_FILES = ("config.json", "generation_config.json", "model*.safetensors", "m
                "NOTICE")
 
 
-class OutputError(ValueError):
-    """An output path that would destroy a run or cannot be written."""
+CONFIG, ADAPTER, FULL_MODEL = "config.yaml", "adapter", "model"  # a run's config and its weights (LoRA, or a full fine-tune)
+
+
+def require_run(run: str | Path, needs: str = "weights"):
+    """The config of the run in `run`, or a clear error saying what the folder lacks. `needs`: "config" (the folder
+    only has to be a run: predict reads the task first), "weights" (a LoRA adapter or a full fine-tune: chat, merge)
+    or "adapter" (a LoRA adapter: GGUF export merges it into the base GGUF)."""
+    from .config import load_config
+    from .errors import ModelError
+
+    run = Path(run)
+    if not (run / CONFIG).is_file():
+        raise ModelError(f"{run}: not a finished kotune run (no {CONFIG}). Give the folder `kotune train` wrote, or "
+                         "train one with `kotune train`.")
+    adapter = (run / ADAPTER / "adapter_config.json").is_file()
+    full = (run / FULL_MODEL / "config.json").is_file()
+    if needs == "adapter" and full and not adapter:
+        raise ModelError(f"{run} holds a full fine-tune ({FULL_MODEL}/), not a LoRA adapter, and GGUF export merges an "
+                         f"adapter into the base GGUF. Convert {run / FULL_MODEL} with llama.cpp's convert_hf_to_gguf.py.")
+    if needs != "config" and not (adapter or full):
+        resume = (f" Continue it with `kotune train --config {run / CONFIG} --resume`."
+                  if list_checkpoints(run / "checkpoints") else " Train it again with `kotune train`.")
+        raise ModelError(f"{run}: not a finished kotune run: training did not write {ADAPTER}/ (or {FULL_MODEL}/)." + resume)
+    return load_config(run / CONFIG)
 
 
 def run_files(folder: Path) -> list[Path]:
@@ -44,8 +67,8 @@ def run_files(folder: Path) -> list[Path]:
 
 
 def is_finished(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() and ((folder / "adapter" / "adapter_config.json").is_file()
-                                                   or (folder / "model" / "config.json").is_file())
+    return (folder / CONFIG).is_file() and ((folder / ADAPTER / "adapter_config.json").is_file()
+                                            or (folder / FULL_MODEL / "config.json").is_file())
 
 
 def holds_run(folder: Path) -> str | None:

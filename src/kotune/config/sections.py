@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..errors import ConfigError
+
 DEFAULT_TEMPLATE = "질문: {question}\n답변: {answer}"
 DEFAULT_QUICK_TEST = [
     "전세권이란 무엇인가요?",
@@ -22,16 +24,6 @@ DEFAULT_QUICK_TEST = [
     "계약금만 낸 상태에서 계약을 해제할 수 있나요?",
     "지상권 존속기간을 정하지 않으면 어떻게 되나요?",
 ]
-
-
-class ConfigError(ValueError):
-    """All problems found in a config, one per line, each with its fix."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        head = f"{source}: " if source else ""
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{head}{len(problems)} problem(s) in the config:\n{lines}")
 
 
 class _Section(BaseModel):

@@ -8,13 +8,10 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
+from ..errors import TrainError
 from ..memory import memory_line, memory_stats
 
 log = logging.getLogger("kotune")
-
-
-class TrainError(RuntimeError):
-    pass
 
 
 class Interrupted(Exception):

@@ -88,7 +88,7 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
     import torch
 
     from ..memory import quantization_problem
-    from ..model import ModelError
+    from ..errors import ModelError
 
     problem = quantization_problem(cfg.model.quantization, torch.cuda.is_available())
     if problem:
