@@ -6,7 +6,7 @@ CONFIG  ?= configs/civil_law.yaml
 RUN     ?= runs/civil_law
 PYTEST_ARGS ?=
 
-.PHONY: setup demo train chat test test-fast clean docs
+.PHONY: setup demo train chat test test-fast clean docs lint
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,12 @@ chat: setup
 	$(BIN)/kotune chat $(RUN)
 
 ## Tests: everything, including the slow test on the real default model.
-test: setup
+## Style (ruff: line length 120, import order, pyflakes), then the whole suite.
+lint: setup
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+
+test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -25,8 +25,8 @@ def by_area(retriever, questions: list[str], areas: list[str], rate: float, seed
     """Out-of-fold scores with each fold holding out about a fifth of the areas (and a fifth of the in-scope rows)."""
     import numpy as np
 
-    from kotune.retrieval import _Index
     from kotune.config import cache_root
+    from kotune.retrieval import _Index
     from kotune.retrieval.scope import FOLDS, ScopeModel
 
     oos = _Index(questions, retriever.morph, cache_root() / "retrieval", query_side=True)
@@ -49,21 +49,27 @@ def by_area(retriever, questions: list[str], areas: list[str], rate: float, seed
     s_in = np.sort(oof[:n_in])
     threshold = float(s_in[int(np.floor(rate * n_in))])
     per_area = {a: float(np.mean([oof[n_in + j] < threshold for j, b in enumerate(areas) if b == a])) for a in names}
-    return {"threshold": threshold, "out_of_scope_abstained": float(np.mean(oof[n_in:] < threshold)),
-            "in_scope_abstained": float(np.mean(oof[:n_in] < threshold)), "per_area": per_area}
+    return {
+        "threshold": threshold,
+        "out_of_scope_abstained": float(np.mean(oof[n_in:] < threshold)),
+        "in_scope_abstained": float(np.mean(oof[:n_in] < threshold)),
+        "per_area": per_area,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="A grounded run folder with out-of-scope examples (retrieval_out_of_scope.jsonl).")
-    ap.add_argument("--by_area", help="The out-of-scope examples file with an `area` field per line (the same questions).")
+    ap.add_argument(
+        "--by_area", help="The out-of-scope examples file with an `area` field per line (the same questions)."
+    )
     ap.add_argument("--output", type=Path)
     ap.add_argument("--plot", type=Path, help="PNG of the curve.")
     a = ap.parse_args()
 
-    from kotune.generate import OUT_OF_SCOPE_FILE
     from kotune.config import load_config
     from kotune.data import read_question_lines
+    from kotune.generate import OUT_OF_SCOPE_FILE
     from kotune.retrieval import Retriever, load_examples_file
     from kotune.statutes import load_kb
 
@@ -71,26 +77,38 @@ def main() -> None:
     cfg = load_config(run / "config.yaml")
     oos = [r["question"] for r in read_question_lines(run / OUT_OF_SCOPE_FILE)]
     rate = cfg.retrieval.abstain_in_scope
-    retriever = Retriever(load_kb(run / "statutes"), examples=load_examples_file(run / "retrieval_examples.jsonl"),
-                          out_of_scope=oos, abstain_in_scope=rate)
+    retriever = Retriever(
+        load_kb(run / "statutes"),
+        examples=load_examples_file(run / "retrieval_examples.jsonl"),
+        out_of_scope=oos,
+        abstain_in_scope=rate,
+    )
     cal = retriever.calibration
-    print(f"calibration: {cal.examples['in_scope']} in-scope, {cal.examples['out_of_scope']} out-of-scope example "
-          f"questions; target: at most {rate:.0%} of in-scope abstained -> threshold {cal.threshold:.3f}\n")
+    print(
+        f"calibration: {cal.examples['in_scope']} in-scope, {cal.examples['out_of_scope']} out-of-scope example "
+        f"questions; target: at most {rate:.0%} of in-scope abstained -> threshold {cal.threshold:.3f}\n"
+    )
     print("| threshold | in-scope abstained | out-of-scope abstained |\n|---|---|---|")
     for row in cal.curve:
         mark = " **(chosen)**" if row["threshold"] == round(cal.threshold, 4) else ""
-        print(f"| {row['threshold']:.3f}{mark} | {row['in_scope_abstained']:.3f} | {row['out_of_scope_abstained']:.3f} |")
+        print(
+            f"| {row['threshold']:.3f}{mark} | {row['in_scope_abstained']:.3f} | {row['out_of_scope_abstained']:.3f} |"
+        )
     report = {"run": str(run), **cal.__dict__}
     if a.by_area:
         rows = read_question_lines(a.by_area, ("question", "area"))
         area = {r["question"].strip(): r["area"] for r in rows}
         missing = [q for q in oos if q not in area]
         if missing:
-            raise SystemExit(f"{a.by_area} lacks {len(missing)} of the run's out-of-scope questions, e.g. {missing[0]!r}")
+            raise SystemExit(
+                f"{a.by_area} lacks {len(missing)} of the run's out-of-scope questions, e.g. {missing[0]!r}"
+            )
         grouped = by_area(retriever, oos, [area[q] for q in oos], rate)
         report["by_area"] = grouped
-        print(f"\nwhole areas held out: threshold {grouped['threshold']:.3f}, in-scope abstained "
-              f"{grouped['in_scope_abstained']:.3f}, out-of-scope abstained {grouped['out_of_scope_abstained']:.3f}")
+        print(
+            f"\nwhole areas held out: threshold {grouped['threshold']:.3f}, in-scope abstained "
+            f"{grouped['in_scope_abstained']:.3f}, out-of-scope abstained {grouped['out_of_scope_abstained']:.3f}"
+        )
         for name, v in sorted(grouped["per_area"].items(), key=lambda kv: kv[1]):
             print(f"  {name}: {v:.3f}")
     if a.output:
@@ -105,7 +123,9 @@ def main() -> None:
         t = [r["threshold"] for r in cal.curve]
         fig, ax = plt.subplots(figsize=(6, 3.6))
         ax.plot(t, [r["in_scope_abstained"] for r in cal.curve], marker="o", label="in-scope examples abstained")
-        ax.plot(t, [r["out_of_scope_abstained"] for r in cal.curve], marker="s", label="out-of-scope examples abstained")
+        ax.plot(
+            t, [r["out_of_scope_abstained"] for r in cal.curve], marker="s", label="out-of-scope examples abstained"
+        )
         ax.axvline(cal.threshold, color="gray", linestyle="--", label=f"chosen {cal.threshold:.3f}")
         ax.set_xlabel("threshold on P(in scope)")
         ax.set_ylabel("share abstained (out of fold)")

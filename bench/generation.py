@@ -104,14 +104,26 @@ def worker(args) -> dict:
         from kotune.memory import cpu_threads as threads
 
         tok = AutoTokenizer.from_pretrained(str(run))
-        llm = Llama(model_path=args.gguf or str(run / "model-q8_0.gguf"), n_ctx=2048, n_threads=threads(),
-                    n_threads_batch=threads(), verbose=False)
+        llm = Llama(
+            model_path=args.gguf or str(run / "model-q8_0.gguf"),
+            n_ctx=2048,
+            n_threads=threads(),
+            n_threads_batch=threads(),
+            verbose=False,
+        )
 
         def gen(input_ids, streamer=None, max_new_tokens=64, eos_token_id=None, repetition_penalty=1.0, **_):
             out = []
             streamer.put(input_ids)
-            for t in llm.generate(input_ids[0].tolist(), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                                  repeat_penalty=repetition_penalty, reset=True):
+            for t in llm.generate(
+                input_ids[0].tolist(),
+                temp=0.0,
+                top_k=1,
+                top_p=1.0,
+                min_p=0.0,
+                repeat_penalty=repetition_penalty,
+                reset=True,
+            ):
                 out.append(int(t))
                 streamer.put(torch.tensor([t]))
                 if t == eos_token_id or len(out) >= max_new_tokens:
@@ -127,16 +139,34 @@ def worker(args) -> dict:
         st = FirstToken()
         t1 = time.perf_counter()
         with torch.inference_mode():
-            out = gen(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=st, max_new_tokens=args.max_new_tokens,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, repetition_penalty=g.repetition_penalty,
-                      do_sample=False, temperature=None, top_p=None, top_k=None)
+            out = gen(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=st,
+                max_new_tokens=args.max_new_tokens,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                repetition_penalty=g.repetition_penalty,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
         t2 = time.perf_counter()
-        new = out[0, ids.shape[1]:].tolist()
+        new = out[0, ids.shape[1] :].tolist()
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id) + 1]
-        rows.append(dict(prompt_tokens=ids.shape[1], new_tokens=len(new), ttft_s=st.t_first - t1, total_s=t2 - t1,
-                         decode_tok_s=(len(new) - 1) / (t2 - st.t_first) if len(new) > 1 else None,
-                         ids=new, text=tok.decode(new, skip_special_tokens=True)))
+        rows.append(
+            dict(
+                prompt_tokens=ids.shape[1],
+                new_tokens=len(new),
+                ttft_s=st.t_first - t1,
+                total_s=t2 - t1,
+                decode_tok_s=(len(new) - 1) / (t2 - st.t_first) if len(new) > 1 else None,
+                ids=new,
+                text=tok.decode(new, skip_special_tokens=True),
+            )
+        )
     peak, rss_end = proc_mb("VmHWM"), proc_mb("VmRSS")  # before scoring, which loads more for llama.cpp
     if scorer is None and args.reference:  # llama.cpp engines: a second context that keeps every position's logits
         from llama_cpp import Llama
@@ -147,6 +177,7 @@ def worker(args) -> dict:
             scoring.reset()
             scoring.eval(ids[0].tolist())
             return torch.from_numpy(scoring.scores[: ids.shape[1]].copy())
+
     agreement = None
     if args.reference and scorer is not None:
         ref = json.loads(Path(args.reference).read_text())
@@ -155,7 +186,7 @@ def worker(args) -> dict:
             for text, r in zip(texts, ref["rows"]):
                 p = encode_prompt(tok, text)
                 seq = torch.tensor([p + r["ids"]])
-                mine = scorer(seq)[len(p) - 1:-1].float().argmax(-1).tolist()
+                mine = scorer(seq)[len(p) - 1 : -1].float().argmax(-1).tolist()
                 same += sum(a == b for a, b in zip(mine, r["argmax"]))
                 total += len(mine)
         agreement = same / max(total, 1)
@@ -163,15 +194,40 @@ def worker(args) -> dict:
         with torch.inference_mode():
             for text, r in zip(texts, rows):
                 p = encode_prompt(tok, text)
-                r["argmax"] = scorer(torch.tensor([p + r["ids"]]))[len(p) - 1:-1].float().argmax(-1).tolist()
-    return dict(engine=name, load_s=load_s, rss_after_load_mb=rss_loaded, rss_end_mb=rss_end,
-                peak_rss_mb=peak, rows=rows, teacher_forced_top1=agreement)
+                r["argmax"] = scorer(torch.tensor([p + r["ids"]]))[len(p) - 1 : -1].float().argmax(-1).tolist()
+    return dict(
+        engine=name,
+        load_s=load_s,
+        rss_after_load_mb=rss_loaded,
+        rss_end_mb=rss_end,
+        peak_rss_mb=peak,
+        rows=rows,
+        teacher_forced_top1=agreement,
+    )
 
 
 def run_worker(name: str, args, reference: str | None) -> dict:
-    cmd = [sys.executable, str(HERE), args.run, "--worker", name, "--n", str(args.n), "--max_new_tokens", str(args.max_new_tokens),
-           "--questions", args.questions] + (["--reference", reference] if reference else []) + (["--gguf", args.gguf] if args.gguf else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = (
+        [
+            sys.executable,
+            str(HERE),
+            args.run,
+            "--worker",
+            name,
+            "--n",
+            str(args.n),
+            "--max_new_tokens",
+            str(args.max_new_tokens),
+            "--questions",
+            args.questions,
+        ]
+        + (["--reference", reference] if reference else [])
+        + (["--gguf", args.gguf] if args.gguf else [])
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     print(f"[{name}] …", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -188,10 +244,18 @@ def summarise(r: dict, ref: dict | None) -> dict:
     same = None
     if ref is not None:
         same = sum(a["ids"] == b["ids"] for a, b in zip(rows, ref["rows"])) / len(rows)
-    return dict(engine=r["engine"], load_s=r["load_s"], ttft_s=sum(x["ttft_s"] for x in rows) / len(rows),
-                decode_tok_s=toks / decode_time if decode_time else None, decode_tok_s_per_prompt=dec,
-                new_tokens=[x["new_tokens"] for x in rows], peak_rss_mb=r["peak_rss_mb"], rss_end_mb=r["rss_end_mb"],
-                same_greedy_output=same, teacher_forced_top1=r["teacher_forced_top1"])
+    return dict(
+        engine=r["engine"],
+        load_s=r["load_s"],
+        ttft_s=sum(x["ttft_s"] for x in rows) / len(rows),
+        decode_tok_s=toks / decode_time if decode_time else None,
+        decode_tok_s_per_prompt=dec,
+        new_tokens=[x["new_tokens"] for x in rows],
+        peak_rss_mb=r["peak_rss_mb"],
+        rss_end_mb=r["rss_end_mb"],
+        same_greedy_output=same,
+        teacher_forced_top1=r["teacher_forced_top1"],
+    )
 
 
 def main() -> None:
@@ -230,21 +294,41 @@ def main() -> None:
             if e != "naive":
                 raw[e] = run_worker(e, args, ref_path)
     rows = {e: summarise(r, ref) for e, r in raw.items()}
-    print(f"\nrun {args.run}; {args.n} dev prompts, greedy, max_new_tokens {args.max_new_tokens}, batch 1; "
-          f"{os.cpu_count()} CPUs (load avg {os.getloadavg()[0]:.1f} at end)")
-    print("| engine | load (s) | TTFT (s) | decode tok/s | × naive | peak RSS (MB) | RSS after (MB) | same greedy text | teacher-forced top-1 |")
+    print(
+        f"\nrun {args.run}; {args.n} dev prompts, greedy, max_new_tokens {args.max_new_tokens}, batch 1; "
+        f"{os.cpu_count()} CPUs (load avg {os.getloadavg()[0]:.1f} at end)"
+    )
+    print(
+        "| engine | load (s) | TTFT (s) | decode tok/s | × naive | peak RSS (MB) | RSS after (MB) | same greedy text | "
+        "teacher-forced top-1 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     base = rows.get("naive", {}).get("decode_tok_s")
     for e, r in rows.items():
         speed = f"{r['decode_tok_s'] / base:.1f}×" if base and r["decode_tok_s"] else "–"
         same = "–" if r["same_greedy_output"] is None else f"{r['same_greedy_output']:.0%}"
         tf = "–" if r["teacher_forced_top1"] is None else f"{r['teacher_forced_top1']:.1%}"
-        print(f"| {e} | {r['load_s']:.1f} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.1f} | {speed} | {r['peak_rss_mb']:.0f} | "
-              f"{r['rss_end_mb']:.0f} | {same} | {tf} |")
+        print(
+            f"| {e} | {r['load_s']:.1f} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.1f} | {speed} | "
+            f"{r['peak_rss_mb']:.0f} | "
+            f"{r['rss_end_mb']:.0f} | {same} | {tf} |"
+        )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"run": args.run, "n": args.n, "max_new_tokens": args.max_new_tokens,
-                                             "load_avg_end": os.getloadavg(), "summary": rows, "raw": raw},
-                                            indent=2, ensure_ascii=False), encoding="utf-8")
+    Path(args.output).write_text(
+        json.dumps(
+            {
+                "run": args.run,
+                "n": args.n,
+                "max_new_tokens": args.max_new_tokens,
+                "load_avg_end": os.getloadavg(),
+                "summary": rows,
+                "raw": raw,
+            },
+            indent=2,
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
     print(f"written {args.output}")
 
 

@@ -46,15 +46,40 @@ INIT_SEED = 20261207
 INIT_STD = 0.02  # transformers' initializer_range for Gemma 3
 # The Gemma 3 270M text model (the converted cache's config.json); the rest are Gemma3TextConfig's defaults
 # (rope 1e6 global / 1e4 local, query_pre_attn_scalar 256, gelu_pytorch_tanh), the same values.
-GEMMA3_270M = dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-                   num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, sliding_window=512,
-                   rms_norm_eps=1e-6, query_pre_attn_scalar=256, attention_bias=False, final_logit_softcapping=None,
-                   attn_logit_softcapping=None, tie_word_embeddings=True,
-                   layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)])
-TINY_GEMMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                  head_dim=16, max_position_embeddings=1024, sliding_window=64, rms_norm_eps=1e-6,
-                  query_pre_attn_scalar=16, attention_bias=False, final_logit_softcapping=None,
-                  attn_logit_softcapping=None, tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"])
+GEMMA3_270M = dict(
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    max_position_embeddings=32768,
+    sliding_window=512,
+    rms_norm_eps=1e-6,
+    query_pre_attn_scalar=256,
+    attention_bias=False,
+    final_logit_softcapping=None,
+    attn_logit_softcapping=None,
+    tie_word_embeddings=True,
+    layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+)
+TINY_GEMMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=1024,
+    sliding_window=64,
+    rms_norm_eps=1e-6,
+    query_pre_attn_scalar=16,
+    attention_bias=False,
+    final_logit_softcapping=None,
+    attn_logit_softcapping=None,
+    tie_word_embeddings=True,
+    layer_types=["sliding_attention", "full_attention"],
+)
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
 # GPU bf16 against the CPU reference: eval answer loss and every step's training loss within 2 %, the tolerance
 # docs/benchmarks.md set for CPU bf16 against fp32 (every step within 2 %).
@@ -72,20 +97,25 @@ def sha256_bytes(*chunks: bytes) -> str:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 # ====================================================================== prepare (here)
 
+
 def travel_template(template: str) -> tuple[str, str]:
     """(travel template, separator): the part of the prompt after its last placeholder stays in the template,
     everything before it (article and question filled in) travels as the row's question."""
     head, tail = template.split("{answer}", 1)
     ends = [head.rfind(p) + len(p) for p in ("{question}", "{context}") if p in head]
-    sep = head[max(ends):]
+    sep = head[max(ends) :]
     return "{question}" + sep + "{answer}" + tail, sep
 
 
@@ -103,11 +133,15 @@ def train_tiny_tokenizer(texts: list[str], folder: Path) -> None:
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.save_pretrained(folder)
 
 
@@ -130,10 +164,19 @@ def cmd_prepare(args) -> int:
     (bundle / "tokenizer").mkdir(parents=True)
     sets = []
     if args.tiny:  # a tokenizer trained on the rows themselves: no model cache needed
-        rows, _ = load_examples(cfg.data.train_file, question_column=cfg.data.question_column,
-                                answer_column=cfg.data.answer_column, bad_rows="skip", duplicates="drop")
-        texts = [cfg.data.template.replace("{context}", "참고 조문").replace("{question}", r.question).replace("{answer}", r.answer)
-                 for r in rows]
+        rows, _ = load_examples(
+            cfg.data.train_file,
+            question_column=cfg.data.question_column,
+            answer_column=cfg.data.answer_column,
+            bad_rows="skip",
+            duplicates="drop",
+        )
+        texts = [
+            cfg.data.template.replace("{context}", "참고 조문")
+            .replace("{question}", r.question)
+            .replace("{answer}", r.answer)
+            for r in rows
+        ]
         train_tiny_tokenizer(texts * 3, bundle / "tokenizer")
         sets.append(f"model.name={bundle / 'tokenizer'}")
         cfg = load_config(args.config, sets)
@@ -168,15 +211,24 @@ def cmd_prepare(args) -> int:
     tree["retrieval"]["enabled"] = False
     if tree.get("generation", {}).get("context_contrast"):
         tree["generation"]["context_contrast"] = 0
-    recipe = "# Travel recipe written by bench/gpu_check.py prepare from " + str(args.config) + \
-             ": rows carry their rendered prompt (retrieved article included).\n" + \
-             yaml.safe_dump(tree, allow_unicode=True, sort_keys=False)
+    recipe = (
+        "# Travel recipe written by bench/gpu_check.py prepare from "
+        + str(args.config)
+        + ": rows carry their rendered prompt (retrieved article included).\n"
+        + yaml.safe_dump(tree, allow_unicode=True, sort_keys=False)
+    )
     (bundle / "recipe.yaml").write_text(recipe, encoding="utf-8")
 
     # Same token ids, row for row, as the original recipe: the device trains exactly what the recipe trains.
-    check = load_config(bundle / "recipe.yaml", sets + [f"model.name={cfg.model.name}",
-                                                         f"data.train_file={bundle / 'train.jsonl'}",
-                                                         f"data.eval_file={bundle / 'eval.jsonl'}"])
+    check = load_config(
+        bundle / "recipe.yaml",
+        sets
+        + [
+            f"model.name={cfg.model.name}",
+            f"data.train_file={bundle / 'train.jsonl'}",
+            f"data.eval_file={bundle / 'eval.jsonl'}",
+        ],
+    )
     prep2 = kp.prepare(check)
     for name in ("train", "eval"):
         a, b = prep[name], prep2[name]
@@ -196,8 +248,13 @@ def cmd_prepare(args) -> int:
     else:
         raw = (bundle / "tokenizer" / "tokenizer.json").read_bytes()
     tok = prep["tokenizer"]
-    model_kwargs = dict(TINY_GEMMA if args.tiny else GEMMA3_270M, vocab_size=len(tok) if args.tiny else 262144,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model_kwargs = dict(
+        TINY_GEMMA if args.tiny else GEMMA3_270M,
+        vocab_size=len(tok) if args.tiny else 262144,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     # What decides the figures: the rows, the training settings, the tokenizer, the model and its seed (not the
     # config's name, output folder or generation settings).
     trained = {k: v for k, v in tree.items() if k in ("model", "data", "lora", "training", "memory")}
@@ -207,8 +264,9 @@ def cmd_prepare(args) -> int:
     meta = {
         "source_config": str(args.config),
         "tiny": bool(args.tiny),
-        "fingerprint": sha256_bytes(*files, raw, json.dumps(model_kwargs, sort_keys=True).encode(),
-                                    str(INIT_SEED).encode())[:16],
+        "fingerprint": sha256_bytes(
+            *files, raw, json.dumps(model_kwargs, sort_keys=True).encode(), str(INIT_SEED).encode()
+        )[:16],
         "model_kwargs": model_kwargs,
         "init_seed": INIT_SEED,
         "rows": {**counts, "train_encoded": len(prep["train"]), "eval_encoded": len(prep["eval"])},
@@ -219,9 +277,11 @@ def cmd_prepare(args) -> int:
     }
     (bundle / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-    print(f"bundle {bundle}: {counts['train']} train + {counts['eval']} eval rows from {args.config} "
-          f"(encoded {meta['rows']['train_encoded']} + {meta['rows']['eval_encoded']}, same token ids as the recipe), "
-          f"fingerprint {meta['fingerprint']}, {size / 2**20:.1f} MiB")
+    print(
+        f"bundle {bundle}: {counts['train']} train + {counts['eval']} eval rows from {args.config} "
+        f"(encoded {meta['rows']['train_encoded']} + {meta['rows']['eval_encoded']}, same token ids as the recipe), "
+        f"fingerprint {meta['fingerprint']}, {size / 2**20:.1f} MiB"
+    )
     return 0
 
 
@@ -254,10 +314,16 @@ def cmd_slim_wheel(args) -> int:
 
 def travelling_size(carry: list[str]) -> dict:
     """What a device call sends: tracked + untracked-not-ignored files, plus the carried paths."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, check=True).stdout.split(b"\0")
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     tree = sum((ROOT / p.decode()).stat().st_size for p in out if p and (ROOT / p.decode()).is_file())
-    carried = {c: sum(p.stat().st_size for p in (ROOT / c).rglob("*") if p.is_file()) for c in carry if (ROOT / c).exists()}
+    carried = {
+        c: sum(p.stat().st_size for p in (ROOT / c).rglob("*") if p.is_file()) for c in carry if (ROOT / c).exists()
+    }
     return {"tree_bytes": tree, "carried_bytes": carried, "total_bytes": tree + sum(carried.values())}
 
 
@@ -270,6 +336,7 @@ def cmd_size(args) -> int:
 
 
 # ====================================================================== workers (one process each)
+
 
 def seeded_init(model, seed: int) -> None:
     """Every weight from its own CPU generator (seed, parameter name): the same start on any machine and any
@@ -315,8 +382,12 @@ def w_build_model(spec: dict) -> dict:
             (folder / "tokenizer.json").write_bytes(lzma.decompress(f.read_bytes()))
         elif f.is_file():
             shutil.copy(f, folder / f.name)
-    return {"ok": True, "weights_sha256": digest, "params": sum(p.numel() for p in model.parameters()),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "ok": True,
+        "weights_sha256": digest,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def w_versions(spec: dict) -> dict:
@@ -326,30 +397,59 @@ def w_versions(spec: dict) -> dict:
 
     cpu = platform.machine()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cuda_available": torch.cuda.is_available(), "cpu": cpu,
-           "cpu_threads": len(os.sched_getaffinity(0))}
-    for pkg in ("transformers", "peft", "accelerate", "bitsandbytes", "tokenizers", "safetensors", "pydantic", "pytest"):
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu": cpu,
+        "cpu_threads": len(os.sched_getaffinity(0)),
+    }
+    for pkg in (
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "tokenizers",
+        "safetensors",
+        "pydantic",
+        "pytest",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        out.update(gpu=torch.cuda.get_device_name(0), gpu_memory_mib=round(p.total_memory / 2**20),
-                   compute_capability=f"{p.major}.{p.minor}", bf16_supported=torch.cuda.is_bf16_supported())
+        out.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpu_memory_mib=round(p.total_memory / 2**20),
+            compute_capability=f"{p.major}.{p.minor}",
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
         try:
-            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip() or None
+            out["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                ).stdout.strip()
+                or None
+            )
         except (OSError, subprocess.SubprocessError):
             out["driver"] = None
     if out.get("bitsandbytes"):
         try:
             import bitsandbytes  # noqa: F401
+
             out["bitsandbytes_import"] = "ok"
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             out["bitsandbytes_import"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -378,13 +478,19 @@ def w_train(spec: dict) -> dict:
     prep_box = {}
     original = getattr(loop, "prepare", None)
     if original is not None:  # watch the rows the loop trains on (digest of their token ids)
+
         def watching(c):
             prep_box["prep"] = original(c)
             return prep_box["prep"]
+
         loop.prepare = watching
     cuda = torch.cuda.is_available()
-    res: dict = {"device": "cuda" if cuda else "cpu", "quantization": cfg.model.quantization,
-                 "mixed_precision": cfg.memory.mixed_precision, "cap_fraction": cfg.memory.max_gpu_memory_usage}
+    res: dict = {
+        "device": "cuda" if cuda else "cpu",
+        "quantization": cfg.model.quantization,
+        "mixed_precision": cfg.memory.mixed_precision,
+        "cap_fraction": cfg.memory.max_gpu_memory_usage,
+    }
     t0 = time.perf_counter()
     try:
         train(cfg, resume=spec.get("resume"), overwrite=not spec.get("resume"))
@@ -393,17 +499,28 @@ def w_train(spec: dict) -> dict:
         return res
     except torch.OutOfMemoryError as e:
         free, total = torch.cuda.mem_get_info() if cuda else (0, 0)
-        res.update(ok=False, oom=True, error=f"OutOfMemoryError: {str(e).splitlines()[0][:400]}",
-                   free_mib_at_oom=round(free / 2**20), total_mib=round(total / 2**20),
-                   allocated_mib_at_oom=round(torch.cuda.memory_allocated() / 2**20) if cuda else None)
+        res.update(
+            ok=False,
+            oom=True,
+            error=f"OutOfMemoryError: {str(e).splitlines()[0][:400]}",
+            free_mib_at_oom=round(free / 2**20),
+            total_mib=round(total / 2**20),
+            allocated_mib_at_oom=round(torch.cuda.memory_allocated() / 2**20) if cuda else None,
+        )
         return res
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     rows = read_metrics(out / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
-    res.update(ok=True, run=str(out), steps=len(steps), last_step=steps[-1]["step"] if steps else None,
-               losses=[round(r["loss"], 4) for r in steps], eval_loss=evals[-1]["eval_loss"] if evals else None,
-               rss_peak_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    res.update(
+        ok=True,
+        run=str(out),
+        steps=len(steps),
+        last_step=steps[-1]["step"] if steps else None,
+        losses=[round(r["loss"], 4) for r in steps],
+        eval_loss=evals[-1]["eval_loss"] if evals else None,
+        rss_peak_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    )
     if steps:
         el = [r["elapsed_s"] for r in steps]
         dts = [b - a for a, b in zip([0.0] + el[:-1], el)]
@@ -421,18 +538,25 @@ def w_train(spec: dict) -> dict:
     logs = sorted(out.glob("training_*.log"))
     text = logs[-1].read_text(encoding="utf-8") if logs else ""
     res["cap_logged"] = "CUDA memory capped at" in text
-    res["resumed_from"] = next((ln.split("resumed from ", 1)[1].strip() for ln in text.splitlines() if "resumed from " in ln), None)
+    res["resumed_from"] = next(
+        (ln.split("resumed from ", 1)[1].strip() for ln in text.splitlines() if "resumed from " in ln), None
+    )
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
-        res.update(peak_allocated_mib=round(torch.cuda.max_memory_allocated() / 2**20),
-                   peak_reserved_mib=round(torch.cuda.max_memory_reserved() / 2**20), total_mib=round(total / 2**20))
+        res.update(
+            peak_allocated_mib=round(torch.cuda.max_memory_allocated() / 2**20),
+            peak_reserved_mib=round(torch.cuda.max_memory_reserved() / 2**20),
+            total_mib=round(total / 2**20),
+        )
         if cfg.memory.max_gpu_memory_usage:
             res["cap_mib"] = round(cfg.memory.max_gpu_memory_usage * total / 2**20)
             res["cap_honoured"] = res["peak_reserved_mib"] <= res["cap_mib"]
         freqs = [f for f in (cfg.memory.empty_cache_freq, cfg.training.cuda_cleanup_freq) if f]
         if freqs:  # the memory line is written after the cache was emptied at these steps
             at = [r["gpu_reserved_mb"] for r in steps if any(r["step"] % f == 0 for f in freqs)]
-            other = [r["gpu_reserved_mb"] for r in steps if not any(r["step"] % f == 0 for f in freqs) and r["step"] > 1]
+            other = [
+                r["gpu_reserved_mb"] for r in steps if not any(r["step"] % f == 0 for f in freqs) and r["step"] > 1
+            ]
             res["reserved_mib_after_release"] = round(sum(at) / len(at)) if at else None
             res["reserved_mib_other_steps"] = round(sum(other) / len(other)) if other else None
     answer = spec.get("answer")
@@ -457,11 +581,22 @@ def _answer(run: str, spec: dict) -> dict:
     t0 = time.perf_counter()
     engine, tok, cfg = load_fast(run)
     ids = _prompts(cfg.data.template, Path(spec["rows"]), tok, 1)[0]
-    out = engine.generate(torch.tensor([ids], device=engine.device), max_new_tokens=spec.get("max_new_tokens", 24),
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False)
-    new = out[0, len(ids):].tolist()
-    return {"run": run, "device": str(engine.device), "precision": engine.precision, "new_tokens": len(new),
-            "text": tok.decode(new, skip_special_tokens=True)[:200], "seconds": round(time.perf_counter() - t0, 1)}
+    out = engine.generate(
+        torch.tensor([ids], device=engine.device),
+        max_new_tokens=spec.get("max_new_tokens", 24),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+    )
+    new = out[0, len(ids) :].tolist()
+    return {
+        "run": run,
+        "device": str(engine.device),
+        "precision": engine.precision,
+        "new_tokens": len(new),
+        "text": tok.decode(new, skip_special_tokens=True)[:200],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _trim(seq: list[int], eos: int | None, pad: int | None) -> list[int]:
@@ -496,12 +631,25 @@ def w_generate(spec: dict) -> dict:
         dev = engine.device
         eos, pad, rp = tok.eos_token_id, tok.pad_token_id, cfg.generation.repetition_penalty
         prompts = _prompts(cfg.data.template, Path(spec["rows"]), tok, max(spec["batch"], spec["single"]))
-        gcfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=spec["max_new_tokens"], eos_token_id=eos,
-                                pad_token_id=pad, repetition_penalty=rp)
+        gcfg = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=spec["max_new_tokens"],
+            eos_token_id=eos,
+            pad_token_id=pad,
+            repetition_penalty=rp,
+        )
 
         def fast(ids, mask):
-            return engine.generate(ids, attention_mask=mask, max_new_tokens=spec["max_new_tokens"], eos_token_id=eos,
-                                   pad_token_id=pad, repetition_penalty=rp, do_sample=False)
+            return engine.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=spec["max_new_tokens"],
+                eos_token_id=eos,
+                pad_token_id=pad,
+                repetition_penalty=rp,
+                do_sample=False,
+            )
 
         def hf(ids, mask):
             with torch.inference_mode():
@@ -516,10 +664,15 @@ def w_generate(spec: dict) -> dict:
         ids, mask = batch_of(prompts[:1])  # warm-up (kernels, allocator)
         engine.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=eos, pad_token_id=pad)
         with torch.inference_mode():
-            engine.model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
-                do_sample=False, max_new_tokens=4, eos_token_id=eos, pad_token_id=pad))
+            engine.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=GenerationConfig(
+                    do_sample=False, max_new_tokens=4, eos_token_id=eos, pad_token_id=pad
+                ),
+            )
         for size in (1, spec["batch"]):
-            groups = [[p] for p in prompts[:spec["single"]]] if size == 1 else [prompts[:size]]
+            groups = [[p] for p in prompts[: spec["single"]]] if size == 1 else [prompts[:size]]
             outs, secs, ntok = {"fast": [], "hf": []}, {"fast": 0.0, "hf": 0.0}, {"fast": 0, "hf": 0}
             for g in groups:
                 ids, mask = batch_of(g)
@@ -529,7 +682,7 @@ def w_generate(spec: dict) -> dict:
                     o = f(ids, mask)
                     sync()
                     secs[name] += time.perf_counter() - t
-                    for row in o[:, ids.shape[1]:].tolist():
+                    for row in o[:, ids.shape[1] :].tolist():
                         new = _trim(row, eos, pad)
                         outs[name].append(new)
                         ntok[name] += len(new)
@@ -538,13 +691,23 @@ def w_generate(spec: dict) -> dict:
             for a, b in zip(outs["fast"], outs["hf"]):
                 k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                 first_diff.append(k if k is not None else (None if len(a) == len(b) else min(len(a), len(b))))
-            res["rows"].append({
-                "precision": engine.precision, "requested": precision, "batch": size, "prompts": len(outs["fast"]),
-                "load_s": round(load_s, 1), "fast_tokens": ntok["fast"], "hf_tokens": ntok["hf"],
-                "fast_tok_s": round(ntok["fast"] / secs["fast"], 1), "hf_tok_s": round(ntok["hf"] / secs["hf"], 1),
-                "same_rows": sum(same), "first_divergence": first_diff,
-                "sample": tok.decode(outs["fast"][0], skip_special_tokens=True)[:120]})
-        del engine
+            res["rows"].append(
+                {
+                    "precision": engine.precision,
+                    "requested": precision,
+                    "batch": size,
+                    "prompts": len(outs["fast"]),
+                    "load_s": round(load_s, 1),
+                    "fast_tokens": ntok["fast"],
+                    "hf_tokens": ntok["hf"],
+                    "fast_tok_s": round(ntok["fast"] / secs["fast"], 1),
+                    "hf_tok_s": round(ntok["hf"] / secs["hf"], 1),
+                    "same_rows": sum(same),
+                    "first_divergence": first_diff,
+                    "sample": tok.decode(outs["fast"][0], skip_special_tokens=True)[:120],
+                }
+            )
+        engine = None  # the closures above are done with it: free the model before the next precision loads
         if cuda:
             torch.cuda.empty_cache()
     return res
@@ -560,13 +723,18 @@ def cmd_worker(args) -> int:
     except Exception as e:  # noqa: BLE001 - every failure is a finding for the report
         import traceback
 
-        res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:1500]}", "traceback": traceback.format_exc()[-4000:]}
+        res = {
+            "ok": False,
+            "error": f"{type(e).__name__}: {str(e)[:1500]}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
     res.setdefault("ok", True)
     Path(args.result).write_text(json.dumps(res, ensure_ascii=False, indent=1), encoding="utf-8")
     return 0
 
 
 # ====================================================================== run (there, or here with --cpu)
+
 
 class Check:
     """The orchestrator: no torch here, every figure comes from a worker process."""
@@ -583,14 +751,23 @@ class Check:
             self.bundle = (self.work / "tiny_bundle").resolve()
             cmd_prepare(argparse.Namespace(config=args.config, bundle=str(self.bundle), tiny=True))
         if not (self.bundle / "meta.json").is_file():
-            raise SystemExit(f"{self.bundle}: no bundle. Make it here first: bash bench/gpu_prepare.sh [CONFIG] "
-                             "(or use --tiny for the plumbing alone).")
+            raise SystemExit(
+                f"{self.bundle}: no bundle. Make it here first: bash bench/gpu_prepare.sh [CONFIG] "
+                "(or use --tiny for the plumbing alone)."
+            )
         self.meta = json.loads((self.bundle / "meta.json").read_text(encoding="utf-8"))
         self.mode = "cpu" if args.cpu else "cuda"
         self.log = open(self.out / "workers.log", "a", encoding="utf-8")
-        self.r: dict = {"mode": self.mode, "command": " ".join(sys.argv), "started": datetime.now(timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC"), "git_commit": git_commit(), "steps": args.steps, "bundle": self.meta,
-            "checks": [], "skipped": []}
+        self.r: dict = {
+            "mode": self.mode,
+            "command": " ".join(sys.argv),
+            "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "git_commit": git_commit(),
+            "steps": args.steps,
+            "bundle": self.meta,
+            "checks": [],
+            "skipped": [],
+        }
         self.expected_path = Path(args.expected)
 
     # -------------------------------------------------------------- plumbing
@@ -612,7 +789,9 @@ class Check:
         spec_f.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
         res_f.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
         if cpu or self.mode == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         self.log.write(f"\n===== {name} ({kind}) =====\n")
@@ -623,8 +802,14 @@ class Check:
         # A step started inside the budget may run GRACE_S past it, so the report is written before the call's limit.
         limit = None if self.mode == "cpu" and not self.args.budget_s else max(10, min(timeout, self.left() + GRACE_S))
         try:
-            subprocess.run([sys.executable, __file__, "_worker", kind, str(spec_f), str(res_f)], env=env, cwd=ROOT,
-                           stdout=self.log, stderr=subprocess.STDOUT, timeout=limit)
+            subprocess.run(
+                [sys.executable, __file__, "_worker", kind, str(spec_f), str(res_f)],
+                env=env,
+                cwd=ROOT,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                timeout=limit,
+            )
         except subprocess.TimeoutExpired:
             return {"ok": False, "error": f"timed out after {time.perf_counter() - t:.0f} s"}
         if not res_f.is_file():
@@ -639,10 +824,17 @@ class Check:
         (self.out / "report.md").write_text(render_markdown(self.r), encoding="utf-8")
 
     def train_sets(self, name: str, extra: list[str]) -> list[str]:
-        return [f"model.name={self.work / 'model'}", f"model.output_dir={self.work / 'runs' / name}",
-                f"data.train_file={self.bundle / 'train.jsonl'}", f"data.eval_file={self.bundle / 'eval.jsonl'}",
-                f"training.max_steps={self.args.steps}", "training.logging_steps=1", "logging.progress_bar=false",
-                "training.save_total_limit=3", *extra]
+        return [
+            f"model.name={self.work / 'model'}",
+            f"model.output_dir={self.work / 'runs' / name}",
+            f"data.train_file={self.bundle / 'train.jsonl'}",
+            f"data.eval_file={self.bundle / 'eval.jsonl'}",
+            f"training.max_steps={self.args.steps}",
+            "training.logging_steps=1",
+            "logging.progress_bar=false",
+            "training.save_total_limit=3",
+            *extra,
+        ]
 
     def train(self, name: str, extra: list[str], timeout: float) -> dict:
         spec = {"recipe": str(self.bundle / "recipe.yaml"), "sets": self.train_sets(name, extra)}
@@ -651,12 +843,18 @@ class Check:
     # -------------------------------------------------------------- the steps
     def run(self) -> int:
         a = self.args
-        self.say(f"kotune GPU check, mode {self.mode}, bundle {self.meta['source_config']} "
-                 f"(fingerprint {self.meta['fingerprint']}), {a.steps} steps, out {self.out}")
+        self.say(
+            f"kotune GPU check, mode {self.mode}, bundle {self.meta['source_config']} "
+            f"(fingerprint {self.meta['fingerprint']}), {a.steps} steps, out {self.out}"
+        )
         v = self.worker("versions", {}, "versions", 120)
         self.r["versions"] = v
-        self.say("versions: " + ", ".join(f"{k} {v.get(k)}" for k in ("torch", "cuda", "gpu", "transformers", "peft",
-                                                                       "bitsandbytes") if k in v))
+        self.say(
+            "versions: "
+            + ", ".join(
+                f"{k} {v.get(k)}" for k in ("torch", "cuda", "gpu", "transformers", "peft", "bitsandbytes") if k in v
+            )
+        )
         if self.mode == "cuda" and not v.get("cuda_available"):
             self.check("CUDA available", False, "torch sees no CUDA GPU: run with --cpu for the dry run")
             self.save()
@@ -665,13 +863,17 @@ class Check:
         if "pytest" not in a.skip:
             self.pytest()
             self.save()
-        built = self.worker("build_model", {"bundle": str(self.bundle), "folder": str(self.work / "model")}, "build_model", 300)
+        built = self.worker(
+            "build_model", {"bundle": str(self.bundle), "folder": str(self.work / "model")}, "build_model", 300
+        )
         self.r["model"] = built
         if not built.get("ok"):
             self.check("random-init model", False, built.get("error", "?"))
             self.save()
             return 1
-        self.say(f"model: {built['params']:,} parameters, weights sha256 {built['weights_sha256']} ({built['seconds']} s)")
+        self.say(
+            f"model: {built['params']:,} parameters, weights sha256 {built['weights_sha256']} ({built['seconds']} s)"
+        )
         self.training()
         self.save()
         if "generate" not in a.skip:
@@ -681,31 +883,54 @@ class Check:
             self.resume()
             self.save()
         failed = [c for c in self.r["checks"] if c["ok"] is False]
-        self.say(f"done in {time.perf_counter() - self.t0:.0f} s: {len(failed)} failed checks, "
-                 f"report {self.out / 'report.md'}")
+        self.say(
+            f"done in {time.perf_counter() - self.t0:.0f} s: {len(failed)} failed checks, "
+            f"report {self.out / 'report.md'}"
+        )
         return 1 if failed else 0
 
     def pytest(self) -> None:
-        files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                       if "mark.cuda" in p.read_text(encoding="utf-8"))
+        files = sorted(
+            str(p.relative_to(ROOT))
+            for p in (ROOT / "tests").glob("test_*.py")
+            if "mark.cuda" in p.read_text(encoding="utf-8")
+        )
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
         if self.mode == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", *files]
         t = time.perf_counter()
         try:
-            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=min(240, self.left() + GRACE_S))
+            p = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=min(240, self.left() + GRACE_S)
+            )
             text, rc = p.stdout + p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
             text, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), 124
         (self.out / "pytest.txt").write_text(text, encoding="utf-8")
-        summary = next((ln.strip("= ") for ln in reversed(text.splitlines()) if " in " in ln and
-                        any(w in ln for w in ("passed", "skipped", "failed", "error", "deselected"))), "(no summary)")
-        self.r["pytest"] = {"command": " ".join(cmd[1:]), "rc": rc, "summary": summary, "seconds": round(time.perf_counter() - t, 1)}
+        summary = next(
+            (
+                ln.strip("= ")
+                for ln in reversed(text.splitlines())
+                if " in " in ln and any(w in ln for w in ("passed", "skipped", "failed", "error", "deselected"))
+            ),
+            "(no summary)",
+        )
+        self.r["pytest"] = {
+            "command": " ".join(cmd[1:]),
+            "rc": rc,
+            "summary": summary,
+            "seconds": round(time.perf_counter() - t, 1),
+        }
         if self.mode == "cpu":
-            self.check("pytest -m cuda", None if rc in (0, 5) and "failed" not in summary else False,
-                       f"{summary} (no GPU: the CUDA tests skip)")
+            self.check(
+                "pytest -m cuda",
+                None if rc in (0, 5) and "failed" not in summary else False,
+                f"{summary} (no GPU: the CUDA tests skip)",
+            )
         else:
             self.check("pytest -m cuda", rc == 0 and "skipped" not in summary, summary)
 
@@ -726,8 +951,17 @@ class Check:
         # fp16 autocast with the cache released every few steps (both option names)
         if "fp16" in a.skip:
             return self.quantized(cap)
-        runs["fp16"] = self.train("fp16", ["memory.mixed_precision=fp16", "memory.empty_cache_freq=10",
-                                           "training.cuda_cleanup_freq=15", "training.save_steps=100000", *cap], 300)
+        runs["fp16"] = self.train(
+            "fp16",
+            [
+                "memory.mixed_precision=fp16",
+                "memory.empty_cache_freq=10",
+                "training.cuda_cleanup_freq=15",
+                "training.save_steps=100000",
+                *cap,
+            ],
+            300,
+        )
         self.training_checks("fp16", runs["fp16"])
         self.save()
         self.quantized(cap)
@@ -738,8 +972,11 @@ class Check:
         for bits in ("4bit", "8bit"):
             if bits in a.skip:
                 continue
-            runs[bits] = self.train(bits, [f"model.quantization={bits}", "memory.mixed_precision=bf16",
-                                           "training.save_steps=100000", *cap], 300)
+            runs[bits] = self.train(
+                bits,
+                [f"model.quantization={bits}", "memory.mixed_precision=bf16", "training.save_steps=100000", *cap],
+                300,
+            )
             self.training_checks(bits, runs[bits])
             self.save()
         # the cap enforced: a share of the GPU too small for the model must end in out-of-memory
@@ -747,14 +984,26 @@ class Check:
             return
         if self.mode == "cuda" and self.r["versions"].get("gpu_memory_mib"):
             frac = round(a.probe_cap_mib / self.r["versions"]["gpu_memory_mib"], 5)
-            p = self.train("cap_probe", [f"memory.max_gpu_memory_usage={frac}", "memory.mixed_precision=bf16",
-                                         "training.max_steps=2", "training.save_steps=100000"], 180)
+            p = self.train(
+                "cap_probe",
+                [
+                    f"memory.max_gpu_memory_usage={frac}",
+                    "memory.mixed_precision=bf16",
+                    "training.max_steps=2",
+                    "training.save_steps=100000",
+                ],
+                180,
+            )
             self.r["cap_probe"] = {**p, "fraction": frac, "cap_mib": a.probe_cap_mib}
             if p.get("budget"):
                 return self.check(f"cap enforced ({a.probe_cap_mib} MiB)", None, p["error"])
-            self.check(f"cap enforced ({a.probe_cap_mib} MiB)", bool(p.get("oom")),
-                       f"out-of-memory with {p.get('free_mib_at_oom')} MiB of the GPU still free" if p.get("oom")
-                       else f"no out-of-memory: {p.get('error') or 'trained under a cap smaller than the model'}")
+            self.check(
+                f"cap enforced ({a.probe_cap_mib} MiB)",
+                bool(p.get("oom")),
+                f"out-of-memory with {p.get('free_mib_at_oom')} MiB of the GPU still free"
+                if p.get("oom")
+                else f"no out-of-memory: {p.get('error') or 'trained under a cap smaller than the model'}",
+            )
         else:
             self.check("cap enforced", None, "needs CUDA (the cap is ignored on CPU)")
 
@@ -768,13 +1017,19 @@ class Check:
                 self.check(f"train {name}", False, r.get("error", "?")[:300])
             return
         finite = all(x == x and abs(x) != float("inf") for x in r["losses"]) and r.get("eval_loss") is not None
-        self.check(f"train {name}", finite and r["last_step"] == self.args.steps,
-                   f"{r['steps']} steps on {r['device']}, {r['tokens_per_s']} tokens/s, eval answer loss "
-                   f"{r.get('eval_loss') and round(r['eval_loss'], 4)}")
+        self.check(
+            f"train {name}",
+            finite and r["last_step"] == self.args.steps,
+            f"{r['steps']} steps on {r['device']}, {r['tokens_per_s']} tokens/s, eval answer loss "
+            f"{r.get('eval_loss') and round(r['eval_loss'], 4)}",
+        )
         if self.mode == "cuda":
-            self.check(f"cap honoured ({name})", bool(r.get("cap_honoured")) and r.get("cap_logged"),
-                       f"peak reserved {r.get('peak_reserved_mib')} MiB of a {r.get('cap_mib')} MiB cap; "
-                       f"log line {'present' if r.get('cap_logged') else 'missing'}")
+            self.check(
+                f"cap honoured ({name})",
+                bool(r.get("cap_honoured")) and r.get("cap_logged"),
+                f"peak reserved {r.get('peak_reserved_mib')} MiB of a {r.get('cap_mib')} MiB cap; "
+                f"log line {'present' if r.get('cap_logged') else 'missing'}",
+            )
         if "tokens_sha256" in r and r["tokens_sha256"] != self.meta["tokens_sha256"]:
             self.check(f"rows ({name})", False, "the trained token ids differ from the bundle's (tokenizer version?)")
 
@@ -790,9 +1045,13 @@ class Check:
         if not r.get("ok"):
             return
         if ref is None:
-            self.check("eval loss vs CPU", None, f"no CPU reference for bundle {self.meta['fingerprint']} at "
-                       f"{self.args.steps} steps in {self.expected_path.name}: measure it with "
-                       "`bash bench/gpu_check.sh --cpu --write-expected`")
+            self.check(
+                "eval loss vs CPU",
+                None,
+                f"no CPU reference for bundle {self.meta['fingerprint']} at "
+                f"{self.args.steps} steps in {self.expected_path.name}: measure it with "
+                "`bash bench/gpu_check.sh --cpu --write-expected`",
+            )
             return
         ok, detail, diff, steps = compare_losses(r, ref, self.r["model"]["weights_sha256"])
         self.r["reference_diff"] = round(diff, 4)
@@ -806,14 +1065,24 @@ class Check:
         data = json.loads(self.expected_path.read_text(encoding="utf-8")) if self.expected_path.is_file() else {}
         data.setdefault("about", "CPU reference figures for bench/gpu_check.py, keyed by bundle fingerprint and steps.")
         v = self.r["versions"]
-        entry = {"source_config": self.meta["source_config"], "rows": self.meta["rows"], "eval_loss": r["eval_loss"],
-                 "losses": r["losses"], "mixed_precision": r["mixed_precision"], "weights_sha256": self.r["model"]["weights_sha256"],
-                 "tokens_sha256": r.get("tokens_sha256"), "wall_s": r["wall_s"], "loop_s": r.get("loop_s"),
-                 "tokens_per_s": r["tokens_per_s"], "rss_peak_mib": r["rss_peak_mib"],
-                 "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "git_commit": git_commit(),
-                 "host": f"{v.get('cpu')}, {v.get('cpu_threads')} threads; torch {v.get('torch')}, transformers "
-                         f"{v.get('transformers')}, peft {v.get('peft')}",
-                 "command": "bash bench/gpu_check.sh --cpu --write-expected"}
+        entry = {
+            "source_config": self.meta["source_config"],
+            "rows": self.meta["rows"],
+            "eval_loss": r["eval_loss"],
+            "losses": r["losses"],
+            "mixed_precision": r["mixed_precision"],
+            "weights_sha256": self.r["model"]["weights_sha256"],
+            "tokens_sha256": r.get("tokens_sha256"),
+            "wall_s": r["wall_s"],
+            "loop_s": r.get("loop_s"),
+            "tokens_per_s": r["tokens_per_s"],
+            "rss_peak_mib": r["rss_peak_mib"],
+            "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "git_commit": git_commit(),
+            "host": f"{v.get('cpu')}, {v.get('cpu_threads')} threads; torch {v.get('torch')}, transformers "
+            f"{v.get('transformers')}, peft {v.get('peft')}",
+            "command": "bash bench/gpu_check.sh --cpu --write-expected",
+        }
         data.setdefault("references", {}).setdefault(self.meta["fingerprint"], {})[str(self.args.steps)] = entry
         self.expected_path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         self.say(f"CPU reference written to {self.expected_path}")
@@ -824,8 +1093,19 @@ class Check:
             self.check("fast engine", None if src.get("budget") else False, "no trained run to generate from")
             return
         a = self.args
-        g = self.worker("generate", {"run": src["run"], "rows": str(self.bundle / "eval.jsonl"), "precisions": ["auto", "float32"],
-                                     "single": a.gen_prompts, "batch": 8, "max_new_tokens": a.gen_tokens}, "generate", 400)
+        g = self.worker(
+            "generate",
+            {
+                "run": src["run"],
+                "rows": str(self.bundle / "eval.jsonl"),
+                "precisions": ["auto", "float32"],
+                "single": a.gen_prompts,
+                "batch": 8,
+                "max_new_tokens": a.gen_tokens,
+            },
+            "generate",
+            400,
+        )
         self.r["generation"] = g
         if g.get("budget"):
             return self.check("fast engine", None, g["error"])
@@ -834,10 +1114,12 @@ class Check:
             return
         for row in g["rows"]:
             ok = row["same_rows"] == row["prompts"]
-            self.check(f"fast engine = HF generate ({row['precision']}, batch {row['batch']})",
-                       ok if row["precision"] == "float32" else (ok or None),
-                       f"{row['same_rows']}/{row['prompts']} rows the same greedy tokens (first divergence "
-                       f"{row['first_divergence']}); {row['fast_tok_s']} vs {row['hf_tok_s']} tokens/s")
+            self.check(
+                f"fast engine = HF generate ({row['precision']}, batch {row['batch']})",
+                ok if row["precision"] == "float32" else (ok or None),
+                f"{row['same_rows']}/{row['prompts']} rows the same greedy tokens (first divergence "
+                f"{row['first_divergence']}); {row['fast_tok_s']} vs {row['hf_tok_s']} tokens/s",
+            )
 
     def resume(self) -> None:
         src = self.r["train"].get("bf16", {})
@@ -859,9 +1141,18 @@ class Check:
         shutil.rmtree(copy / "adapter", ignore_errors=True)
         extra = ["memory.mixed_precision=bf16", f"training.save_steps={max(1, a.steps - 2)}"]
         sets = self.train_sets("resume_cpu", extra)
-        r = self.worker("train", {"recipe": str(self.bundle / "recipe.yaml"), "sets": sets, "resume": "latest",
-                                  "answer": {"rows": str(self.bundle / "eval.jsonl"), "max_new_tokens": 24, "also": [str(run)]}},
-                        "resume_cpu", 600, cpu=True)
+        r = self.worker(
+            "train",
+            {
+                "recipe": str(self.bundle / "recipe.yaml"),
+                "sets": sets,
+                "resume": "latest",
+                "answer": {"rows": str(self.bundle / "eval.jsonl"), "max_new_tokens": 24, "also": [str(run)]},
+            },
+            "resume_cpu",
+            600,
+            cpu=True,
+        )
         self.r["resume"] = {**r, "from": keep[-1].name, "taken_on": src["device"]}
         if r.get("budget"):
             return self.check("resume on CPU", None, r["error"])
@@ -871,14 +1162,18 @@ class Check:
         ans = r.get("answers") or []
         answered = len(ans) == 2 and all(x["new_tokens"] > 0 for x in ans)
         diff = abs(r["eval_loss"] - src["eval_loss"]) / src["eval_loss"]
-        self.check("resume on CPU", r["last_step"] == a.steps and r.get("resumed_from") is not None and answered,
-                   f"checkpoint {keep[-1].name} taken on {src['device']} resumed on {r['device']} to step {r['last_step']}; "
-                   f"eval answer loss {r['eval_loss']:.4f} vs {src['eval_loss']:.4f} finished on {src['device']} "
-                   f"({100 * diff:.2f} % apart); adapters answer on CPU: "
-                   + "; ".join(f"{x['new_tokens']} tokens" for x in ans))
+        self.check(
+            "resume on CPU",
+            r["last_step"] == a.steps and r.get("resumed_from") is not None and answered,
+            f"checkpoint {keep[-1].name} taken on {src['device']} resumed on {r['device']} to step {r['last_step']}; "
+            f"eval answer loss {r['eval_loss']:.4f} vs {src['eval_loss']:.4f} finished on {src['device']} "
+            f"({100 * diff:.2f} % apart); adapters answer on CPU: "
+            + "; ".join(f"{x['new_tokens']} tokens" for x in ans),
+        )
 
 
 # ====================================================================== the report
+
 
 def _f(x, nd=1):
     if x is None:
@@ -893,21 +1188,60 @@ def _f(x, nd=1):
 def render_markdown(r: dict) -> str:
     v = r.get("versions", {})
     m = r.get("bundle", {})
-    lines = [f"# kotune GPU check — {v.get('gpu') or 'CPU (' + str(v.get('cpu')) + ')'}", "",
-             f"- started {r['started']}, commit {r.get('git_commit')}, mode **{r['mode']}**, {r['steps']} steps, "
-             f"took {_f(r.get('elapsed_s'))} s",
-             f"- command: `{r['command']}`",
-             f"- rows: {m.get('source_config')} (bundle {m.get('fingerprint')}, {m.get('rows', {}).get('train_encoded')} train / "
-             f"{m.get('rows', {}).get('eval_encoded')} eval rows, token length p50 {m.get('token_lengths', {}).get('p50')}, "
-             f"max {m.get('token_lengths', {}).get('max')}); model: Gemma 3 "
-             f"{'tiny' if m.get('tiny') else '270M'} architecture, random weights (seed {m.get('init_seed')}, sha256 "
-             f"{r.get('model', {}).get('weights_sha256')})", "",
-             "| " + " | ".join(k for k in ("python", "torch", "cuda", "gpu", "driver", "transformers", "peft", "accelerate",
-                                            "bitsandbytes", "pydantic")) + " |",
-             "|" + "---|" * 10,
-             "| " + " | ".join(_f(v.get(k)) for k in ("python", "torch", "cuda", "gpu", "driver", "transformers", "peft",
-                                                      "accelerate", "bitsandbytes", "pydantic")) + " |", "",
-             "## Checks", "", "| check | result | detail |", "|---|---|---|"]
+    lines = [
+        f"# kotune GPU check — {v.get('gpu') or 'CPU (' + str(v.get('cpu')) + ')'}",
+        "",
+        f"- started {r['started']}, commit {r.get('git_commit')}, mode **{r['mode']}**, {r['steps']} steps, "
+        f"took {_f(r.get('elapsed_s'))} s",
+        f"- command: `{r['command']}`",
+        f"- rows: {m.get('source_config')} (bundle {m.get('fingerprint')}, {m.get('rows', {}).get('train_encoded')} "
+        "train / "
+        f"{m.get('rows', {}).get('eval_encoded')} eval rows, token length p50 {m.get('token_lengths', {}).get('p50')}, "
+        f"max {m.get('token_lengths', {}).get('max')}); model: Gemma 3 "
+        f"{'tiny' if m.get('tiny') else '270M'} architecture, random weights (seed {m.get('init_seed')}, sha256 "
+        f"{r.get('model', {}).get('weights_sha256')})",
+        "",
+        "| "
+        + " | ".join(
+            k
+            for k in (
+                "python",
+                "torch",
+                "cuda",
+                "gpu",
+                "driver",
+                "transformers",
+                "peft",
+                "accelerate",
+                "bitsandbytes",
+                "pydantic",
+            )
+        )
+        + " |",
+        "|" + "---|" * 10,
+        "| "
+        + " | ".join(
+            _f(v.get(k))
+            for k in (
+                "python",
+                "torch",
+                "cuda",
+                "gpu",
+                "driver",
+                "transformers",
+                "peft",
+                "accelerate",
+                "bitsandbytes",
+                "pydantic",
+            )
+        )
+        + " |",
+        "",
+        "## Checks",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+    ]
     for c in r["checks"]:
         res = "pass" if c["ok"] else "skipped" if c["ok"] is None else "**FAIL**"
         lines.append(f"| {c['check']} | {res} | {c['detail'].replace('|', '/')} |")
@@ -915,50 +1249,85 @@ def render_markdown(r: dict) -> str:
         p = r["pytest"]
         lines += ["", f"`{p['command']}`: {p['summary']} (exit {p['rc']}, {p['seconds']} s; full output in pytest.txt)"]
     if r.get("train"):
-        lines += ["", "## Training", "",
-                  "| run | device | quantization | autocast | tokens/s (all steps) | tokens/s (median step after the 1st) | "
-                  "step (s, median) | 1st step (s) | peak allocated (MiB) | peak reserved (MiB) | cap (MiB) | eval answer loss | wall (s) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Training",
+            "",
+            "| run | device | quantization | autocast | tokens/s (all steps) | tokens/s (median step after the 1st) | "
+            "step (s, median) | 1st step (s) | peak allocated (MiB) | peak reserved (MiB) | cap (MiB) | eval answer "
+            "loss | wall (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, t in r["train"].items():
             if not t.get("ok"):
                 err = (t.get("error") or "").replace("|", "/")
                 lines.append(f"| {name} | " + " | ".join([err[:160]] + ["–"] * 11) + " |")
                 continue
-            lines.append(f"| {name} | {t['device']} | {t['quantization']} | {t['mixed_precision']} | {_f(t.get('tokens_per_s'))} | "
-                         f"{_f(t.get('tokens_per_s_median_step'))} | {_f(t.get('step_s_median'), 3)} | {_f(t.get('first_step_s'), 2)} | "
-                         f"{_f(t.get('peak_allocated_mib'))} | {_f(t.get('peak_reserved_mib'))} | {_f(t.get('cap_mib'))} | "
-                         f"{_f(t.get('eval_loss'), 4)} | {_f(t.get('wall_s'))} |")
+            lines.append(
+                f"| {name} | {t['device']} | {t['quantization']} | {t['mixed_precision']} | "
+                f"{_f(t.get('tokens_per_s'))} | "
+                f"{_f(t.get('tokens_per_s_median_step'))} | {_f(t.get('step_s_median'), 3)} | "
+                f"{_f(t.get('first_step_s'), 2)} | "
+                f"{_f(t.get('peak_allocated_mib'))} | {_f(t.get('peak_reserved_mib'))} | {_f(t.get('cap_mib'))} | "
+                f"{_f(t.get('eval_loss'), 4)} | {_f(t.get('wall_s'))} |"
+            )
         ref = r.get("reference")
         if ref:
-            lines += ["", f"CPU reference ({ref['host']}, {ref['measured']}): eval answer loss **{ref['eval_loss']:.4f}** after "
-                      f"{r['steps']} steps ({ref['mixed_precision']} autocast, {ref['wall_s']} s); difference "
-                      f"{100 * r.get('reference_diff', 0):+.2f} %."]
+            lines += [
+                "",
+                f"CPU reference ({ref['host']}, {ref['measured']}): eval answer loss **{ref['eval_loss']:.4f}** after "
+                f"{r['steps']} steps ({ref['mixed_precision']} autocast, {ref['wall_s']} s); difference "
+                f"{100 * r.get('reference_diff', 0):+.2f} %.",
+            ]
         fp = r["train"].get("fp16", {})
         if fp.get("reserved_mib_after_release") is not None:
-            lines += ["", f"fp16 run, cache emptied every 10 (`memory.empty_cache_freq`) and 15 (`training.cuda_cleanup_freq`) "
-                      f"steps: reserved {fp['reserved_mib_after_release']} MiB right after those steps, "
-                      f"{fp['reserved_mib_other_steps']} MiB after the others."]
+            lines += [
+                "",
+                f"fp16 run, cache emptied every 10 (`memory.empty_cache_freq`) and 15 (`training.cuda_cleanup_freq`) "
+                f"steps: reserved {fp['reserved_mib_after_release']} MiB right after those steps, "
+                f"{fp['reserved_mib_other_steps']} MiB after the others.",
+            ]
     if r.get("cap_probe"):
         p = r["cap_probe"]
-        lines += ["", f"Cap probe: `memory.max_gpu_memory_usage={p['fraction']}` ({p['cap_mib']} MiB): "
-                  f"{p.get('error') or 'trained without running out of memory'}"]
+        lines += [
+            "",
+            f"Cap probe: `memory.max_gpu_memory_usage={p['fraction']}` ({p['cap_mib']} MiB): "
+            f"{p.get('error') or 'trained without running out of memory'}",
+        ]
     g = r.get("generation", {})
     if g.get("rows"):
-        lines += ["", "## Fast engine vs HF generate (greedy, same converted model)", "",
-                  f"{g['max_new_tokens']} new tokens at most; tokens/s counts generated tokens up to EOS.", "",
-                  "| weights | batch | prompts | engine tokens/s | HF generate tokens/s | same greedy tokens | first divergence | load (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Fast engine vs HF generate (greedy, same converted model)",
+            "",
+            f"{g['max_new_tokens']} new tokens at most; tokens/s counts generated tokens up to EOS.",
+            "",
+            "| weights | batch | prompts | engine tokens/s | HF generate tokens/s | same greedy tokens | first "
+            "divergence | load (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in g["rows"]:
-            lines.append(f"| {row['precision']} | {row['batch']} | {row['prompts']} | {_f(row['fast_tok_s'])} | {_f(row['hf_tok_s'])} | "
-                         f"{row['same_rows']}/{row['prompts']} | {row['first_divergence']} | {row['load_s']} |")
+            lines.append(
+                f"| {row['precision']} | {row['batch']} | {row['prompts']} | {_f(row['fast_tok_s'])} | "
+                f"{_f(row['hf_tok_s'])} | "
+                f"{row['same_rows']}/{row['prompts']} | {row['first_divergence']} | {row['load_s']} |"
+            )
     rs = r.get("resume", {})
     if rs.get("ok"):
-        lines += ["", "## Checkpoint resumed on CPU", "",
-                  f"{rs['from']} taken on {rs['taken_on']}, resumed on {rs['device']} to step {rs['last_step']}: eval answer loss "
-                  f"{rs['eval_loss']:.4f} (the run finished on {rs['taken_on']}: {r['train']['bf16']['eval_loss']:.4f}).", ""]
+        lines += [
+            "",
+            "## Checkpoint resumed on CPU",
+            "",
+            f"{rs['from']} taken on {rs['taken_on']}, resumed on {rs['device']} to step {rs['last_step']}: eval answer "
+            "loss "
+            f"{rs['eval_loss']:.4f} (the run finished on {rs['taken_on']}: {r['train']['bf16']['eval_loss']:.4f}).",
+            "",
+        ]
         for x in rs.get("answers", []):
-            lines.append(f"- `{x['run']}` on {x['device']} ({x['precision']}): {x['new_tokens']} tokens: "
-                         f"{json.dumps(x['text'], ensure_ascii=False)}")
+            lines.append(
+                f"- `{x['run']}` on {x['device']} ({x['precision']}): {x['new_tokens']} tokens: "
+                f"{json.dumps(x['text'], ensure_ascii=False)}"
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -970,9 +1339,11 @@ def compare_losses(run: dict, ref: dict, weights_sha256: str | None) -> tuple[bo
     diff = (run["eval_loss"] - ref["eval_loss"]) / ref["eval_loss"]
     steps = [(a - b) / b for a, b in zip(run["losses"], ref.get("losses") or [])]
     worst = max(steps, key=abs) if steps else 0.0
-    detail = (f"{run['device']} {run['eval_loss']:.4f} vs CPU {ref['eval_loss']:.4f} ({100 * diff:+.2f} %); training loss "
-              f"step 1 {100 * (steps[0] if steps else 0):+.2f} %, worst step {100 * worst:+.2f} % (tolerance "
-              f"{100 * LOSS_TOLERANCE:.0f} %); same initial weights: {same_start}; same token ids: {same_rows}")
+    detail = (
+        f"{run['device']} {run['eval_loss']:.4f} vs CPU {ref['eval_loss']:.4f} ({100 * diff:+.2f} %); training loss "
+        f"step 1 {100 * (steps[0] if steps else 0):+.2f} %, worst step {100 * worst:+.2f} % (tolerance "
+        f"{100 * LOSS_TOLERANCE:.0f} %); same initial weights: {same_start}; same token ids: {same_rows}"
+    )
     ok = abs(diff) <= LOSS_TOLERANCE and abs(worst) <= LOSS_TOLERANCE and same_start and same_rows
     return ok, detail, diff, steps
 
@@ -984,8 +1355,10 @@ def cmd_compare(args) -> int:
     ref = refs.get(r["bundle"]["fingerprint"], {}).get(str(r["steps"]))
     t = r.get("train", {}).get("bf16", {})
     if ref is None or not t.get("ok"):
-        print(f"nothing to compare: reference {'found' if ref else 'missing'} for bundle {r['bundle']['fingerprint']} "
-              f"at {r['steps']} steps; bf16 run {'ok' if t.get('ok') else 'failed'}")
+        print(
+            f"nothing to compare: reference {'found' if ref else 'missing'} for bundle {r['bundle']['fingerprint']} "
+            f"at {r['steps']} steps; bf16 run {'ok' if t.get('ok') else 'failed'}"
+        )
         return 1
     ok, detail, _, _ = compare_losses(t, ref, r.get("model", {}).get("weights_sha256"))
     print(("PASS " if ok else "FAIL ") + detail)
@@ -993,6 +1366,7 @@ def cmd_compare(args) -> int:
 
 
 # ====================================================================== command line
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1007,8 +1381,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/kotune_gpu_check/out")
     p.add_argument("--work", default="/tmp/kotune_gpu_check/work", help="model, run folders (not returned)")
     p.add_argument("--cpu", action="store_true", help="dry run: the same steps on CPU, CUDA-only ones skipped")
-    p.add_argument("--tiny", action="store_true", help="make a tiny bundle from --config first: a two-layer model and a "
-                   "tokenizer trained on the rows (seconds; the CI test)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="make a tiny bundle from --config first: a two-layer model and a "
+        "tokenizer trained on the rows (seconds; the CI test)",
+    )
     p.add_argument("--config", default="configs/civil_law.yaml", help="with --tiny: the recipe whose rows are used")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cap", type=float, default=0.25, help="memory.max_gpu_memory_usage for the training runs")
@@ -1016,8 +1394,13 @@ def main(argv=None) -> int:
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--gen-prompts", type=int, default=4, help="prompts generated one by one (batch 1)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting steps after this many seconds")
-    p.add_argument("--skip", nargs="+", default=[], choices=["pytest", "fp16", "4bit", "8bit", "probe", "generate", "resume"],
-                   help="steps to leave out (a rerun of what failed; bf16 training always runs)")
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=["pytest", "fp16", "4bit", "8bit", "probe", "generate", "resume"],
+        help="steps to leave out (a rerun of what failed; bf16 training always runs)",
+    )
     p.add_argument("--expected", default=str(EXPECTED))
     p.add_argument("--write-expected", action="store_true", help="store the CPU eval loss as the reference")
     p.set_defaults(fn=lambda a: Check(a).run())

@@ -27,8 +27,16 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(f"{args.run}/config.yaml")
     _, held, _ = load_split(cfg)
-    items = [{"id": e.source, "question": e.question, "citations": [format_cite(*c) for c in find_citations(e.answer)],
-              "key_facts": [], "reference": e.answer} for e in held]
+    items = [
+        {
+            "id": e.source,
+            "question": e.question,
+            "citations": [format_cite(*c) for c in find_citations(e.answer)],
+            "key_facts": [],
+            "reference": e.answer,
+        }
+        for e in held
+    ]
     tokenize = Morphemes()
     results = {}
     bot = Chatbot.from_run(args.run, greedy=True)

@@ -21,8 +21,9 @@ from kotune.statutes import find_citations, load_kb
 
 
 def share(items: list[dict], texts: list[str]) -> float:
-    return sum(facts_found(t, it["key_facts"]) / max(len(it["key_facts"]), 1)
-               for it, t in zip(items, texts)) / max(len(items), 1)
+    return sum(facts_found(t, it["key_facts"]) / max(len(it["key_facts"]), 1) for it, t in zip(items, texts)) / max(
+        len(items), 1
+    )
 
 
 def whole(articles) -> str:
@@ -46,8 +47,9 @@ def main() -> None:
     ranked = [[h.article for h in retriever.search(it["question"], k=max(k, 2), method=cfg.method)] for it in items]
     gold = [[kb[c] for g in it["citations"] for c in find_citations(g) if c in kb] for it in items]
     rows = {
-        f"prompt context (k={k}, snippet_chars={chars})":
-            [retriever.format_context(r[:k], it["question"], chars) for r, it in zip(ranked, items)],
+        f"prompt context (k={k}, snippet_chars={chars})": [
+            retriever.format_context(r[:k], it["question"], chars) for r, it in zip(ranked, items)
+        ],
         "whole top-1 summary": [whole(r[:1]) for r in ranked],
         "whole top-2 summaries": [whole(r[:2]) for r in ranked],
         "whole gold summaries": [whole(g) for g in gold],
@@ -57,8 +59,10 @@ def main() -> None:
         texts = [answers[str(it["id"])] for it in items]
         rows["answers"] = texts
         rows["answers + whole top-1 summary"] = [t + " " + s for t, s in zip(texts, rows["whole top-1 summary"])]
-    print(f"{args.dev}: {len(items)} questions, {sum(len(it['key_facts']) for it in items)} key facts; "
-          f"retrieval {cfg.method} with {args.run}'s examples")
+    print(
+        f"{args.dev}: {len(items)} questions, {sum(len(it['key_facts']) for it in items)} key facts; "
+        f"retrieval {cfg.method} with {args.run}'s examples"
+    )
     print("| text | key facts found |\n|---|---|")
     for name, texts in rows.items():
         print(f"| {name} | {share(items, texts):.3f} |")

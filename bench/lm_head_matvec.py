@@ -35,7 +35,9 @@ def main() -> None:
         "fp32": (lambda: torch.nn.functional.linear(x, w)),
         "bf16": (lambda xb=x.bfloat16(), wb=w.bfloat16(): torch.nn.functional.linear(xb, wb)),
         "fp16": (lambda xh=x.half(), wh=w.half(): torch.nn.functional.linear(xh, wh)),
-        "int8 weight-only (bf16 act.)": (lambda xb=x.bfloat16(), sb=s.bfloat16(): torch._weight_int8pack_mm(xb, wq, sb)),
+        "int8 weight-only (bf16 act.)": (
+            lambda xb=x.bfloat16(), sb=s.bfloat16(): torch._weight_int8pack_mm(xb, wq, sb)
+        ),
         "int8 dynamic (int8 act.)": (lambda: q(x)),
     }
     print(f"| weights | ms per call ({torch.get_num_threads()} threads) |\n|---|---|")

@@ -42,8 +42,13 @@ def percentile(values: list[float], p: float) -> float | None:
 async def one_request(client, url: str, model: str, question: str, max_tokens: int, headers: dict) -> dict:
     import httpx
 
-    payload = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-               "stream": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     ttft, tokens, done = None, 0, False
     try:
@@ -84,7 +89,9 @@ async def run_load(url: str, model: str, clients: int, duration: float, max_toke
     async def client_loop(i: int, client) -> None:
         n = 0
         while time.perf_counter() < deadline:
-            results.append(await one_request(client, url, model, QUESTIONS[(i + n) % len(QUESTIONS)], max_tokens, headers))
+            results.append(
+                await one_request(client, url, model, QUESTIONS[(i + n) % len(QUESTIONS)], max_tokens, headers)
+            )
             n += 1
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -97,25 +104,40 @@ async def run_load(url: str, model: str, clients: int, duration: float, max_toke
     errors = [r["error"] for r in results if "error" in r]
     ttft, lat = [r["ttft"] for r in ok], [r["latency"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
-    return {"url": url, "model": model, "clients": clients, "duration_s": duration, "max_tokens": max_tokens,
-            "wall_s": round(wall, 2), "requests": len(ok), "errors": len(errors), "error_samples": errors[:5],
-            "ttft_s": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
-            "latency_s": {"p50": percentile(lat, 50), "p95": percentile(lat, 95)},
-            "requests_per_s": len(ok) / wall if wall else 0.0, "completion_tokens": tokens,
-            "tokens_per_s": tokens / wall if wall else 0.0}
+    return {
+        "url": url,
+        "model": model,
+        "clients": clients,
+        "duration_s": duration,
+        "max_tokens": max_tokens,
+        "wall_s": round(wall, 2),
+        "requests": len(ok),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "ttft_s": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
+        "latency_s": {"p50": percentile(lat, 50), "p95": percentile(lat, 95)},
+        "requests_per_s": len(ok) / wall if wall else 0.0,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+    }
 
 
 def table(r: dict) -> str:
     def f(x):
         return "–" if x is None else f"{x:.2f}"
 
-    return "\n".join([
-        "| clients | duration (s) | max_tokens | requests | errors | TTFT p50 (s) | TTFT p95 (s) | latency p50 (s) | latency p95 (s) | requests/s | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {r['clients']} | {r['wall_s']:.0f} | {r['max_tokens']} | {r['requests']} | {r['errors']} | {f(r['ttft_s']['p50'])} | "
-        f"{f(r['ttft_s']['p95'])} | {f(r['latency_s']['p50'])} | {f(r['latency_s']['p95'])} | {r['requests_per_s']:.2f} | "
-        f"{r['tokens_per_s']:.1f} |",
-    ])
+    return "\n".join(
+        [
+            "| clients | duration (s) | max_tokens | requests | errors | TTFT p50 (s) | TTFT p95 (s) | latency p50 (s) "
+            "| latency p95 (s) | requests/s | tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {r['clients']} | {r['wall_s']:.0f} | {r['max_tokens']} | {r['requests']} | {r['errors']} | "
+            f"{f(r['ttft_s']['p50'])} | "
+            f"{f(r['ttft_s']['p95'])} | {f(r['latency_s']['p50'])} | {f(r['latency_s']['p95'])} | "
+            f"{r['requests_per_s']:.2f} | "
+            f"{r['tokens_per_s']:.1f} |",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Screenshot of the chat page answering a question (for docs/), in Debian's headless Chromium.
 
-    .venv/bin/python bench/page_screenshot.py --run runs/civil_law --question "전세권이란 무엇인가요?" --out docs/serve-page.png
+    .venv/bin/python bench/page_screenshot.py --run runs/civil_law --question "전세권이란 무엇인가요?" \\
+        --out docs/serve-page.png
 
 Starts the server for the run in this process (loopback), asks the question on the page, waits for the
 streamed answer to finish, opens the first cited article (if any), and saves a PNG.

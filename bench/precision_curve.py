@@ -22,9 +22,16 @@ def run(config: str, steps: int, precision: str, extra: list[str]) -> dict:
     from kotune.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"model.output_dir={tmp}", f"training.max_steps={steps}", "training.logging_steps=1",
-                f"training.save_steps={10 ** 6}", f"training.eval_steps={steps}", "logging.progress_bar=false",
-                "logging.level=WARNING", f"memory.mixed_precision={precision}"]
+        sets = [
+            f"model.output_dir={tmp}",
+            f"training.max_steps={steps}",
+            "training.logging_steps=1",
+            f"training.save_steps={10**6}",
+            f"training.eval_steps={steps}",
+            "logging.progress_bar=false",
+            "logging.level=WARNING",
+            f"memory.mixed_precision={precision}",
+        ]
         cfg = load_config(config, sets + extra)
         t0 = time.perf_counter()
         out = train(cfg)
@@ -50,12 +57,19 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for i, (f, b, d, r) in enumerate(zip(fp, bf, diffs, rel), start=1):
         print(f"| {i} | {f:.4f} | {b:.4f} | {d:+.4f} | {r:.1%} |")
-    print(f"\nmax |relative difference| {max(rel):.1%}, mean {sum(rel) / len(rel):.1%}; "
-          f"eval answer loss fp32 {runs[1]['eval_loss']:.4f}, bf16 {runs[0]['eval_loss']:.4f}; "
-          f"wall fp32 {runs[1]['wall_s']:.0f} s, bf16 {runs[0]['wall_s']:.0f} s (load {os.getloadavg()[0]:.1f})")
+    print(
+        f"\nmax |relative difference| {max(rel):.1%}, mean {sum(rel) / len(rel):.1%}; "
+        f"eval answer loss fp32 {runs[1]['eval_loss']:.4f}, bf16 {runs[0]['eval_loss']:.4f}; "
+        f"wall fp32 {runs[1]['wall_s']:.0f} s, bf16 {runs[0]['wall_s']:.0f} s (load {os.getloadavg()[0]:.1f})"
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"config": args.config, "steps": args.steps, "overrides": args.set,
-                                             "runs": runs, "max_rel_diff": max(rel)}, indent=2), encoding="utf-8")
+    Path(args.output).write_text(
+        json.dumps(
+            {"config": args.config, "steps": args.steps, "overrides": args.set, "runs": runs, "max_rel_diff": max(rel)},
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
     print(f"written {args.output}")
 
 

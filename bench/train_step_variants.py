@@ -43,10 +43,21 @@ def worker(prep_file: str, gc: bool, last_layers: int | None, steps: int) -> dic
     prep = pickle.loads(Path(prep_file).read_bytes())
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = load_base_model(prep["resolved"], dtype="float32", trust_remote_code=False, revision=None, task="causal-lm",
-                            labels=None, pad_token_id=prep["tokenizer"].pad_token_id, quantization="none", device="cpu")
+    model = load_base_model(
+        prep["resolved"],
+        dtype="float32",
+        trust_remote_code=False,
+        revision=None,
+        task="causal-lm",
+        labels=None,
+        pad_token_id=prep["tokenizer"].pad_token_id,
+        quantization="none",
+        device="cpu",
+    )
     targets, fifo = default_targets(model, prep["resolved"].preset)
-    model = add_lora(model, r=32, alpha=32, dropout=0.0, target_modules=targets, fan_in_fan_out=fifo, last_layers=last_layers)
+    model = add_lora(
+        model, r=32, alpha=32, dropout=0.0, target_modules=targets, fan_in_fan_out=fifo, last_layers=last_layers
+    )
     if gc:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -68,8 +79,12 @@ def worker(prep_file: str, gc: bool, last_layers: int | None, steps: int) -> dic
         if n:  # the first is a warm-up
             times.append(time.perf_counter() - t0)
             tokens.append(int(b["attention_mask"].sum()))
-    return {"s_per_step": sum(times) / len(times), "tokens_per_s": sum(tokens) / sum(times),
-            "longest_batch_s": times[-1], "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {
+        "s_per_step": sum(times) / len(times),
+        "tokens_per_s": sum(tokens) / sum(times),
+        "longest_batch_s": times[-1],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 def main() -> None:
@@ -93,17 +108,34 @@ def main() -> None:
         prep_file = Path(tmp) / "prep.pkl"
         prep_file.write_bytes(pickle.dumps(prep))
         for name, gc, last in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--_worker", str(prep_file), "1" if gc else "0",
-                                  str(last or "none"), str(a.steps)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--_worker",
+                    str(prep_file),
+                    "1" if gc else "0",
+                    str(last or "none"),
+                    str(a.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = {"variant": name, **json.loads(out.stdout.strip().splitlines()[-1])}
             results.append(r)
-            print(f"{name}: {r['s_per_step']:.2f} s/step, longest batch {r['longest_batch_s']:.1f} s, "
-                  f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+            print(
+                f"{name}: {r['s_per_step']:.2f} s/step, longest batch {r['longest_batch_s']:.1f} s, "
+                f"peak RSS {r['peak_rss_gib']:.2f} GiB",
+                flush=True,
+            )
     base = results[0]["s_per_step"]
     print("\n| variant | s/step | × the first | longest batch (s) | process peak RSS (GiB) |\n|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['s_per_step']:.2f} | {r['s_per_step'] / base:.2f} | {r['longest_batch_s']:.1f} | "
-              f"{r['peak_rss_gib']:.2f} |")
+        print(
+            f"| {r['variant']} | {r['s_per_step']:.2f} | {r['s_per_step'] / base:.2f} | {r['longest_batch_s']:.1f} | "
+            f"{r['peak_rss_gib']:.2f} |"
+        )
     if a.output:
         a.output.write_text(json.dumps({"config": a.config, "steps": a.steps, "results": results}, indent=1))
 

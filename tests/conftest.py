@@ -20,13 +20,27 @@ def qa_rows(n: int = 24) -> list[dict]:
     topics = [
         ("전세권", "전세권은 전세금을 내고 남의 부동산을 쓰는 물권입니다. (근거: 민법 제303조)"),
         ("대항력", "대항력은 주택 인도와 전입신고를 마친 다음 날부터 생깁니다. (근거: 주택임대차보호법 제3조)"),
-        ("확정일자", "확정일자를 받으면 경매 때 후순위 채권자보다 먼저 보증금을 받습니다. (근거: 주택임대차보호법 제3조의2)"),
-        ("계약금", "어느 한쪽이 이행에 착수하기 전이면 계약금을 포기하거나 배액을 상환하고 해제할 수 있습니다. (근거: 민법 제565조)"),
+        (
+            "확정일자",
+            "확정일자를 받으면 경매 때 후순위 채권자보다 먼저 보증금을 받습니다. (근거: 주택임대차보호법 제3조의2)",
+        ),
+        (
+            "계약금",
+            "어느 한쪽이 이행에 착수하기 전이면 계약금을 포기하거나 배액을 상환하고 "
+            "해제할 수 있습니다. (근거: 민법 제565조)",
+        ),
     ]
     rows = []
     for i in range(n):
         name, answer = topics[i % len(topics)]
-        rows.append({"question": f"{name}에 대해 알려주세요 {i}번?", "answer": answer, "category": "테스트", "difficulty": "초급"})
+        rows.append(
+            {
+                "question": f"{name}에 대해 알려주세요 {i}번?",
+                "answer": answer,
+                "category": "테스트",
+                "difficulty": "초급",
+            }
+        )
     return rows
 
 
@@ -48,11 +62,20 @@ def _train_tokenizer(folder: Path) -> None:
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>", "<pad>", "<unk>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["</s>", "<pad>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(text * 5, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", mask_token="<mask>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
     fast.save_pretrained(folder)
 
 
@@ -65,8 +88,17 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     _train_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=64, n_layer=2, n_head=2, initializer_range=0.2,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=1024,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -80,10 +112,22 @@ def tiny_gemma(tmp_path_factory) -> Path:
     _train_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, initializer_range=0.2, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
-                           sliding_window=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, final_logit_softcapping=30.0)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        initializer_range=0.2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        sliding_window=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        final_logit_softcapping=30.0,
+    )
     Gemma3ForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -98,12 +142,24 @@ def tiny_config(model_dir: Path, data_file: Path, out: Path, **sections):
     from kotune.config import load_config
 
     sets = [
-        f"model.name={model_dir}", f"model.output_dir={out}", f"data.train_file={data_file}",
-        "data.batch_size=4", "data.max_length=128", "data.eval_ratio=0.2",
-        "training.max_steps=6", "training.learning_rate=3e-2", "training.save_steps=3",
-        "training.logging_steps=1", "training.warmup_ratio=0", "logging.progress_bar=false",
-        "lora.r=4", "lora.alpha=8", "lora.dropout=0.1", "memory.mixed_precision=no",
-        "generation.max_new_tokens=12", "generation.greedy=true",
+        f"model.name={model_dir}",
+        f"model.output_dir={out}",
+        f"data.train_file={data_file}",
+        "data.batch_size=4",
+        "data.max_length=128",
+        "data.eval_ratio=0.2",
+        "training.max_steps=6",
+        "training.learning_rate=3e-2",
+        "training.save_steps=3",
+        "training.logging_steps=1",
+        "training.warmup_ratio=0",
+        "logging.progress_bar=false",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0.1",
+        "memory.mixed_precision=no",
+        "generation.max_new_tokens=12",
+        "generation.greedy=true",
     ]
     for section, values in sections.items():
         sets += [f"{section}.{k}={v}" for k, v in values.items()]
@@ -143,8 +199,17 @@ def tiny_t5(tmp_path_factory) -> Path:
     _train_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=2,
-                   decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=64,
+        d_ff=128,
+        d_kv=16,
+        num_layers=2,
+        num_heads=2,
+        decoder_start_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     T5ForConditionalGeneration(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
 

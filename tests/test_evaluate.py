@@ -9,9 +9,19 @@ from kotune.generate import Answer
 from kotune.statutes import load_kb
 
 ITEMS = [
-    {"id": "a", "question": "q1", "citations": ["민법 제281조"], "key_facts": [["15년"], ["최단", "영구"]],
-     "reference": "기간 을 정하지 않으면 최단 기간 이다"},
-    {"id": "b", "question": "q2", "citations": ["주택임대차보호법 제3조", "주택임대차보호법 제3조의2"], "key_facts": [["다음 날"]]},
+    {
+        "id": "a",
+        "question": "q1",
+        "citations": ["민법 제281조"],
+        "key_facts": [["15년"], ["최단", "영구"]],
+        "reference": "기간 을 정하지 않으면 최단 기간 이다",
+    },
+    {
+        "id": "b",
+        "question": "q2",
+        "citations": ["주택임대차보호법 제3조", "주택임대차보호법 제3조의2"],
+        "key_facts": [["다음 날"]],
+    },
 ]
 
 
@@ -22,8 +32,12 @@ def _a(text, raw=None, stopped=True, seconds=1.0):
 def test_metrics_exact():
     answers = [
         _a("최단기간 15년입니다. (근거: 민법 제281조, 민법 제280조)"),  # hit; 1 of 2 cited is gold
-        _a("모릅니다. (근거: 주택임대차보호법 제3조)", raw="모릅니다. (근거: 주택임대차보호법 제3조, 민법 제999조)",
-           stopped=False, seconds=3.0),
+        _a(
+            "모릅니다. (근거: 주택임대차보호법 제3조)",
+            raw="모릅니다. (근거: 주택임대차보호법 제3조, 민법 제999조)",
+            stopped=False,
+            seconds=3.0,
+        ),
     ]
     summary, rows = evaluate_answers(ITEMS, answers, load_kb(), tokenize=str.split)
     assert summary["citation_hit"] == 1.0

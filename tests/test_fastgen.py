@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kotune.fastgen import FastGenerator, convert_model, load_engine, load_fast
-from kotune.sampling import warp_scores
 from kotune.generate import Chatbot
 from kotune.model import load_run
+from kotune.sampling import warp_scores
 
 QUESTIONS = ["전세권이란?", "대항력은 언제 생기나요 아주 길게 물어봅니다?", "계약금"]
 
@@ -21,8 +21,18 @@ def _prompts(bot: Chatbot) -> list[list[int]]:
 
 def _hf_generate(model, ids, mask, tok, **kw):
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, do_sample=False, temperature=None, top_p=None, top_k=None, **kw)
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=10,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
@@ -33,8 +43,13 @@ def test_greedy_tokens_equal_hf_generate(any_run, penalty):
     for p in _prompts(bot):
         ids = torch.tensor([p])
         want = _hf_generate(model, ids, torch.ones_like(ids), tok, repetition_penalty=penalty)
-        got = fast.generate(ids, max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                            repetition_penalty=penalty)
+        got = fast.generate(
+            ids,
+            max_new_tokens=10,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            repetition_penalty=penalty,
+        )
         assert got.tolist() == want.tolist()
 
 
@@ -47,19 +62,32 @@ def test_left_padded_batch_equals_hf_generate(any_run):
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     want = _hf_generate(model, ids, mask, tok, repetition_penalty=1.1)
-    got = fast.generate(ids, mask, max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=pad, repetition_penalty=1.1)
+    got = fast.generate(
+        ids, mask, max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=pad, repetition_penalty=1.1
+    )
     assert got.tolist() == want.tolist()
 
 
 def test_warped_scores_match_hf_processors():
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 3
     seen = torch.randint(0, 50, (3, 7))
-    hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7),
-                              TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
+    hf = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.2),
+            TemperatureLogitsWarper(0.7),
+            TopKLogitsWarper(20),
+            TopPLogitsWarper(0.8),
+        ]
+    )
     want = hf(seen, logits.clone())
     got = warp_scores(logits, seen, repetition_penalty=1.2, do_sample=True, temperature=0.7, top_k=20, top_p=0.8)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
@@ -92,9 +120,19 @@ def test_sampling_stops_at_eos_and_streams(tiny_run):
         def end(self):
             put.append("end")
 
-    out = eng.generate(ids, streamer=Recorder(), max_new_tokens=20, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                       do_sample=True, temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.1)
-    new = out[0, ids.shape[1]:].tolist()
+    out = eng.generate(
+        ids,
+        streamer=Recorder(),
+        max_new_tokens=20,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=True,
+        temperature=0.9,
+        top_p=0.9,
+        top_k=50,
+        repetition_penalty=1.1,
+    )
+    new = out[0, ids.shape[1] :].tolist()
     assert put[0] == ids[0].tolist() and put[-1] == "end"
     assert [x for chunk in put[1:-1] for x in chunk] == new
     assert tok.eos_token_id not in new[:-1]  # nothing is generated after EOS
@@ -108,6 +146,7 @@ def test_engine_follows_config_and_overrides(tiny_run):
 
 
 # ---------------------------------------------------------------- GGUF export
+
 
 def _template_gguf(model_dir, path, arch="gemma3"):
     """A GGUF holding the tiny Gemma's weights (F32, embeddings in Q8_0) under llama.cpp names."""
@@ -126,7 +165,9 @@ def _template_gguf(model_dir, path, arch="gemma3"):
             continue
         arr = t.float().numpy()
         if g == "token_embd.weight":
-            w.add_tensor(g, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(
+                g, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
         else:
             w.add_tensor(g, arr)
     w.write_header_to_file()
@@ -195,7 +236,9 @@ def test_llamacpp_backend_names_the_extra(tiny_run, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed (extra `llamacpp`)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed (extra `llamacpp`)"
+)
 def test_llamacpp_greedy_agrees_with_torch_on_the_default_base():
     """The shipped base GGUF run by llama.cpp and its fp32 conversion run by torch
     start their greedy answers with the same tokens (quantised compute drifts later)."""
@@ -224,13 +267,24 @@ def test_context_contrast_equals_hf_guidance(any_run, weight):
     bot = Chatbot(fast, tok, "질문: {question}\n답변: {answer}", None)
     ids, neg = torch.tensor([bot.prompt_ids(QUESTIONS[1])]), torch.tensor([bot.prompt_ids("계약금")])
     want = _hf_generate(model, ids, torch.ones_like(ids), tok, guidance_scale=1 + weight, negative_prompt_ids=neg)
-    got = fast.generate(ids, max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                        contrast_ids=neg, contrast_weight=weight)
+    got = fast.generate(
+        ids,
+        max_new_tokens=10,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        contrast_ids=neg,
+        contrast_weight=weight,
+    )
     assert got.tolist() == want.tolist()
     scores = []  # and the contrast does change the scores (on a random model the tokens may still agree)
     for w in (0.0, weight):
-        fast.generate(ids, max_new_tokens=1, logits_processor=[lambda s, x: scores.append(x) or x],
-                      contrast_ids=neg, contrast_weight=w)
+        fast.generate(
+            ids,
+            max_new_tokens=1,
+            logits_processor=[lambda s, x: scores.append(x) or x],
+            contrast_ids=neg,
+            contrast_weight=w,
+        )
     assert not torch.allclose(scores[0].log_softmax(-1), scores[1], atol=1e-3)
 
 
@@ -244,13 +298,15 @@ def test_context_contrast_batch_equals_single_rows(any_run):
 
     def left(batch):
         width = max(map(len, batch))
-        return (torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in batch]),
-                torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch]))
+        return (
+            torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in batch]),
+            torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch]),
+        )
 
     kw = dict(max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, contrast_weight=1.0)
     (ids, mask), (neg, neg_mask) = left(rows), left(negs)
     batch = fast.generate(ids, mask, contrast_ids=neg, contrast_mask=neg_mask, **kw)
     for b, (r, n) in enumerate(zip(rows, negs)):
-        one = fast.generate(torch.tensor([r]), contrast_ids=torch.tensor([n]), **kw)[0, len(r):].tolist()
-        got = batch[b, ids.shape[1]:].tolist()[: len(one)]
+        one = fast.generate(torch.tensor([r]), contrast_ids=torch.tensor([n]), **kw)[0, len(r) :].tolist()
+        got = batch[b, ids.shape[1] :].tolist()[: len(one)]
         assert got == one, f"row {b}"

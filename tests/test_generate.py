@@ -49,7 +49,10 @@ def test_batch_answers_match_single_answers(bot):
 
 def test_ask_file_keeps_ids_and_adds_answers(bot, tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text('{"id": "a1", "question": "전세권이란?"}\n\n{"id": 2, "question": "계약금 해제?", "extra": 1}\n', encoding="utf-8")
+    src.write_text(
+        '{"id": "a1", "question": "전세권이란?"}\n\n{"id": 2, "question": "계약금 해제?", "extra": 1}\n',
+        encoding="utf-8",
+    )
     stats = ask_file(bot, src, tmp_path / "out.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["id"] for x in lines] == ["a1", 2] and lines[1]["extra"] == 1
@@ -84,9 +87,15 @@ def test_context_contrast_runs_each_prompt_beside_its_articles_free_twin(tiny_gp
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
     kb = load_kb()
     gen = GenerationSection(greedy=True, max_new_tokens=6, context_contrast=0.5)
-    bot = Chatbot(Recording(GPT2LMHeadModel.from_pretrained(tiny_gpt2)), tok,
-                  "참고 조문:\n{context}\n질문: {question}\n답변: {answer}", gen,
-                  RetrievalSection(enabled=True, k=1, snippet_chars=60, method="bm25"), kb, Retriever(kb))
+    bot = Chatbot(
+        Recording(GPT2LMHeadModel.from_pretrained(tiny_gpt2)),
+        tok,
+        "참고 조문:\n{context}\n질문: {question}\n답변: {answer}",
+        gen,
+        RetrievalSection(enabled=True, k=1, snippet_chars=60, method="bm25"),
+        kb,
+        Retriever(kb),
+    )
     qs = ["전세권이란 무엇인가요?", "임대차 기간을 정하지 않으면 몇 년인가요 주택이요?"]
     answers = bot.answer_batch(qs, batch_size=2)
     ids, mask, kw = calls[-1]

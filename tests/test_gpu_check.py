@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, qa_rows, write_csv
 
 spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
@@ -26,9 +25,10 @@ GROUNDED = "참고 조문:\n{context}\n질문: {question}\n답변: {answer}"
 def tiny_recipe(tmp_path: Path, template: str = "질문: {question}\n답변: {answer}", retrieval: bool = False) -> Path:
     data = write_csv(tmp_path / "qa.csv", qa_rows(24))
     cfg = tmp_path / "recipe.yaml"
-    cfg.write_text(f"""model:
+    cfg.write_text(
+        f"""model:
   name: gemma3-270m
-  output_dir: {tmp_path / 'unused'}
+  output_dir: {tmp_path / "unused"}
 data:
   train_file: {data}
   template: {json.dumps(template, ensure_ascii=False)}
@@ -46,7 +46,9 @@ generation:
   max_new_tokens: 12
 retrieval:
   enabled: {str(retrieval).lower()}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return cfg
 
 
@@ -85,8 +87,12 @@ def test_travel_template_puts_the_rendered_prompt_back_unchanged():
     assert (template, sep) == ("{question}\n답변: {answer}", "\n답변: ")
     q = gpu_check.travel_question(GROUNDED, sep, "전세권이란?", "민법 제303조(전세권의 내용) 전세금을 지급하고…")
     assert q == "참고 조문:\n민법 제303조(전세권의 내용) 전세금을 지급하고…\n질문: 전세권이란?"
-    assert template.replace("{question}", q).split("{answer}")[0] == \
-        GROUNDED.replace("{context}", "민법 제303조(전세권의 내용) 전세금을 지급하고…").replace("{question}", "전세권이란?").split("{answer}")[0]
+    assert (
+        template.replace("{question}", q).split("{answer}")[0]
+        == GROUNDED.replace("{context}", "민법 제303조(전세권의 내용) 전세금을 지급하고…")
+        .replace("{question}", "전세권이란?")
+        .split("{answer}")[0]
+    )
 
 
 def test_prepare_carries_the_retrieved_context_and_the_same_token_ids(tmp_path, monkeypatch):
@@ -95,12 +101,16 @@ def test_prepare_carries_the_retrieved_context_and_the_same_token_ids(tmp_path, 
     import kotune.prepare as kp
 
     def contexts(cfg, kb, train_ex, eval_ex, examples):
-        return ([f"민법 제{300 + i}조 조문 {i}" for i in range(len(train_ex))],
-                [f"주택임대차보호법 제{i}조 조문" for i in range(len(eval_ex))])
+        return (
+            [f"민법 제{300 + i}조 조문 {i}" for i in range(len(train_ex))],
+            [f"주택임대차보호법 제{i}조 조문" for i in range(len(eval_ex))],
+        )
 
     monkeypatch.setattr(kp, "grounding_contexts", contexts)
     bundle = tmp_path / "bundle"
-    gpu_check.cmd_prepare(argparse.Namespace(config=tiny_recipe(tmp_path, GROUNDED, retrieval=True), bundle=bundle, tiny=True))
+    gpu_check.cmd_prepare(
+        argparse.Namespace(config=tiny_recipe(tmp_path, GROUNDED, retrieval=True), bundle=bundle, tiny=True)
+    )
     meta = json.loads((bundle / "meta.json").read_text(encoding="utf-8"))
     rows = [json.loads(x) for x in (bundle / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert meta["rows"]["train"] == len(rows) == 19 and meta["rows"]["eval"] == 5
@@ -111,45 +121,114 @@ def test_prepare_carries_the_retrieved_context_and_the_same_token_ids(tmp_path, 
 
 def test_slim_wheel_drops_libraries_and_their_record_lines(tmp_path):
     whl = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
-    names = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda118.so",
-             "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_rocm64.so"]
+    names = [
+        "bitsandbytes/__init__.py",
+        "bitsandbytes/libbitsandbytes_cpu.so",
+        "bitsandbytes/libbitsandbytes_cuda118.so",
+        "bitsandbytes/libbitsandbytes_cuda130.so",
+        "bitsandbytes/libbitsandbytes_rocm64.so",
+    ]
     with zipfile.ZipFile(whl, "w") as z:
         for n in names:
             z.writestr(n, b"x" * 100)
-        z.writestr("bitsandbytes-0.50.2.dist-info/RECORD", "".join(f"{n},sha256=abc,100\n" for n in names) +
-                   "bitsandbytes-0.50.2.dist-info/RECORD,,\n")
+        z.writestr(
+            "bitsandbytes-0.50.2.dist-info/RECORD",
+            "".join(f"{n},sha256=abc,100\n" for n in names) + "bitsandbytes-0.50.2.dist-info/RECORD,,\n",
+        )
     gpu_check.cmd_slim_wheel(argparse.Namespace(wheel=str(whl), keep=["cpu", "cuda130"]))
     with zipfile.ZipFile(whl) as z:
         kept = set(z.namelist())
         record = z.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
-    assert "bitsandbytes/libbitsandbytes_cuda118.so" not in kept and "bitsandbytes/libbitsandbytes_rocm64.so" not in kept
-    assert {"bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"} <= kept
+    assert (
+        "bitsandbytes/libbitsandbytes_cuda118.so" not in kept and "bitsandbytes/libbitsandbytes_rocm64.so" not in kept
+    )
+    assert {
+        "bitsandbytes/__init__.py",
+        "bitsandbytes/libbitsandbytes_cpu.so",
+        "bitsandbytes/libbitsandbytes_cuda130.so",
+    } <= kept
     assert "cuda118" not in record and "cuda130" in record
 
 
 def _canned_train(device="cuda", eval_loss=2.0, cap_mib=40000, reserved=3000, **kw):
-    return {"ok": True, "device": device, "quantization": "none", "mixed_precision": "bf16", "run": "/nonexistent",
-            "steps": 30, "last_step": 30, "losses": [3.0] * 30, "eval_loss": eval_loss, "tokens_per_s": 9000.0,
-            "tokens_per_s_median_step": 9500.0, "step_s_median": 0.2, "first_step_s": 2.0, "wall_s": 20.0,
-            "peak_allocated_mib": 2500, "peak_reserved_mib": reserved, "total_mib": 80000, "cap_mib": cap_mib,
-            "cap_honoured": reserved <= cap_mib, "cap_logged": True, "cap_fraction": 0.5, **kw}
+    return {
+        "ok": True,
+        "device": device,
+        "quantization": "none",
+        "mixed_precision": "bf16",
+        "run": "/nonexistent",
+        "steps": 30,
+        "last_step": 30,
+        "losses": [3.0] * 30,
+        "eval_loss": eval_loss,
+        "tokens_per_s": 9000.0,
+        "tokens_per_s_median_step": 9500.0,
+        "step_s_median": 0.2,
+        "first_step_s": 2.0,
+        "wall_s": 20.0,
+        "peak_allocated_mib": 2500,
+        "peak_reserved_mib": reserved,
+        "total_mib": 80000,
+        "cap_mib": cap_mib,
+        "cap_honoured": reserved <= cap_mib,
+        "cap_logged": True,
+        "cap_fraction": 0.5,
+        **kw,
+    }
 
 
 def test_cuda_report_logic_with_canned_worker_results(tmp_path):
     """What the orchestrator does with GPU results (cap, OOM probe, reference, engine rows, report), without a GPU."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    meta = {"fingerprint": "f00d", "source_config": "configs/x.yaml", "tokens_sha256": {"train": "t", "eval": "e"},
-            "rows": {"train_encoded": 765, "eval_encoded": 85}, "token_lengths": {"p50": 200, "max": 256}, "init_seed": 1}
+    meta = {
+        "fingerprint": "f00d",
+        "source_config": "configs/x.yaml",
+        "tokens_sha256": {"train": "t", "eval": "e"},
+        "rows": {"train_encoded": 765, "eval_encoded": 85},
+        "token_lengths": {"p50": 200, "max": 256},
+        "init_seed": 1,
+    }
     (bundle / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     expected = tmp_path / "expected.json"
-    expected.write_text(json.dumps({"references": {"f00d": {"30": {
-        "eval_loss": 2.02, "losses": [3.01] * 30, "weights_sha256": "w", "tokens_sha256": {"train": "t", "eval": "e"}, "host": "cpu", "measured": "d",
-        "mixed_precision": "bf16", "wall_s": 100.0}}}}), encoding="utf-8")
+    expected.write_text(
+        json.dumps(
+            {
+                "references": {
+                    "f00d": {
+                        "30": {
+                            "eval_loss": 2.02,
+                            "losses": [3.01] * 30,
+                            "weights_sha256": "w",
+                            "tokens_sha256": {"train": "t", "eval": "e"},
+                            "host": "cpu",
+                            "measured": "d",
+                            "mixed_precision": "bf16",
+                            "wall_s": 100.0,
+                        }
+                    }
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
     args = argparse.Namespace(
-        out=str(tmp_path / "out"), work=str(tmp_path / "work"), bundle=str(bundle), cpu=False, tiny=False, steps=30,
-        cap=0.5, probe_cap_mib=512, gen_tokens=8, gen_prompts=2, budget_s=None, skip=["pytest"],
-        expected=str(expected), write_expected=False, config="")
+        out=str(tmp_path / "out"),
+        work=str(tmp_path / "work"),
+        bundle=str(bundle),
+        cpu=False,
+        tiny=False,
+        steps=30,
+        cap=0.5,
+        probe_cap_mib=512,
+        gen_tokens=8,
+        gen_prompts=2,
+        budget_s=None,
+        skip=["pytest"],
+        expected=str(expected),
+        write_expected=False,
+        config="",
+    )
     check = gpu_check.Check(args)
     check.r["versions"] = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_memory_mib": 81559}
     check.r["model"] = {"weights_sha256": "w"}
@@ -158,12 +237,42 @@ def test_cuda_report_logic_with_canned_worker_results(tmp_path):
         "train_fp16": _canned_train(eval_loss=2.1, reserved_mib_after_release=900, reserved_mib_other_steps=3000),
         "train_4bit": _canned_train(reserved=50000),  # over the cap: must fail
         "train_8bit": {"ok": False, "error": "RuntimeError: CUDA error: no kernel image"},
-        "train_cap_probe": {"ok": False, "oom": True, "error": "OutOfMemoryError: CUDA out of memory", "free_mib_at_oom": 79000},
-        "generate": {"ok": True, "max_new_tokens": 8, "rows": [
-            {"precision": "bfloat16", "requested": "auto", "batch": 1, "prompts": 2, "load_s": 1.0, "fast_tok_s": 90.0,
-             "hf_tok_s": 40.0, "same_rows": 1, "first_divergence": [None, 5], "sample": "x"},
-            {"precision": "float32", "requested": "float32", "batch": 8, "prompts": 8, "load_s": 1.0, "fast_tok_s": 500.0,
-             "hf_tok_s": 300.0, "same_rows": 8, "first_divergence": [None] * 8, "sample": "x"}]},
+        "train_cap_probe": {
+            "ok": False,
+            "oom": True,
+            "error": "OutOfMemoryError: CUDA out of memory",
+            "free_mib_at_oom": 79000,
+        },
+        "generate": {
+            "ok": True,
+            "max_new_tokens": 8,
+            "rows": [
+                {
+                    "precision": "bfloat16",
+                    "requested": "auto",
+                    "batch": 1,
+                    "prompts": 2,
+                    "load_s": 1.0,
+                    "fast_tok_s": 90.0,
+                    "hf_tok_s": 40.0,
+                    "same_rows": 1,
+                    "first_divergence": [None, 5],
+                    "sample": "x",
+                },
+                {
+                    "precision": "float32",
+                    "requested": "float32",
+                    "batch": 8,
+                    "prompts": 8,
+                    "load_s": 1.0,
+                    "fast_tok_s": 500.0,
+                    "hf_tok_s": 300.0,
+                    "same_rows": 8,
+                    "first_divergence": [None] * 8,
+                    "sample": "x",
+                },
+            ],
+        },
     }
     seen = []
 
@@ -188,15 +297,40 @@ def test_cuda_report_logic_with_canned_worker_results(tmp_path):
     assert "NVIDIA H100" in md and "**FAIL**" in md and "reserved 900 MiB right after" in md and "-0.99 %" in md
 
 
+@pytest.mark.slow  # the whole check on CPU in subprocesses: about half a minute
 def test_cpu_dry_run_end_to_end(tmp_path):
-    """`bench/gpu_check.sh --cpu --tiny`: every step runs on CPU (CUDA-only ones say so), report and reference written."""
+    """`bench/gpu_check.sh --cpu --tiny`: every step runs on CPU (CUDA-only ones say so), report and reference
+    written."""
     out, expected = tmp_path / "out", tmp_path / "expected.json"
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("OUT", None)
-    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu", "--tiny", "--config", str(tiny_recipe(tmp_path)),
-                        "--steps", "4", "--gen-tokens", "6", "--gen-prompts", "2", "--out", str(out), "--work",
-                        str(tmp_path / "work"), "--write-expected", "--expected", str(expected)],
-                       env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "bench" / "gpu_check.sh"),
+            "--cpu",
+            "--tiny",
+            "--config",
+            str(tiny_recipe(tmp_path)),
+            "--steps",
+            "4",
+            "--gen-tokens",
+            "6",
+            "--gen-prompts",
+            "2",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--write-expected",
+            "--expected",
+            str(expected),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     checks = {c["check"]: c for c in report["checks"]}
@@ -217,14 +351,34 @@ def test_cpu_dry_run_end_to_end(tmp_path):
 def test_steps_past_the_budget_are_reported_as_skipped(tmp_path):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "meta.json").write_text(json.dumps({"fingerprint": "f", "source_config": "c", "tokens_sha256": {}}), encoding="utf-8")
-    args = argparse.Namespace(out=str(tmp_path / "out"), work=str(tmp_path / "work"), bundle=str(bundle), cpu=False, tiny=False,
-                              steps=30, cap=0.25, probe_cap_mib=512, gen_tokens=8, gen_prompts=2, budget_s=-1.0, skip=[],
-                              expected=str(tmp_path / "none.json"), write_expected=False, config="")
+    (bundle / "meta.json").write_text(
+        json.dumps({"fingerprint": "f", "source_config": "c", "tokens_sha256": {}}), encoding="utf-8"
+    )
+    args = argparse.Namespace(
+        out=str(tmp_path / "out"),
+        work=str(tmp_path / "work"),
+        bundle=str(bundle),
+        cpu=False,
+        tiny=False,
+        steps=30,
+        cap=0.25,
+        probe_cap_mib=512,
+        gen_tokens=8,
+        gen_prompts=2,
+        budget_s=-1.0,
+        skip=[],
+        expected=str(tmp_path / "none.json"),
+        write_expected=False,
+        config="",
+    )
     check = gpu_check.Check(args)
     check.r["versions"], check.r["model"] = {"gpu_memory_mib": 81559}, {"weights_sha256": "w"}
     check.training()
     check.generation()
     check.save()
-    assert check.r["checks"] and all(c["ok"] is None for c in check.r["checks"] if c["check"].startswith(("train", "cap enforced")))
-    assert (tmp_path / "out" / "report.md").is_file() and "time budget" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert check.r["checks"] and all(
+        c["ok"] is None for c in check.r["checks"] if c["check"].startswith(("train", "cap enforced"))
+    )
+    assert (tmp_path / "out" / "report.md").is_file() and "time budget" in (tmp_path / "out" / "report.md").read_text(
+        encoding="utf-8"
+    )

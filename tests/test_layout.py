@@ -19,7 +19,7 @@ def _imports() -> dict[str, set[str]]:
         pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom):
-                base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1] if node.level else []
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
                 name = ".".join(base + ([node.module] if node.module else []))
                 for t in [name] + [f"{name}.{a.name}" for a in node.names]:
                     if t in mods and t != m:

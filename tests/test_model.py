@@ -14,8 +14,13 @@ from kotune.model import PRESETS, ModelError, add_lora, default_targets, fix_pad
 def test_kogpt2_preset_matches_the_seed_setup():
     p = PRESETS["skt/kogpt2-base-v2"]
     assert p.target_modules == ("c_attn", "c_proj") and p.fan_in_fan_out
-    assert p.special_tokens == {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-                                "mask_token": "<mask>"}
+    assert p.special_tokens == {
+        "bos_token": "</s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+    }
 
 
 def test_pad_equal_to_eos_is_replaced(tiny_gpt2):
@@ -36,7 +41,9 @@ def test_default_targets_per_architecture(tiny_gpt2, tiny_gemma):
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_last_layers_adapts_only_the_top_of_the_stack_and_backward_stops_there(tiny_gemma):
     m = AutoModelForCausalLM.from_pretrained(tiny_gemma)  # two layers
-    m = add_lora(m, r=2, alpha=4, dropout=0, target_modules=["q_proj", "down_proj"], fan_in_fan_out=False, last_layers=1)
+    m = add_lora(
+        m, r=2, alpha=4, dropout=0, target_modules=["q_proj", "down_proj"], fan_in_fan_out=False, last_layers=1
+    )
     trained = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trained and all(".layers.1." in n for n in trained)
     seen = []  # layer 0 runs forward but gets no gradient: nothing below layer 1 is trained
@@ -59,9 +66,9 @@ def test_missing_local_path_is_a_clear_error(tmp_path):
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch, tmp_path):
-    from kotune.model import load_tokenizer
-
     import huggingface_hub.constants
+
+    from kotune.model import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from kotune.prompt import (IGNORE, TemplateError, check_encoded, collate, encode_example, length_stats, render_sample,
-                           split_template)
+from kotune.prompt import (
+    IGNORE,
+    TemplateError,
+    check_encoded,
+    collate,
+    encode_example,
+    length_stats,
+    render_sample,
+    split_template,
+)
 
 T = "질문: {question}\n답변: {answer}"
 
@@ -24,7 +32,7 @@ def test_prompt_masked_answer_and_eos_trained(tok):
     enc = encode_example(tok, T, "전세권이란?", "전세금을 내고 쓰는 권리입니다.", tok.eos_token_id, "x.csv:2")
     prompt_ids = tok("질문: 전세권이란?\n답변:")["input_ids"]
     assert enc.labels[: len(prompt_ids)] == [IGNORE] * len(prompt_ids)
-    assert enc.labels[len(prompt_ids):] == enc.input_ids[len(prompt_ids):]
+    assert enc.labels[len(prompt_ids) :] == enc.input_ids[len(prompt_ids) :]
     assert enc.input_ids[-1] == enc.labels[-1] == tok.eos_token_id
     # EOS is one id, not the characters "</s>" spelled out by the tokenizer
     assert tok.decode(enc.input_ids[-1:]) == "</s>" and enc.input_ids.count(tok.eos_token_id) == 1
@@ -39,7 +47,10 @@ def test_sample_shows_readable_korean_for_byte_level_tokens(tok):
     text = render_sample(tok, enc)
     assert "ì" not in text and "ê" not in text and "\ufffd" not in text
     prompt_line, trained_line = text.splitlines()[2:4]
-    shown = lambda line, o, c: "".join(p.split(c)[0] for p in line.split(": ", 1)[1].split(o)[1:])
+
+    def shown(line, o, c):
+        return "".join(p.split(c)[0] for p in line.split(": ", 1)[1].split(o)[1:])
+
     assert shown(prompt_line, "[", "]") == "질문: 갱신청구권 행사\\n답변:"
     assert shown(trained_line, "⟦", "⟧") == " 묵시적 갱신입니다.</s>"
 

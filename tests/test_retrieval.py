@@ -15,10 +15,34 @@ from kotune.statutes import Article  # noqa: E402
 
 def _kb():
     arts = [
-        Article("주택임대차보호법", "3", "대항력 등", ("주택을 넘겨받고 주민등록(전입신고)을 마치면 그다음 날부터 제3자에게 임차권을 주장할 수 있다.",), ("전입신고", "대항력")),
-        Article("주택임대차보호법", "3의3", "임차권등기명령", ("임대차가 끝났는데 보증금을 못 받으면 법원에 임차권등기명령을 신청할 수 있다.",), ("보증금 반환", "이사")),
-        Article("민법", "281", "존속기간을 약정하지 아니한 지상권", ("지상권 기간을 정하지 않으면 제280조의 최단기간이 존속기간이 된다.",), ("지상권", "기간")),
-        Article("민법", "565", "해약금", ("계약금을 준 쪽은 포기하고 받은 쪽은 두 배를 돌려주고 이행 착수 전까지 해제할 수 있다.",), ("계약금", "해제")),
+        Article(
+            "주택임대차보호법",
+            "3",
+            "대항력 등",
+            ("주택을 넘겨받고 주민등록(전입신고)을 마치면 그다음 날부터 제3자에게 임차권을 주장할 수 있다.",),
+            ("전입신고", "대항력"),
+        ),
+        Article(
+            "주택임대차보호법",
+            "3의3",
+            "임차권등기명령",
+            ("임대차가 끝났는데 보증금을 못 받으면 법원에 임차권등기명령을 신청할 수 있다.",),
+            ("보증금 반환", "이사"),
+        ),
+        Article(
+            "민법",
+            "281",
+            "존속기간을 약정하지 아니한 지상권",
+            ("지상권 기간을 정하지 않으면 제280조의 최단기간이 존속기간이 된다.",),
+            ("지상권", "기간"),
+        ),
+        Article(
+            "민법",
+            "565",
+            "해약금",
+            ("계약금을 준 쪽은 포기하고 받은 쪽은 두 배를 돌려주고 이행 착수 전까지 해제할 수 있다.",),
+            ("계약금", "해제"),
+        ),
     ]
     return {a.key: a for a in arts}
 
@@ -29,11 +53,14 @@ def retriever(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["bm25", "dense", "hybrid"])
-@pytest.mark.parametrize("question,expected", [
-    ("전입신고 하면 대항력이 언제 생기나요?", ("주택임대차보호법", "3")),
-    ("집주인이 보증금을 안 줘서 이사를 못 가요", ("주택임대차보호법", "3의3")),
-    ("계약금 포기하고 계약을 해제할 수 있나요", ("민법", "565")),
-])
+@pytest.mark.parametrize(
+    "question,expected",
+    [
+        ("전입신고 하면 대항력이 언제 생기나요?", ("주택임대차보호법", "3")),
+        ("집주인이 보증금을 안 줘서 이사를 못 가요", ("주택임대차보호법", "3의3")),
+        ("계약금 포기하고 계약을 해제할 수 있나요", ("민법", "565")),
+    ],
+)
 def test_finds_the_right_article(retriever, method, question, expected):
     assert retriever.search(question, k=1, method=method)[0].article.key == expected
 
@@ -61,7 +88,9 @@ def test_citation_checker_catches_invented_and_out_of_context():
     assert check.invented == ["주택임대차보호법 제7조의3"]
     assert check.out_of_context == ["민법 제565조"]
     marked = apply_citation_policy(answer, check, "mark")
-    assert "주택임대차보호법 제7조의3[확인 필요: 지식 베이스에 없는 조문]" in marked and "민법 제565조[확인 필요" in marked
+    assert (
+        "주택임대차보호법 제7조의3[확인 필요: 지식 베이스에 없는 조문]" in marked and "민법 제565조[확인 필요" in marked
+    )
     dropped = apply_citation_policy(answer, check, "drop")
     assert "제7조의3" not in dropped and "제565조" not in dropped and "주택임대차보호법 제3조" in dropped
     # Without a context, only existence is checked.
@@ -80,8 +109,10 @@ def test_marking_a_main_article_leaves_its_branch_article_alone():
     answer = "(근거: 주택임대차보호법 제3조의3, 주택임대차보호법 제3조)"
     check = check_citations(answer, kb)
     assert check.invented == ["주택임대차보호법 제3조"]
-    assert apply_citation_policy(answer, check, "mark") == \
-        "(근거: 주택임대차보호법 제3조의3, 주택임대차보호법 제3조[확인 필요: 지식 베이스에 없는 조문])"
+    assert (
+        apply_citation_policy(answer, check, "mark")
+        == "(근거: 주택임대차보호법 제3조의3, 주택임대차보호법 제3조[확인 필요: 지식 베이스에 없는 조문])"
+    )
 
 
 # Example questions: colloquial training questions vote for the articles their answers cite.
@@ -142,8 +173,9 @@ def test_sparse_classifier_equals_the_dense_one():
         for c, v in r:
             dense[i, c] = v
     t = np.array([[1.0, 0], [0, 1], [0.5, 0.5], [1, 0]])
-    np.testing.assert_allclose(retrieval.train_classifier(sparse_rows(rows, 3), t), retrieval.train_classifier(dense, t),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        retrieval.train_classifier(sparse_rows(rows, 3), t), retrieval.train_classifier(dense, t), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_word_features_keep_terms_seen_twice_and_weigh_rare_ones_up():
@@ -169,7 +201,9 @@ def test_a_subset_of_examples_equals_a_retriever_built_from_it(with_examples, tm
     for q in ("건물 짓고 몇 년 쓸 수 있는지 안 정했어요", "보증금을 못 받았어요"):
         got = [(h.article.key, h.ranks) for h in part.search(q, k=4)]
         assert got == [(h.article.key, h.ranks) for h in built.search(q, k=4)]
-    assert not {"classifier", "word-classifier"} & set(with_examples.with_examples([0, 1, 2], None).search(q, k=1)[0].ranks)
+    assert not {"classifier", "word-classifier"} & set(
+        with_examples.with_examples([0, 1, 2], None).search(q, k=1)[0].ranks
+    )
     only_e5 = with_examples.with_examples([0, 1, 2], {}, words=False).search(q, k=1)[0].ranks
     assert "classifier" in only_e5 and "word-classifier" not in only_e5
 
@@ -204,12 +238,18 @@ def test_missing_example_file_names_what_to_give(tmp_path):
         retrieval.load_examples_file(tmp_path / "nope.csv")
 
 
-LONG = Article("주택임대차보호법", "3", "대항력 등", (
-    "① 주택을 넘겨받고 주민등록을 마치면 그다음 날부터 제3자에게 임차권을 주장할 수 있다.",
-    "② 법인이 빌린 주택에 법인이 정한 입주자가 들어와도 제1항과 같다.",
-    "③ 중소기업 법인이 직원 숙소로 빌린 주택도 같다.",
-    "④ 임차주택을 산 사람은 임대인의 지위를 승계한다.",
-), ("대항력",))
+LONG = Article(
+    "주택임대차보호법",
+    "3",
+    "대항력 등",
+    (
+        "① 주택을 넘겨받고 주민등록을 마치면 그다음 날부터 제3자에게 임차권을 주장할 수 있다.",
+        "② 법인이 빌린 주택에 법인이 정한 입주자가 들어와도 제1항과 같다.",
+        "③ 중소기업 법인이 직원 숙소로 빌린 주택도 같다.",
+        "④ 임차주택을 산 사람은 임대인의 지위를 승계한다.",
+    ),
+    ("대항력",),
+)
 
 
 def test_long_summary_shows_the_paragraphs_the_question_is_about(retriever):

@@ -14,13 +14,18 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
 import httpx  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from serving import CITING_QUESTION, citing_text  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
-
-QUESTIONS = ["전세권이란 무엇인가요?", "대항력은 언제 생기나요?", "확정일자는 왜 받나요?", "계약금을 포기하면 해제할 수 있나요?",
-             "보증금을 안 돌려주면 어떻게 하나요?", "월세를 올릴 수 있나요?"]
+QUESTIONS = [
+    "전세권이란 무엇인가요?",
+    "대항력은 언제 생기나요?",
+    "확정일자는 왜 받나요?",
+    "계약금을 포기하면 해제할 수 있나요?",
+    "보증금을 안 돌려주면 어떻게 하나요?",
+    "월세를 올릴 수 있나요?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def sse_events(lines) -> list:
     out = []
     for line in lines:
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
 
@@ -105,20 +110,28 @@ def test_completion_schema_and_stream_carry_the_same_answer(bot):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
 
 
-@pytest.mark.parametrize("payload, status, param, code", [
-    (body() | {"model": "gpt-4o"}, 404, "model", "model_not_found"),
-    (body(max_tokens=100_000), 400, "max_tokens", "max_tokens_too_large"),
-    (body(max_tokens=0), 400, "max_tokens", None),
-    (body("가" * 5000), 400, "messages[0].content", "message_too_long"),
-    (body("가" * 3000), 400, "messages[0].content", "invalid_question"),  # over generation.max_question_chars
-    (body() | {"messages": []}, 400, "messages", None),
-    (body() | {"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}, 400, "messages", None),
-    (body() | {"messages": [{"role": "wizard", "content": "질문"}]}, 400, "messages.0.role", None),
-    (body(n=2), 400, "n", "unsupported_parameter"),
-    (body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported_parameter"),
-    (body(temperature=5), 400, "temperature", None),
-    ({"messages": [{"role": "user", "content": "질문"}]}, 400, "model", None),
-])
+@pytest.mark.parametrize(
+    "payload, status, param, code",
+    [
+        (body() | {"model": "gpt-4o"}, 404, "model", "model_not_found"),
+        (body(max_tokens=100_000), 400, "max_tokens", "max_tokens_too_large"),
+        (body(max_tokens=0), 400, "max_tokens", None),
+        (body("가" * 5000), 400, "messages[0].content", "message_too_long"),
+        (body("가" * 3000), 400, "messages[0].content", "invalid_question"),  # over generation.max_question_chars
+        (body() | {"messages": []}, 400, "messages", None),
+        (
+            body() | {"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]},
+            400,
+            "messages",
+            None,
+        ),
+        (body() | {"messages": [{"role": "wizard", "content": "질문"}]}, 400, "messages.0.role", None),
+        (body(n=2), 400, "n", "unsupported_parameter"),
+        (body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported_parameter"),
+        (body(temperature=5), 400, "temperature", None),
+        ({"messages": [{"role": "user", "content": "질문"}]}, 400, "model", None),
+    ],
+)
 def test_bad_requests_get_openai_style_errors(bot, payload, status, param, code):
     with TestClient(make_app(bot, limits=_limits(max_tokens=256))) as c:
         r = c.post("/v1/chat/completions", json=payload)
@@ -144,7 +157,11 @@ def test_malformed_json_and_unknown_routes_answer_in_the_same_shape(bot):
 def test_api_key_guards_every_v1_route_and_only_those(bot):
     with TestClient(make_app(bot, api_key="s3cret")) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-            for method, path in (("get", "/v1/models"), ("post", "/v1/chat/completions"), ("get", "/v1/statutes/민법/303")):
+            for method, path in (
+                ("get", "/v1/models"),
+                ("post", "/v1/chat/completions"),
+                ("get", "/v1/statutes/민법/303"),
+            ):
                 r = getattr(c, method)(path, headers=headers, **({"json": body()} if method == "post" else {}))
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
         ok = {"Authorization": "Bearer s3cret"}
@@ -177,7 +194,9 @@ def test_ungrounded_runs_look_citations_up_in_the_shipped_kb():
     kb = load_kb()
     a = Answer("q", "설명입니다. (근거: 민법 제303조, 민법 제999조)", 10, True, 0.1)
     extras = citation_extras(a, kb, checked=False)
-    assert [c["cite"] for c in extras["citations"]] == ["민법 제303조"] and extras["citations"][0]["title"] == kb[("민법", "303")].title
+    assert [c["cite"] for c in extras["citations"]] == ["민법 제303조"] and extras["citations"][0]["title"] == kb[
+        ("민법", "303")
+    ].title
     assert extras["flagged_citations"] == ["민법 제999조"] and extras["retrieved"] == []
 
 
@@ -194,11 +213,14 @@ def test_official_openai_client_works(live):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{live}/v1", api_key="k", max_retries=0)
     assert [m.id for m in client.models.list()] == ["kotune"]
-    r = client.chat.completions.create(model="kotune", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=16)
+    r = client.chat.completions.create(
+        model="kotune", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=16
+    )
     assert r.choices[0].message.content and r.usage.completion_tokens <= 16
     assert r.model_extra["citations"] == [] and "retrieved" in r.model_extra
-    stream = client.chat.completions.create(model="kotune", messages=[{"role": "user", "content": QUESTIONS[0]}],
-                                            max_tokens=16, stream=True)
+    stream = client.chat.completions.create(
+        model="kotune", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=16, stream=True
+    )
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text.strip() == r.choices[0].message.content
@@ -210,8 +232,13 @@ def test_official_openai_client_works(live):
 
 
 def _stream_text(url, question, max_tokens=16, out=None) -> str:
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body(question, max_tokens=max_tokens, stream=True),
-                      headers={"Authorization": "Bearer k"}, timeout=120) as r:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json=body(question, max_tokens=max_tokens, stream=True),
+        headers={"Authorization": "Bearer k"},
+        timeout=120,
+    ) as r:
         r.raise_for_status()
         events = sse_events(r.iter_lines())
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
@@ -243,8 +270,13 @@ def long_question(bot) -> str:
 
 def test_a_client_that_leaves_stops_its_generation(live, long_question):
     before = httpx.get(f"{live}/health").json()["cancelled"]
-    with httpx.stream("POST", f"{live}/v1/chat/completions", json=body(long_question, max_tokens=900, stream=True),
-                      headers={"Authorization": "Bearer k"}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{live}/v1/chat/completions",
+        json=body(long_question, max_tokens=900, stream=True),
+        headers={"Authorization": "Bearer k"},
+        timeout=60,
+    ) as r:
         lines = r.iter_lines()
         next(line for line in lines if '"content": ""' not in line and line.startswith("data: "))  # first real piece
     deadline = time.monotonic() + 20
@@ -259,8 +291,9 @@ def test_full_queue_is_refused_with_429(bot, long_question):
 
     app = make_app(bot, limits=_limits(max_queue=1))
     with running_server(app) as (url, _):
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body(long_question, max_tokens=900, stream=True),
-                          timeout=60) as r:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body(long_question, max_tokens=900, stream=True), timeout=60
+        ) as r:
             lines = r.iter_lines()  # kept: a dropped iterator closes the connection, which cancels the request
             next(lines)  # accepted: the stream has begun
             second = httpx.post(f"{url}/v1/chat/completions", json=body(max_tokens=4), timeout=60)
@@ -273,12 +306,15 @@ def test_shutdown_lets_the_running_answer_finish(bot, long_question):
 
     events: list = []
     with running_server(make_app(bot)) as (url, server):
+
         def client():
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body(long_question, max_tokens=200, stream=True),
-                              timeout=60) as r:
+            with httpx.stream(
+                "POST", f"{url}/v1/chat/completions", json=body(long_question, max_tokens=200, stream=True), timeout=60
+            ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         events.append(line[6:])
+
         t = threading.Thread(target=client)
         t.start()
         deadline = time.monotonic() + 30
@@ -312,8 +348,9 @@ def test_load_bench_runs_without_errors(tiny_run, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "load.json"
-    report = bench.main(["--run", str(tiny_run), "--clients", "4", "--duration", "3", "--max-tokens", "8",
-                         "--output", str(out)])
+    report = bench.main(
+        ["--run", str(tiny_run), "--clients", "4", "--duration", "3", "--max-tokens", "8", "--output", str(out)]
+    )
     assert report["errors"] == 0 and report["requests"] >= 4
     assert report["ttft_s"]["p50"] <= report["latency_s"]["p50"] and report["tokens_per_s"] > 0
     assert json.loads(out.read_text(encoding="utf-8"))["requests"] == report["requests"]

@@ -1,4 +1,5 @@
-"""The chat page at `/`, driven in Debian's Chromium through Playwright: ask, watch the answer stream, open a citation."""
+"""The chat page at `/`, driven in Debian's Chromium through Playwright: ask, watch the answer stream, open a
+citation."""
 
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ def test_page_streams_an_answer_and_opens_its_citation(browser, site, citing_bot
     # the conversation stays on the page and is sent with the next question
     page.fill("#question", "전세권에 대해 다시 알려주세요")
     page.click("#send")
-    sync_api.expect(page.locator(".msg.assistant").nth(1)).to_have_attribute("data-done", re.compile("stop|length"), timeout=60_000)
+    sync_api.expect(page.locator(".msg.assistant").nth(1)).to_have_attribute(
+        "data-done", re.compile("stop|length"), timeout=60_000
+    )
     assert page.locator(".msg.user").count() == 2 and page.locator(".msg.assistant").count() == 2
     assert external == []  # nothing fetched from outside the server
     page.close()

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import qa_rows, write_csv
 
 pytestmark = pytest.mark.slow
@@ -29,10 +28,19 @@ def test_default_model_converts_trains_and_answers(tmp_path):
     assert "Gemma Terms of Use" in (resolved_path.parent / "NOTICE").read_text()
 
     data = write_csv(tmp_path / "qa.csv", qa_rows(12))
-    cfg = load_config("configs/civil_law.yaml", [
-        f"data.train_file={data}", f"model.output_dir={tmp_path / 'run'}", "training.max_steps=2",
-        "data.batch_size=2", "data.eval_ratio=0.2", "training.logging_steps=1", "logging.progress_bar=false", "generation.max_new_tokens=16",
-    ])
+    cfg = load_config(
+        "configs/civil_law.yaml",
+        [
+            f"data.train_file={data}",
+            f"model.output_dir={tmp_path / 'run'}",
+            "training.max_steps=2",
+            "data.batch_size=2",
+            "data.eval_ratio=0.2",
+            "training.logging_steps=1",
+            "logging.progress_bar=false",
+            "generation.max_new_tokens=16",
+        ],
+    )
     out = train(cfg)
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)

@@ -6,8 +6,8 @@ import csv
 from collections import Counter
 
 import pytest
-
 from conftest import ROOT
+
 from kotune.data import load_examples
 from kotune.statutes import find_citations, load_kb
 
@@ -25,10 +25,48 @@ def test_citation_parser():
 
 
 def test_kb_covers_required_articles(kb):
-    need = {("민법", str(n)) for n in [186, 187, 245, 280, 281, *range(303, 320), 356, 357, 366, 536, 544,
-                                       *range(563, 585), *range(618, 651), 652, 653, 654]}
-    need |= {("주택임대차보호법", a) for a in ["2", "3", "3의2", "3의3", "3의5", "3의6", "4", "6", "6의2", "6의3", "7",
-                                          "7의2", "8", "10", "11", "12"]}
+    need = {
+        ("민법", str(n))
+        for n in [
+            186,
+            187,
+            245,
+            280,
+            281,
+            *range(303, 320),
+            356,
+            357,
+            366,
+            536,
+            544,
+            *range(563, 585),
+            *range(618, 651),
+            652,
+            653,
+            654,
+        ]
+    }
+    need |= {
+        ("주택임대차보호법", a)
+        for a in [
+            "2",
+            "3",
+            "3의2",
+            "3의3",
+            "3의5",
+            "3의6",
+            "4",
+            "6",
+            "6의2",
+            "6의3",
+            "7",
+            "7의2",
+            "8",
+            "10",
+            "11",
+            "12",
+        ]
+    }
     assert need - set(kb) == set()
     assert ("민법", "651") not in kb  # deleted in 2016
     for art in kb.values():
@@ -65,7 +103,11 @@ def test_every_answer_cites_an_article_that_exists(kb):
         cites = find_citations(e.answer)
         if not cites:
             missing.append(f"{e.source}: no citation")
-        missing += [f"{e.source}: cites {law} 제{art}조, not in the knowledge base" for law, art in cites if (law, art) not in kb]
+        missing += [
+            f"{e.source}: cites {law} 제{art}조, not in the knowledge base"
+            for law, art in cites
+            if (law, art) not in kb
+        ]
     assert not missing, "\n".join(missing[:20])
 
 
@@ -90,8 +132,9 @@ def test_dev_set_shape_and_citations_exist(kb):
         assert all(c in i["reference"] for c in i["citations"]), i["id"]
         cites = [c for text in i["citations"] for c in find_citations(text)]
         assert cites and all(c in kb for c in cites), i["id"]
-        assert i["key_facts"] and all(isinstance(f, list) and f and all(isinstance(x, str) and x for x in f)
-                                      for f in i["key_facts"]), i["id"]
+        assert i["key_facts"] and all(
+            isinstance(f, list) and f and all(isinstance(x, str) and x for x in f) for f in i["key_facts"]
+        ), i["id"]
 
 
 QUESTIONS = ROOT / "data" / "civil_law_questions.jsonl"  # retrieval example questions (retrieval.extra_examples)
@@ -133,8 +176,9 @@ def test_users_set_shape_and_citations_exist(kb):
         assert set(i) == {"id", "question", "citations", "key_facts", "reference", "category", "style"}, i["id"]
         cites = [c for text in i["citations"] for c in find_citations(text)]
         assert cites and all(c in kb for c in cites) and all(c in i["reference"] for c in i["citations"]), i["id"]
-        assert i["key_facts"] and all(isinstance(f, list) and f and all(isinstance(x, str) and x for x in f)
-                                      for f in i["key_facts"]), i["id"]
+        assert i["key_facts"] and all(
+            isinstance(f, list) and f and all(isinstance(x, str) and x for x in f) for f in i["key_facts"]
+        ), i["id"]
 
 
 def test_out_of_scope_files_hold_distinct_questions_with_their_area():
@@ -157,20 +201,30 @@ def test_long_example_questions_cite_existing_articles(kb):
 def _questions_of(source: str) -> list[str]:
     if source == "training CSV":
         return [e.question for e in load_examples(QA)[0]]
-    return [i["question"] for i in _jsonl({"example questions": QUESTIONS, "long example questions": LONG,
-                                           "out-of-scope examples": OUT_OF_SCOPE_EXAMPLES}[source])]
+    return [
+        i["question"]
+        for i in _jsonl(
+            {
+                "example questions": QUESTIONS,
+                "long example questions": LONG,
+                "out-of-scope examples": OUT_OF_SCOPE_EXAMPLES,
+            }[source]
+        )
+    ]
 
 
 @pytest.mark.parametrize("evaluation", [DEV, USERS, OUT_OF_SCOPE], ids=["dev", "users", "out_of_scope"])
-@pytest.mark.parametrize("source", ["training CSV", "example questions", "long example questions", "out-of-scope examples"])
+@pytest.mark.parametrize(
+    "source", ["training CSV", "example questions", "long example questions", "out-of-scope examples"]
+)
 def test_evaluation_questions_do_not_overlap_what_the_system_learns_from(evaluation, source):
     """No evaluation question, nor any 20-character span of one, is in the data a run trains or calibrates on."""
     train = [q.replace(" ", "") for q in _questions_of(source)]
-    spans = {q[k:k + 20] for q in train for k in range(max(1, len(q) - 19))}
+    spans = {q[k : k + 20] for q in train for k in range(max(1, len(q) - 19))}
     for i in _jsonl(evaluation):
         q = i["question"].replace(" ", "")
         assert q not in train, i["id"]
-        shared = [q[k:k + 20] for k in range(max(1, len(q) - 19)) if q[k:k + 20] in spans]
+        shared = [q[k : k + 20] for k in range(max(1, len(q) - 19)) if q[k : k + 20] in spans]
         assert not shared, (i["id"], shared[:1])
 
 
@@ -182,8 +236,22 @@ def test_installed_package_ships_the_kb(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).parent.parent
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0 and "No module named" in done.stderr:
         pytest.skip(f"cannot build a wheel here: {done.stderr.strip()[-200:]}")
     assert done.returncode == 0, done.stderr
@@ -193,7 +261,8 @@ def test_installed_package_ships_the_kb(tmp_path):
 
 def test_a_summary_mentions_other_articles_in_statute_style_not_as_citations():
     """A grounded answer starts with an article's summary: a cross-reference written like a citation
-    (`주택임대차보호법 제7조`) would read as the answer citing that article. The statutes' own style, 「법령명」 제N조, does not."""
+    (`주택임대차보호법 제7조`) would read as the answer citing that article. The statutes' own style,
+    「법령명」 제N조, does not."""
     from kotune.statutes import find_citations, load_kb
 
     for key, art in load_kb().items():

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import qa_rows, tiny_config, topic_rows, write_csv
+
 from kotune import checkpoint as ckpt
 from kotune.report import read_metrics
 from kotune.tasks import classification_metrics, confusion
@@ -20,8 +20,11 @@ CLS = {"task": "text-classification"}
 
 def cls_config(model_dir, data_file, out, **sections):
     # lr 1e-2: the tiny head oscillates at the causal tests' 3e-2.
-    sections = {**sections, "model": {**CLS, **sections.get("model", {})},
-                "training": {"learning_rate": 1e-2, **sections.get("training", {})}}
+    sections = {
+        **sections,
+        "model": {**CLS, **sections.get("model", {})},
+        "training": {"learning_rate": 1e-2, **sections.get("training", {})},
+    }
     return tiny_config(model_dir, data_file, out, **sections)
 
 
@@ -66,12 +69,21 @@ def test_chunked_linear_cross_entropy_matches_full_logits(monkeypatch, softcap, 
     assert torch.allclose(gh1, gh2, atol=tol * gh2.abs().max())
     assert torch.allclose(gw1, gw2, atol=tol * gw2.abs().max())
     with torch.no_grad():  # evaluation takes the loss-only path
-        assert torch.allclose(tasks.linear_cross_entropy_sum(h, w, y, softcap=softcap), l2 if not autocast else l1, rtol=2e-2)
+        assert torch.allclose(
+            tasks.linear_cross_entropy_sum(h, w, y, softcap=softcap), l2 if not autocast else l1, rtol=2e-2
+        )
 
 
 def test_classification_trains_reports_and_predicts(tiny_gpt2, topic_csv, tmp_path):
-    out = train(cls_config(tiny_gpt2, topic_csv, tmp_path / "run", training={"max_steps": 16, "eval_steps": 4},
-                           memory={"report_steps": 4}))
+    out = train(
+        cls_config(
+            tiny_gpt2,
+            topic_csv,
+            tmp_path / "run",
+            training={"max_steps": 16, "eval_steps": 4},
+            memory={"report_steps": 4},
+        )
+    )
     labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))
     assert labels == sorted({r["label"] for r in topic_rows()}) and len(labels) == 4
     rows = read_metrics(out / "metrics.jsonl")
@@ -99,8 +111,10 @@ def test_classification_full_fine_tune_and_resume(tiny_gpt2, topic_csv, tmp_path
     sec = {"lora": {"enabled": "false"}, "training": {"save_total_limit": 5}}
     full = train(cls_config(tiny_gpt2, topic_csv, tmp_path / "full", **sec))
     assert (full / "model" / "model.safetensors").is_file() and not (full / "adapter").exists()
-    resumed = train(cls_config(tiny_gpt2, topic_csv, tmp_path / "part", **sec),
-                    resume=str(ckpt.checkpoint_dir(full / "checkpoints", 3)))
+    resumed = train(
+        cls_config(tiny_gpt2, topic_csv, tmp_path / "part", **sec),
+        resume=str(ckpt.checkpoint_dir(full / "checkpoints", 3)),
+    )
     from safetensors.torch import load_file
 
     a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(resumed / "model" / "model.safetensors"))
@@ -125,9 +139,19 @@ def test_unknown_eval_label_is_named(tiny_gpt2, tmp_path):
 
 
 def test_early_stopping_keeps_best_weights(tiny_gpt2, topic_csv, tmp_path):
-    out = train(cls_config(tiny_gpt2, topic_csv, tmp_path / "run",
-                           training={"max_steps": 40, "eval_steps": 1, "early_stopping_metric": "accuracy",
-                                     "early_stopping_patience": 2}))
+    out = train(
+        cls_config(
+            tiny_gpt2,
+            topic_csv,
+            tmp_path / "run",
+            training={
+                "max_steps": 40,
+                "eval_steps": 1,
+                "early_stopping_metric": "accuracy",
+                "early_stopping_patience": 2,
+            },
+        )
+    )
     rows = read_metrics(out / "metrics.jsonl")
     evals = [r for r in rows if "accuracy" in r and "epoch_train_loss" not in r]
     last = evals[-1]["step"]
@@ -140,8 +164,16 @@ def test_early_stopping_keeps_best_weights(tiny_gpt2, topic_csv, tmp_path):
 
 def test_text2text_trains_and_predicts(tiny_t5, qa_csv, tmp_path):
     # Full fine-tune: LoRA on a random tiny T5 (frozen embeddings and head) barely moves in a few steps.
-    out = train(tiny_config(tiny_t5, qa_csv, tmp_path / "run", model={"task": "text2text"}, lora={"enabled": "false"},
-                            training={"max_steps": 24, "learning_rate": 3e-3}))
+    out = train(
+        tiny_config(
+            tiny_t5,
+            qa_csv,
+            tmp_path / "run",
+            model={"task": "text2text"},
+            lora={"enabled": "false"},
+            training={"max_steps": 24, "learning_rate": 3e-3},
+        )
+    )
     rows = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-4:]) < sum(losses[:4]) * 0.85, losses
@@ -150,7 +182,10 @@ def test_text2text_trains_and_predicts(tiny_t5, qa_csv, tmp_path):
     from kotune.predict import predict_file
 
     inp = tmp_path / "q.jsonl"
-    inp.write_text("".join(json.dumps({"question": r["question"]}, ensure_ascii=False) + "\n" for r in qa_rows(3)), encoding="utf-8")
+    inp.write_text(
+        "".join(json.dumps({"question": r["question"]}, ensure_ascii=False) + "\n" for r in qa_rows(3)),
+        encoding="utf-8",
+    )
     summary = predict_file(out, inp)
     assert summary["records"] == 3 and all(isinstance(r["prediction"], str) for r in summary["rows"])
 
@@ -180,8 +215,20 @@ def test_quantization_on_cpu_is_a_clear_error(tiny_gpt2, qa_csv, tmp_path, bits)
 
     with pytest.raises(ModelError, match=r"CUDA GPU.*model\.quantization: none"):
         train(tiny_config(tiny_gpt2, qa_csv, tmp_path / "run", model={"quantization": bits}))
-    args = [sys.executable, "-m", "kotune", "train", "--set", f"model.name={tiny_gpt2}", "--csv_path", str(qa_csv),
-            "--output_dir", str(tmp_path / "cli"), "--set", f"model.quantization={bits}"]
+    args = [
+        sys.executable,
+        "-m",
+        "kotune",
+        "train",
+        "--set",
+        f"model.name={tiny_gpt2}",
+        "--csv_path",
+        str(qa_csv),
+        "--output_dir",
+        str(tmp_path / "cli"),
+        "--set",
+        f"model.quantization={bits}",
+    ]
     res = subprocess.run(args, capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "quantization: none" in res.stderr, res.stderr
 
@@ -203,8 +250,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.cuda
 @cuda
 def test_cuda_bf16_training_with_memory_cap(tiny_gpt2, topic_csv, tmp_path):
-    out = train(cls_config(tiny_gpt2, topic_csv, tmp_path / "run", training={"max_steps": 4},
-                           memory={"mixed_precision": "bf16", "max_gpu_memory_usage": 0.5, "empty_cache_freq": 2}))
+    out = train(
+        cls_config(
+            tiny_gpt2,
+            topic_csv,
+            tmp_path / "run",
+            training={"max_steps": 4},
+            memory={"mixed_precision": "bf16", "max_gpu_memory_usage": 0.5, "empty_cache_freq": 2},
+        )
+    )
     rows = read_metrics(out / "metrics.jsonl")
     assert all("gpu_allocated_mb" in r for r in rows if "loss" in r)
     assert "capped at 50%" in next(out.glob("training_*.log")).read_text(encoding="utf-8")
@@ -215,7 +269,15 @@ def test_cuda_bf16_training_with_memory_cap(tiny_gpt2, topic_csv, tmp_path):
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_cuda_qlora(tiny_gemma, qa_csv, tmp_path, bits):
     pytest.importorskip("bitsandbytes")
-    out = train(tiny_config(tiny_gemma, qa_csv, tmp_path / "run", model={"quantization": bits},
-                            training={"max_steps": 6}, memory={"mixed_precision": "bf16"}))
+    out = train(
+        tiny_config(
+            tiny_gemma,
+            qa_csv,
+            tmp_path / "run",
+            model={"quantization": bits},
+            training={"max_steps": 6},
+            memory={"mixed_precision": "bf16"},
+        )
+    )
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert all(x == x for x in losses) and (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import qa_rows, tiny_config, write_csv
+
 from kotune import checkpoint as ckpt
 from kotune.report import read_metrics
 from kotune.train import answer_loss_sum, epoch_batches, lr_factor, train
@@ -30,11 +30,21 @@ def test_trains_with_falling_loss_and_writes_run_folder(tiny_model, qa_csv, tmp_
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 * 0.85, losses
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) >= 3 and evals[-1] < evals[0], evals
-    for name in ("config.yaml", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-                 "tokenizer.json", "metrics.jsonl", "loss.png"):
+    for name in (
+        "config.yaml",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "loss.png",
+    ):
         assert (out / name).is_file(), name
     assert list(out.glob("training_*.log"))
-    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) or all(p.name == "state.pt" for p in out.rglob("*.pt"))
+    assert (
+        not list(out.rglob("*.bin"))
+        and not list(out.rglob("*.pt"))
+        or all(p.name == "state.pt" for p in out.rglob("*.pt"))
+    )
 
 
 def test_adapter_loads_with_plain_peft(tiny_gpt2, qa_csv, tmp_path):
@@ -83,14 +93,17 @@ def test_sparse_lm_head_loss_equals_full_forward(fixture, request, qa_csv, tmp_p
     folder = request.getfixturevalue(fixture)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    encs = [encode_example(tok, "질문: {question}\n답변: {answer}", r["question"], r["answer"], tok.eos_token_id)
-            for r in qa_rows(3)]
+    encs = [
+        encode_example(tok, "질문: {question}\n답변: {answer}", r["question"], r["answer"], tok.eos_token_id)
+        for r in qa_rows(3)
+    ]
     batch = collate(encs, tok.pad_token_id)
     with torch.no_grad():
         s, n = answer_loss_sum(model, batch)
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                                            ignore_index=-100, reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     assert n == int((batch["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-4)
 
@@ -109,11 +122,21 @@ def test_gradient_accumulation_equals_large_batch(tiny_gpt2):
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
     rows = qa_rows(8)
-    encs = [encode_example(tok, "질문: {question}\n답변: {answer}", r["question"], r["answer"] + " 추가" * (3 * i),
-                           tok.eos_token_id) for i, r in enumerate(rows)]
+    encs = [
+        encode_example(
+            tok, "질문: {question}\n답변: {answer}", r["question"], r["answer"] + " 추가" * (3 * i), tok.eos_token_id
+        )
+        for i, r in enumerate(rows)
+    ]
     torch.manual_seed(0)
-    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_gpt2), r=4, alpha=8, dropout=0.0,
-                     target_modules=["c_attn"], fan_in_fan_out=True)
+    model = add_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_gpt2),
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -127,14 +150,19 @@ def test_gradient_accumulation_equals_large_batch(tiny_gpt2):
         return loss / n_tok, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     big_loss, big = grads([collate(encs, tok.pad_token_id)])
-    small_loss, small = grads([collate(encs[k:k + 2], tok.pad_token_id) for k in range(0, 8, 2)])
+    small_loss, small = grads([collate(encs[k : k + 2], tok.pad_token_id) for k in range(0, 8, 2)])
     assert big_loss == pytest.approx(small_loss, rel=1e-5)
     for n in big:
         torch.testing.assert_close(big[n], small[n], rtol=1e-4, atol=1e-7)
     # A per-micro-batch mean (the common mistake) would differ here.
-    naive = sum(accumulate_gradients(runner, [collate(encs[k:k + 2], tok.pad_token_id)], "cpu", nullcontext)[0] /
-                accumulate_gradients(runner, [collate(encs[k:k + 2], tok.pad_token_id)], "cpu", nullcontext)[1]
-                for k in range(0, 8, 2)) / 4
+    naive = (
+        sum(
+            accumulate_gradients(runner, [collate(encs[k : k + 2], tok.pad_token_id)], "cpu", nullcontext)[0]
+            / accumulate_gradients(runner, [collate(encs[k : k + 2], tok.pad_token_id)], "cpu", nullcontext)[1]
+            for k in range(0, 8, 2)
+        )
+        / 4
+    )
     assert abs(naive - big_loss) > 1e-3
 
 
@@ -167,8 +195,9 @@ def test_max_batch_tokens_splits_a_step_without_changing_its_loss(tiny_gemma, qa
     monkeypatch.setattr(loop, "split_by_tokens", lambda *a: parts.append(real(*a)) or parts[-1])
     common = dict(training={"max_steps": 1, "logging_steps": 1}, lora={"dropout": 0})  # no random masks to differ
     whole = train(tiny_config(tiny_gemma, qa_csv, tmp_path / "whole", data={"batch_size": 8}, **common))
-    split = train(tiny_config(tiny_gemma, qa_csv, tmp_path / "split", data={"batch_size": 8, "max_batch_tokens": 120},
-                              **common))
+    split = train(
+        tiny_config(tiny_gemma, qa_csv, tmp_path / "split", data={"batch_size": 8, "max_batch_tokens": 120}, **common)
+    )
     assert [len(p) for p in parts[0]] == [8] and len(parts[1]) > 1 and sum(map(len, parts[1])) == 8
     loss = [next(r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r) for out in (whole, split)]
     assert loss[0] == pytest.approx(loss[1], rel=1e-5)
@@ -196,9 +225,28 @@ def test_checkpoint_ignores_half_written_folder(tmp_path):
 def test_ctrl_c_writes_checkpoint_and_resume_finishes(tiny_gpt2, tmp_path):
     data = write_csv(tmp_path / "qa.csv", qa_rows(64))
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "kotune", "train", "--set", f"model.name={tiny_gpt2}", "--output_dir", str(out),
-            "--csv_path", str(data), "--max_steps", "400", "--set", "training.save_steps=1000",
-            "--set", "logging.progress_bar=false", "--set", "data.batch_size=2", "--set", "memory.mixed_precision=no"]
+    args = [
+        sys.executable,
+        "-m",
+        "kotune",
+        "train",
+        "--set",
+        f"model.name={tiny_gpt2}",
+        "--output_dir",
+        str(out),
+        "--csv_path",
+        str(data),
+        "--max_steps",
+        "400",
+        "--set",
+        "training.save_steps=1000",
+        "--set",
+        "logging.progress_bar=false",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "memory.mixed_precision=no",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").is_file():
@@ -212,7 +260,9 @@ def test_ctrl_c_writes_checkpoint_and_resume_finishes(tiny_gpt2, tmp_path):
     assert found
     step = int(found[-1].name.split("-")[1])
     assert 0 < step < 400
-    done = subprocess.run(args[:-0 or None] + ["--resume", "--max_steps", str(step + 2)], capture_output=True, text=True)
+    done = subprocess.run(
+        args[: -0 or None] + ["--resume", "--max_steps", str(step + 2)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 2

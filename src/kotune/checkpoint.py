@@ -28,8 +28,10 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file() and (p / WEIGHTS).is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    done = [
+        p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file() and (p / WEIGHTS).is_file()
+    ]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict, state: dict, keep: int) -> Path:
@@ -52,8 +54,9 @@ def save_checkpoint(root: Path, step: int, trainable: dict, state: dict, keep: i
         full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
         then = "continue with `--resume`" if list_checkpoints(root) else "train again"
         reason = "the disk is full; free some space" if full else f"{str(e).splitlines()[0][:200]}; fix that"
-        raise CheckpointError(f"could not write checkpoint {final}: {reason}, then {then}. "
-                              "The partial checkpoint was removed.") from e
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {reason}, then {then}. The partial checkpoint was removed."
+        ) from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -102,5 +105,8 @@ def load_intact(path: Path, warn) -> tuple[Path, dict, dict]:
             warn(f"{e}; " + ("trying the checkpoint before it" if c != candidates[0] else "no earlier checkpoint"))
             continue
         return c, weights, state
-    raise CheckpointError("no intact checkpoint to resume from:\n" + "\n".join(f"  - {b}" for b in broken) +
-                          "\nStart over with `--overwrite` (the broken run is kept until the new one finishes).")
+    raise CheckpointError(
+        "no intact checkpoint to resume from:\n"
+        + "\n".join(f"  - {b}" for b in broken)
+        + "\nStart over with `--overwrite` (the broken run is kept until the new one finishes)."
+    )

@@ -17,13 +17,21 @@ import typer
 from .cliguard import Guarded
 from .config import ConfigError, load_config
 
-app = typer.Typer(cls=Guarded, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="kotune: fine-tune Korean language models with LoRA, then chat, ask and merge.")
+app = typer.Typer(
+    cls=Guarded,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="kotune: fine-tune Korean language models with LoRA, then chat, ask and merge.",
+)
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an unexpected error "
-                                                                "(may also be given after the command).")):
+def _options(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an unexpected error (may also be given after the command)."
+    ),
+):
     pass
 
 
@@ -45,7 +53,10 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Interrupted as e:
-        typer.echo(f"\nstopped: checkpoint saved at {e.checkpoint}. Continue with `kotune train --config … --resume`.", err=True)
+        typer.echo(
+            f"\nstopped: checkpoint saved at {e.checkpoint}. Continue with `kotune train --config … --resume`.",
+            err=True,
+        )
         raise typer.Exit(130)
     except Exception as e:  # noqa: BLE001 - narrowed just below
         from .errors import KotuneError
@@ -67,8 +78,12 @@ def _config(config: Optional[Path], sets: List[str], flags: dict, run_dir: Optio
 @app.command()
 def train(
     config_arg: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="YAML config (same as --config)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file, e.g. configs/civil_law.yaml."),
-    sets: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set training.learning_rate=1e-4 (repeatable)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML config file, e.g. configs/civil_law.yaml."
+    ),
+    sets: List[str] = typer.Option(
+        [], "--set", "-s", help="Override a key: --set training.learning_rate=1e-4 (repeatable)."
+    ),
     csv_path: Optional[str] = typer.Option(None, "--csv_path", help="Training data file (data.train_file)."),
     output_dir: Optional[str] = typer.Option(None, "--output_dir", help="Run folder (model.output_dir)."),
     max_steps: Optional[int] = typer.Option(None, "--max_steps", help="Stop after N optimizer steps."),
@@ -77,20 +92,47 @@ def train(
     learning_rate: Optional[float] = typer.Option(None, "--learning_rate", help="Peak learning rate."),
     model_name: Optional[str] = typer.Option(None, "--model_name", help="Base model (model.name)."),
     max_length: Optional[int] = typer.Option(None, "--max_length", help="Longest sample in tokens (data.max_length)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Hugging Face dataset: hub name, data file or save_to_disk folder (data.dataset_name)."),
-    task: Optional[str] = typer.Option(None, "--task", help="causal-lm, text-classification or text2text (model.task)."),
-    checkpoint_path: Optional[str] = typer.Option(None, "--checkpoint_path", help="With --resume: the checkpoint (or run folder) to continue from."),
-    dry_run: bool = typer.Option(False, "--dry_run", help="Validate config and data, print statistics and one rendered sample, then exit."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from the latest checkpoint of the run folder, or from PATH."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already holds a run "
-                                   "(finished, or checkpoints); the old run is kept until the new one finishes."),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="Hugging Face dataset: hub name, data file or save_to_disk folder (data.dataset_name)."
+    ),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="causal-lm, text-classification or text2text (model.task)."
+    ),
+    checkpoint_path: Optional[str] = typer.Option(
+        None, "--checkpoint_path", help="With --resume: the checkpoint (or run folder) to continue from."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry_run", help="Validate config and data, print statistics and one rendered sample, then exit."
+    ),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue from the latest checkpoint of the run folder, or from PATH."
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Start over in a run folder that already holds a run "
+        "(finished, or checkpoints); the old run is kept until the new one finishes.",
+    ),
 ):
     """Fine-tune (LoRA or full): causal-LM, text-classification or text2text, as model.task says.
 
     Data-parallel on several processes: torchrun --nproc_per_node N -m kotune train CFG (see docs/distributed.md)."""
-    cfg = _config(config or config_arg, sets, dict(csv_path=csv_path, output_dir=output_dir, max_steps=max_steps,
-                  batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, model_name=model_name, max_length=max_length,
-                  dataset=dataset, task=task))
+    cfg = _config(
+        config or config_arg,
+        sets,
+        dict(
+            csv_path=csv_path,
+            output_dir=output_dir,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            model_name=model_name,
+            max_length=max_length,
+            dataset=dataset,
+            task=task,
+        ),
+    )
     from .train import train as run_train
 
     if checkpoint_path:
@@ -152,7 +194,9 @@ def _show_answer(bot, question: str, echo_question: bool = True):
 def chat(
     run: Optional[str] = typer.Argument(None, help="Run folder written by `kotune train`."),
     model_path: Optional[str] = typer.Option(None, "--model_path", help="Same as RUN (the seed's flag)."),
-    interactive: bool = typer.Option(False, "--interactive", help="Interactive chat (the default when no question is given)."),
+    interactive: bool = typer.Option(
+        False, "--interactive", help="Interactive chat (the default when no question is given)."
+    ),
     question: Optional[str] = typer.Option(None, "--question", "-q", help="Answer one question and exit."),
     quick_test: bool = typer.Option(False, "--quick_test", help="Answer the config's fixed quick-test questions."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
@@ -164,8 +208,15 @@ def chat(
     """Chat with a trained run: REPL, one --question, or --quick_test."""
     from .generate import EXIT_WORDS
 
-    bot = _bot(run, model_path, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-               repetition_penalty=repetition_penalty, greedy=greedy)
+    bot = _bot(
+        run,
+        model_path,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        greedy=greedy,
+    )
     if bot.gen.notice:
         typer.echo(f"※ {bot.gen.notice}\n")
     if question is not None:  # an empty --question is an error to report, not a request for the REPL
@@ -175,8 +226,10 @@ def chat(
         answers = [_show_answer(bot, q) for q in qs]
         refused = sum(a.abstained for a in answers)
         stopped = sum(a.stopped for a in answers if not a.abstained)
-        typer.echo(f"quick test: {stopped}/{len(qs) - refused} answers ended with EOS before max_new_tokens"
-                   + (f"; {refused} question(s) refused as outside the knowledge base" if refused else ""))
+        typer.echo(
+            f"quick test: {stopped}/{len(qs) - refused} answers ended with EOS before max_new_tokens"
+            + (f"; {refused} question(s) refused as outside the knowledge base" if refused else "")
+        )
     if interactive or (question is None and not quick_test):
         typer.echo("민법 부동산·전세 상담 챗봇입니다. 종료: quit / exit / 종료 / 나가기")
         while True:
@@ -198,7 +251,7 @@ def chat(
 def ask(
     run: str = typer.Argument(..., help="Run folder."),
     questions: Path = typer.Option(..., "--questions", help='JSONL input, lines {"id": …, "question": …}.'),
-    output: Path = typer.Option(..., "--output", help="JSONL output: the input lines plus \"answer\"."),
+    output: Path = typer.Option(..., "--output", help='JSONL output: the input lines plus "answer".'),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="Questions generated together."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
     greedy: Optional[bool] = typer.Option(None, "--greedy/--sample"),
@@ -213,18 +266,25 @@ def ask(
     _run(check_output_file, output, Path(run), inputs=(questions,))
     bot = _bot(run, None, max_new_tokens=max_new_tokens, greedy=greedy)
     stats = _run(ask_file, bot, questions, output, batch_size)
-    typer.echo(f"wrote {output}: {stats['questions']} answers, {stats['stopped_at_eos']} ended with EOS, "
-               f"{stats['mean_seconds']:.2f}s per answer")
+    typer.echo(
+        f"wrote {output}: {stats['questions']} answers, {stats['stopped_at_eos']} ended with EOS, "
+        f"{stats['mean_seconds']:.2f}s per answer"
+    )
 
 
 @app.command()
 def predict(
     run: str = typer.Argument(..., help="Run folder of a text-classification or text2text run."),
-    input: Path = typer.Option(..., "--input", "-i", help="CSV or JSONL with the run's input column (data.text_column)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL output: each record plus prediction (and score). Default: print."),
+    input: Path = typer.Option(
+        ..., "--input", "-i", help="CSV or JSONL with the run's input column (data.text_column)."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="JSONL output: each record plus prediction (and score). Default: print."
+    ),
     batch_size: int = typer.Option(16, "--batch_size", min=1),
 ):
-    """Predict labels (text-classification) or targets (text2text) for a file; scores them when it has the target column."""
+    """Predict labels (text-classification) or targets (text2text) for a file; scores them when it has the target
+    column."""
     from .predict import predict_file
 
     summary = _run(predict_file, run, input, output, batch_size)
@@ -241,18 +301,25 @@ def predict(
 @app.command()
 def validate(
     file: Path = typer.Argument(..., help="CSV or JSONL file (or save_to_disk folder) to check."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Also check against this config's columns and template tokenizer."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Also check against this config's columns and template tokenizer."
+    ),
 ):
     """Check a data file: columns, encoding, empty cells, duplicates — every problem with its row."""
-    from .data import DataError, load_examples
-
     from .config import input_column, target_column
+    from .data import DataError, load_examples
 
     cfg = _config(config, [], {})
     d, task = cfg.data, cfg.model.task
     try:
-        examples, report = load_examples(file, encoding=d.encoding, question_column=input_column(d, task),
-                                         answer_column=target_column(d, task), bad_rows="skip", duplicates="keep")
+        examples, report = load_examples(
+            file,
+            encoding=d.encoding,
+            question_column=input_column(d, task),
+            answer_column=target_column(d, task),
+            bad_rows="skip",
+            duplicates="keep",
+        )
     except DataError as e:
         _fail(e)
     typer.echo(report.summary())
@@ -263,14 +330,21 @@ def validate(
         cats[ex.category or "(none)"] = cats.get(ex.category or "(none)", 0) + 1
     typer.echo("categories: " + ", ".join(f"{k} {v}" for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
     if config is not None:
-        from .prompt import encode_all, length_stats
         from .model import load_tokenizer, resolve_model
+        from .prompt import encode_all, length_stats
 
-        tok = _run(load_tokenizer, _run(resolve_model, cfg.model.name, cfg.model.cache_dir),
-                   trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+        tok = _run(
+            load_tokenizer,
+            _run(resolve_model, cfg.model.name, cfg.model.cache_dir),
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
+        )
         _, long_rows, errors, lengths = encode_all(tok, examples, d.template, d.max_length)
         s = length_stats(lengths, d.max_length)
-        typer.echo(f"tokens: p50 {s['p50']}, p95 {s['p95']}, max {s['max']}; over max_length {d.max_length}: {s['over_max_length']}")
+        typer.echo(
+            f"tokens: p50 {s['p50']}, p95 {s['p95']}, max {s['max']}; over max_length {d.max_length}: "
+            f"{s['over_max_length']}"
+        )
         for msg in long_rows + errors:
             typer.echo(f"  - {msg}")
         report.problems += errors
@@ -292,9 +366,11 @@ def merge(
 
 
 DEFAULT_OUT_OF_SCOPE = "data/civil_law_out_of_scope.jsonl"
-EXAMPLES_HELP = ("Example questions for retrieval: a Q&A training file (e.g. data/civil_law_qa.csv), a file of "
-                 "{\"question\", \"citations\"} lines (data/civil_law_questions.jsonl) or a run's retrieval_examples.jsonl. "
-                 "Repeat to use several.")
+EXAMPLES_HELP = (
+    "Example questions for retrieval: a Q&A training file (e.g. data/civil_law_qa.csv), a file of "
+    '{"question", "citations"} lines (data/civil_law_questions.jsonl) or a run\'s retrieval_examples.jsonl. '
+    "Repeat to use several."
+)
 
 
 def _retriever(kb_dir: Optional[Path], examples: Optional[List[Path]], out_of_scope: Optional[List[Path]] = None):
@@ -310,8 +386,14 @@ def _retriever(kb_dir: Optional[Path], examples: Optional[List[Path]], out_of_sc
 @app.command()
 def export(
     run: str = typer.Argument(..., help="Run folder."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="GGUF file to write (default: RUN/model-<type>.gguf)."),
-    weight_type: str = typer.Option("q8_0", "--type", help="Type of the merged (adapted) weights: q8_0, f16 or f32. Other tensors keep the base GGUF's types."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="GGUF file to write (default: RUN/model-<type>.gguf)."
+    ),
+    weight_type: str = typer.Option(
+        "q8_0",
+        "--type",
+        help="Type of the merged (adapted) weights: q8_0, f16 or f32. Other tensors keep the base GGUF's types.",
+    ),
 ):
     """Export base + merged LoRA as one GGUF file for llama.cpp (generation.backend: llamacpp)."""
     from .gguf_export import export_gguf
@@ -324,8 +406,15 @@ def export(
 def retrieve(
     question: str = typer.Argument(..., help="A question, as a user would ask it."),
     k: int = typer.Option(5, "--k", min=1, help="How many articles to show."),
-    method: str = typer.Option("hybrid", "--method", help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (votes of similar example questions plus the article classifiers) or hybrid (reciprocal-rank fusion of all)."),
-    kb: Optional[Path] = typer.Option(None, "--kb", help="Statute knowledge-base folder (default: the KB shipped with kotune, src/kotune/kb)."),
+    method: str = typer.Option(
+        "hybrid",
+        "--method",
+        help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (votes of similar example questions plus "
+        "the article classifiers) or hybrid (reciprocal-rank fusion of all).",
+    ),
+    kb: Optional[Path] = typer.Option(
+        None, "--kb", help="Statute knowledge-base folder (default: the KB shipped with kotune, src/kotune/kb)."
+    ),
     examples: Optional[List[Path]] = typer.Option(None, "--examples", help=EXAMPLES_HELP),
 ):
     """Show the statute articles retrieved for a question."""
@@ -339,23 +428,42 @@ def retrieve(
 @app.command(name="eval")
 def evaluate(
     run: Optional[str] = typer.Argument(None, help="Run folder (omit with --retrieval_only)."),
-    questions: Path = typer.Option(Path("data/civil_law_dev.jsonl"), "--questions", help="Dev set JSONL with gold citations and key facts."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Write the report (summary and per-question rows) as JSON."),
-    retrieval_only: bool = typer.Option(False, "--retrieval_only", help="Baseline: answer with the top-1 retrieved article's summary."),
+    questions: Path = typer.Option(
+        Path("data/civil_law_dev.jsonl"), "--questions", help="Dev set JSONL with gold citations and key facts."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", help="Write the report (summary and per-question rows) as JSON."
+    ),
+    retrieval_only: bool = typer.Option(
+        False, "--retrieval_only", help="Baseline: answer with the top-1 retrieved article's summary."
+    ),
     examples: Optional[List[Path]] = typer.Option(None, "--examples", help="With --retrieval_only: " + EXAMPLES_HELP),
-    method: str = typer.Option("hybrid", "--method", help="With --retrieval_only: the retrieval method (bm25, dense, examples, hybrid)."),
+    method: str = typer.Option(
+        "hybrid", "--method", help="With --retrieval_only: the retrieval method (bm25, dense, examples, hybrid)."
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
     batch_size: int = typer.Option(8, "--batch_size", min=1),
     max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
-    context_contrast: Optional[float] = typer.Option(None, "--context_contrast", min=0, max=5,
-                                                     help="Override the run's generation.context_contrast (context-aware decoding weight; 0: off)."),
+    context_contrast: Optional[float] = typer.Option(
+        None,
+        "--context_contrast",
+        min=0,
+        max=5,
+        help="Override the run's generation.context_contrast (context-aware decoding weight; 0: off).",
+    ),
     out_of_scope: Optional[Path] = typer.Option(
-        None, "--out_of_scope", help="Also answer these questions, which no KB article answers (JSONL `{\"question\"}` "
+        None,
+        "--out_of_scope",
+        help='Also answer these questions, which no KB article answers (JSONL `{"question"}` '
         "lines), and report how often the system abstained and how often it cited an article anyway. "
-        f"Default: {DEFAULT_OUT_OF_SCOPE} when it exists; `--out_of_scope none` to skip."),
+        f"Default: {DEFAULT_OUT_OF_SCOPE} when it exists; `--out_of_scope none` to skip.",
+    ),
     abstain_examples: Optional[List[Path]] = typer.Option(
-        None, "--abstain_examples", help="With --retrieval_only: out-of-scope example questions (as "
-        "`retrieval.out_of_scope_examples`) that let the baseline abstain as the chatbot does. Repeat to use several."),
+        None,
+        "--abstain_examples",
+        help="With --retrieval_only: out-of-scope example questions (as "
+        "`retrieval.out_of_scope_examples`) that let the baseline abstain as the chatbot does. Repeat to use several.",
+    ),
 ):
     """Score answers on a dev set: citation hit/precision/recall, key facts, ROUGE-L, stop rate, latency, abstentions
     (and, on out-of-scope questions, how often the system abstained or cited anyway)."""
@@ -396,13 +504,26 @@ def evaluate(
     if oos:
         o = out_of_scope_summary(oos_answers)
         summary.update(out_of_scope_abstain_rate=o["abstain_rate"], out_of_scope_cited_rate=o["cited_rate"])
-        report.update(out_of_scope=str(out_of_scope), out_of_scope_summary=o,
-                      out_of_scope_rows=[{"id": r.get("id"), "question": r["question"], "answer": a.text,
-                                          "abstained": a.abstained, "scope": a.scope} for r, a in zip(oos, oos_answers)])
+        report.update(
+            out_of_scope=str(out_of_scope),
+            out_of_scope_summary=o,
+            out_of_scope_rows=[
+                {
+                    "id": r.get("id"),
+                    "question": r["question"],
+                    "answer": a.text,
+                    "abstained": a.abstained,
+                    "scope": a.scope,
+                }
+                for r, a in zip(oos, oos_answers)
+            ],
+        )
     typer.echo(markdown_table({name: summary}))
     if oos:
-        typer.echo(f"out of scope ({out_of_scope}, {len(oos)} questions): abstained {o['abstain_rate']:.3f}, "
-                   f"cited an article anyway {o['cited_rate']:.3f}")
+        typer.echo(
+            f"out of scope ({out_of_scope}, {len(oos)} questions): abstained {o['abstain_rate']:.3f}, "
+            f"cited an article anyway {o['cited_rate']:.3f}"
+        )
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -412,13 +533,28 @@ def evaluate(
 @app.command()
 def serve(
     run: str = typer.Argument(..., help="Run folder written by `kotune train`."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The default is loopback only; set an API key before binding others."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="Address to bind. The default is loopback only; set an API key before binding others.",
+    ),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
-    api_key: Optional[str] = typer.Option(None, "--api-key", "--api_key", envvar="KOTUNE_API_KEY",
-                                          help="Require `Authorization: Bearer KEY` on every /v1 route (or set KOTUNE_API_KEY)."),
-    max_tokens_limit: int = typer.Option(1024, "--max_tokens_limit", min=1, help="Largest max_tokens a request may ask for."),
-    max_queue: int = typer.Option(64, "--max_queue", min=1, help="Requests waiting or generating at once; more get HTTP 429."),
-    greedy: Optional[bool] = typer.Option(None, "--greedy/--sample", help="Default decoding (a request's temperature overrides it)."),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        "--api_key",
+        envvar="KOTUNE_API_KEY",
+        help="Require `Authorization: Bearer KEY` on every /v1 route (or set KOTUNE_API_KEY).",
+    ),
+    max_tokens_limit: int = typer.Option(
+        1024, "--max_tokens_limit", min=1, help="Largest max_tokens a request may ask for."
+    ),
+    max_queue: int = typer.Option(
+        64, "--max_queue", min=1, help="Requests waiting or generating at once; more get HTTP 429."
+    ),
+    greedy: Optional[bool] = typer.Option(
+        None, "--greedy/--sample", help="Default decoding (a request's temperature overrides it)."
+    ),
 ):
     """Serve a run: OpenAI-compatible API (/v1/chat/completions, /v1/models), /health and a chat page at /."""
     try:
@@ -427,7 +563,9 @@ def serve(
         _fail(e)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without an API key: anyone who can reach it can use it.", err=True)
-    app_ = _run(create_app, run, api_key=api_key, limits=Limits(max_tokens=max_tokens_limit, max_queue=max_queue), greedy=greedy)
+    app_ = _run(
+        create_app, run, api_key=api_key, limits=Limits(max_tokens=max_tokens_limit, max_queue=max_queue), greedy=greedy
+    )
     typer.echo(f"serving {app_.state.model_id} on http://{host}:{port}/ (API: /v1, requests answered one at a time)")
     run_server(app_, host=host, port=port)
 
@@ -439,8 +577,12 @@ app.add_typer(kb_app, name="kb")
 @kb_app.command("import")
 def kb_import(
     files: List[Path] = typer.Argument(..., help="law.go.kr lawService exports (XML or JSON), one law each."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the imported KB (use a new folder, then point --kb at it)."),
-    keep_keywords_from: Optional[Path] = typer.Option(None, "--keep_keywords_from", help="Existing KB folder whose keywords are kept for the same articles."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for the imported KB (use a new folder, then point --kb at it)."
+    ),
+    keep_keywords_from: Optional[Path] = typer.Option(
+        None, "--keep_keywords_from", help="Existing KB folder whose keywords are kept for the same articles."
+    ),
 ):
     """Import official statute text exported from the law.go.kr Open API."""
     from .kb_import import import_law_file
@@ -474,7 +616,9 @@ def _normalise_argv(argv: list[str]) -> list[str]:
         if a == "--debug":
             continue
         out.append(a)
-        if a == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-") or argv[i + 1].endswith((".yaml", ".yml"))):
+        if a == "--resume" and (
+            i + 1 == len(argv) or argv[i + 1].startswith("-") or argv[i + 1].endswith((".yaml", ".yml"))
+        ):
             out.append("latest")
     return ["--debug"] * ("--debug" in argv) + out
 

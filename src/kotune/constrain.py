@@ -34,7 +34,7 @@ def fits(tail: str, items: list[str]) -> bool:
         for it in items:  # longest first: `제3조의2` and `제3조 제1항` are tried before `제3조`
             if not t.startswith(it):
                 continue
-            rest = t[len(it):]
+            rest = t[len(it) :]
             if rest == "" or rest.startswith(")"):
                 return True
             if rest.startswith(","):
@@ -50,7 +50,7 @@ def open_citation(text: str) -> str | None:
     i = text.rfind(MARKER)
     if i < 0:
         return None
-    tail = text[i + len(MARKER):]
+    tail = text[i + len(MARKER) :]
     return None if ")" in tail else tail
 
 
@@ -74,7 +74,7 @@ class CitationConstraint:
         for b in range(scores.shape[0]):
             if not self.items[b]:
                 continue
-            gen = input_ids[b, self.prompt_len:].tolist()
+            gen = input_ids[b, self.prompt_len :].tolist()
             text = self.tok.decode(gen, skip_special_tokens=True)
             tail = open_citation(text)
             if tail is None:
@@ -96,7 +96,7 @@ class CitationConstraint:
             for t in row_scores.topk(min(width, row_scores.shape[0])).indices.tolist():
                 if t in self.special:
                     continue
-                piece = self.tok.decode(gen + [t], skip_special_tokens=True)[len(text):]
+                piece = self.tok.decode(gen + [t], skip_special_tokens=True)[len(text) :]
                 if piece and fits(tail + piece, items):
                     out.append(t)
             if out:
@@ -121,17 +121,17 @@ class RepeatGuard:
         n = self.n
         if len(gen) < n:
             return []
-        prefix = gen[len(gen) - n + 1:] if n > 1 else []
+        prefix = gen[len(gen) - n + 1 :] if n > 1 else []
         counts: dict[int, int] = {}
         for i in range(len(gen) - n + 1):
-            if gen[i:i + n - 1] == prefix:
+            if gen[i : i + n - 1] == prefix:
                 t = gen[i + n - 1]
                 counts[t] = counts.get(t, 0) + 1
         return [t for t, c in counts.items() if c >= self.limit]
 
     def __call__(self, input_ids, scores):
         for b in range(scores.shape[0]):
-            gen = input_ids[b, self.prompt_len:].tolist()
+            gen = input_ids[b, self.prompt_len :].tolist()
             ban = self.banned(gen)
             if ban and open_citation(self.tok.decode(gen, skip_special_tokens=True)) is None:
                 scores[b, ban] = float("-inf")

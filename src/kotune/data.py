@@ -54,8 +54,12 @@ class DataReport:
 def _not_text(path: Path, raw: bytes) -> None:
     """Refuse workbooks and other binary files by what they are; their bytes would only fail to decode."""
     if path.suffix.lower() in _SPREADSHEETS or raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
-        raise DataError([f"{path}: this is a spreadsheet workbook (or another zip/binary file), not a text file. Export "
-                         "it to CSV (Excel: File → Save As → 'CSV UTF-8 (comma delimited)') and give the .csv file."])
+        raise DataError(
+            [
+                f"{path}: this is a spreadsheet workbook (or another zip/binary file), not a text file. Export "
+                "it to CSV (Excel: File → Save As → 'CSV UTF-8 (comma delimited)') and give the .csv file."
+            ]
+        )
     for magic, what in _BINARY:
         if raw.startswith(magic):
             hint = " Give it as `data.dataset_name` (needs kotune[datasets])." if magic == b"PAR1" else ""
@@ -76,10 +80,17 @@ def read_text(path: Path, encoding: str | None) -> tuple[str, str]:
         except UnicodeDecodeError:
             continue
         except LookupError:
-            raise DataError([f"{path}: `data.encoding: {enc}` is not an encoding name Python knows; use e.g. utf-8 or cp949, "
-                             "or unset it to detect the encoding."]) from None
+            raise DataError(
+                [
+                    f"{path}: `data.encoding: {enc}` is not an encoding name Python knows; use e.g. utf-8 or cp949, "
+                    "or unset it to detect the encoding."
+                ]
+            ) from None
     raise DataError(
-        [f"{path}: cannot decode as {' or '.join(tried)}. Save it as UTF-8, or set `data.encoding` to the file's encoding."]
+        [
+            f"{path}: cannot decode as {' or '.join(tried)}. Save it as UTF-8, or set `data.encoding` to the file's "
+            "encoding."
+        ]
     )
 
 
@@ -99,12 +110,19 @@ def _quote_problem(path: Path, text: str, first: int, last: int, err: csv.Error,
     lines = text.split("\n")  # the line breaks csv counts (splitlines would also break at \x0b, \x1c, …)
     for n in range(first, min(last, len(lines)) + 1):
         if lines[n - 1].count('"') % 2:
-            end = ("is never closed" if "end of data" in str(err)
-                   else f"has no closing quote (the next quote, line {last}, is followed by text)")
-            return (f"{path}: row {row} (line {n}): the quoted cell that opens here {end}, so the rows after it would be "
-                    "read as part of this cell. Close the quote, or write a quote inside a cell as \"\".")
-    return (f"{path}: row {row} (line {first}): text follows a closing quote ({err}). A quoted cell must end with its "
-            "quote; write a quote inside a cell as \"\".")
+            end = (
+                "is never closed"
+                if "end of data" in str(err)
+                else f"has no closing quote (the next quote, line {last}, is followed by text)"
+            )
+            return (
+                f"{path}: row {row} (line {n}): the quoted cell that opens here {end}, so the rows after it would be "
+                'read as part of this cell. Close the quote, or write a quote inside a cell as "".'
+            )
+    return (
+        f"{path}: row {row} (line {first}): text follows a closing quote ({err}). A quoted cell must end with its "
+        'quote; write a quote inside a cell as "".'
+    )
 
 
 def _csv_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -> list[dict]:
@@ -116,16 +134,20 @@ def _csv_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -
     try:
         header = next(reader)
     except StopIteration:
-        raise DataError([f"{path}: the file is empty. Expected a header row `{qcol},{acol},category,difficulty`."]) from None
+        raise DataError(
+            [f"{path}: the file is empty. Expected a header row `{qcol},{acol},category,difficulty`."]
+        ) from None
     except csv.Error as e:
         raise DataError([_quote_problem(path, text, 1, reader.line_num, e, 1)]) from None
     header = [h.strip() for h in header]
     missing = [c for c in (qcol, acol) if c not in header]
     if missing:
         raise DataError(
-            [f"{path}: row 1 (header) lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'nothing'}. "
-             f"Rename the columns or set `data.question_column`/`data.answer_column` "
-             f"(`data.text_column`/`data.label_column` for classification)."]
+            [
+                f"{path}: row 1 (header) lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'nothing'}. "
+                f"Rename the columns or set `data.question_column`/`data.answer_column` "
+                f"(`data.text_column`/`data.label_column` for classification)."
+            ]
         )
     rows = []
     i, line = 1, reader.line_num
@@ -136,7 +158,8 @@ def _csv_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -
                 continue
             if len(cells) != len(header):
                 report.problems.append(
-                    f"{path}: row {i} has {len(cells)} cells but the header has {len(header)}; quote cells that contain "
+                    f"{path}: row {i} has {len(cells)} cells but the header has {len(header)}; quote cells that "
+                    "contain "
                     f"{'commas' if d == ',' else DELIMITERS[d] + 's'}."
                 )
                 continue
@@ -153,8 +176,12 @@ def json_records(path: Path, text: str, problems: list[str]) -> tuple[str, list[
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError([f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). A file starting "
-                             "with `[` must be one array of objects; JSON lines need one object per line."]) from None
+            raise DataError(
+                [
+                    f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). A file starting "
+                    "with `[` must be one array of objects; JSON lines need one object per line."
+                ]
+            ) from None
         if isinstance(data, list):
             return "record", list(enumerate(data, start=1))
     items = []
@@ -170,8 +197,12 @@ def json_records(path: Path, text: str, problems: list[str]) -> tuple[str, list[
                 except json.JSONDecodeError:
                     whole = None
                 if isinstance(whole, dict):
-                    raise DataError([f"{path}: one JSON object spread over several lines. Write one object per line "
-                                     "(JSON lines), or an array of objects `[{…}, {…}]`."]) from None
+                    raise DataError(
+                        [
+                            f"{path}: one JSON object spread over several lines. Write one object per line "
+                            "(JSON lines), or an array of objects `[{…}, {…}]`."
+                        ]
+                    ) from None
             problems.append(f"{path}: line {i} is not valid JSON ({e.msg} at column {e.colno}).")
     return "line", items
 
@@ -207,7 +238,9 @@ def _normalise_record(obj: dict, where: str, qcol: str, acol: str, path, report:
                 pending = m.get("content", "")
             elif role == "assistant":
                 if pending is None:
-                    report.problems.append(f"{path}: {unit} {where}: message {turn} is an assistant turn with no user turn before it.")
+                    report.problems.append(
+                        f"{path}: {unit} {where}: message {turn} is an assistant turn with no user turn before it."
+                    )
                     continue
                 out.append({"_row": f"{where}.{turn}", qcol: pending, acol: m.get("content", "")})
                 pending = None
@@ -215,7 +248,8 @@ def _normalise_record(obj: dict, where: str, qcol: str, acol: str, path, report:
             report.problems.append(f"{path}: {unit} {where}: no user→assistant pair in `messages`.")
         return out
     report.problems.append(
-        f"{path}: {unit} {where}: no `{qcol}`/`{acol}`, `instruction`/`output` or `messages` keys (found: {', '.join(obj) or 'none'})."
+        f"{path}: {unit} {where}: no `{qcol}`/`{acol}`, `instruction`/`output` or `messages` keys (found: "
+        f"{', '.join(obj) or 'none'})."
     )
     return []
 
@@ -227,7 +261,9 @@ def _hf_rows(name: str, split: str, cache_dir: str | None, qcol: str, acol: str,
         raise DataError(["loading Hugging Face datasets needs the extra: pip install 'kotune[datasets]'"]) from None
     p = Path(name)
     try:
-        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+        if p.is_dir() and (
+            (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()
+        ):
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
@@ -243,8 +279,12 @@ def _hf_rows(name: str, split: str, cache_dir: str | None, qcol: str, acol: str,
     except DataError:
         raise
     except Exception as e:  # network, missing dataset, bad files: say which and how to fix
-        raise DataError([f"{name}: could not load the dataset ({type(e).__name__}: {e}). "
-                         "Check the name, the network, or pass a local `save_to_disk` folder."]) from None
+        raise DataError(
+            [
+                f"{name}: could not load the dataset ({type(e).__name__}: {e}). "
+                "Check the name, the network, or pass a local `save_to_disk` folder."
+            ]
+        ) from None
     rows = []
     report.unit = "record"
     for i, rec in enumerate(ds, start=1):
@@ -275,8 +315,15 @@ def load_examples(
         p = Path(path)
         report = DataReport(path=str(p))
         if p.is_dir():
-            return load_examples(dataset_name=str(p), dataset_split=dataset_split, encoding=encoding,
-                                 question_column=qcol, answer_column=acol, bad_rows=bad_rows, duplicates=duplicates)
+            return load_examples(
+                dataset_name=str(p),
+                dataset_split=dataset_split,
+                encoding=encoding,
+                question_column=qcol,
+                answer_column=acol,
+                bad_rows=bad_rows,
+                duplicates=duplicates,
+            )
         if not p.is_file():
             raise DataError([f"{p}: file not found. Check `data.train_file` (or `--csv_path`)."])
         text, report.encoding = read_text(p, encoding)
@@ -286,7 +333,9 @@ def load_examples(
         elif suffix in (".csv", ".tsv", ".txt"):
             rows = _csv_rows(p, text, qcol, acol, report)
         else:
-            raise DataError([f"{p}: unknown file type `{suffix}`; use .csv, .tsv or .jsonl, or a `save_to_disk` folder."])
+            raise DataError(
+                [f"{p}: unknown file type `{suffix}`; use .csv, .tsv or .jsonl, or a `save_to_disk` folder."]
+            )
         origin = str(p)
     report.rows_read = len(rows) + len(report.problems)
     unit = report.unit
@@ -312,9 +361,15 @@ def load_examples(
             if duplicates == "drop":
                 continue
         seen.setdefault(key, f"{unit} {r['_row']}")
-        examples.append(Example(q, a, source=f"{origin}:{r['_row']}",
-                                category=str(r.get("category") or "").strip(),
-                                difficulty=str(r.get("difficulty") or "").strip()))
+        examples.append(
+            Example(
+                q,
+                a,
+                source=f"{origin}:{r['_row']}",
+                category=str(r.get("category") or "").strip(),
+                difficulty=str(r.get("difficulty") or "").strip(),
+            )
+        )
     if report.problems and bad_rows == "error":
         raise DataError(report.problems + ["(set `data.bad_rows: skip` to train without these rows)"])
     report.skipped = len(report.problems)
@@ -328,7 +383,9 @@ def read_question_lines(path: str | Path, required: tuple[str, ...] = ("question
     `required` keys are present and whose `question` is non-empty; `id` defaults to the line number."""
     path = Path(path)
     if not path.is_file():
-        raise DataError([f"{path}: file not found." if not path.is_dir() else f"{path}: is a folder; give a .jsonl file."])
+        raise DataError(
+            [f"{path}: file not found." if not path.is_dir() else f"{path}: is a folder; give a .jsonl file."]
+        )
     text, _ = read_text(path, None)
     problems: list[str] = []
     unit, items = json_records(path, text, problems)
@@ -337,13 +394,15 @@ def read_question_lines(path: str | Path, required: tuple[str, ...] = ("question
     records = []
     for i, rec in items:
         if not isinstance(rec, dict) or not str(rec.get("question") or "").strip():
-            raise ValueError(f"{path}: {unit} {i} needs a non-empty \"question\" field.")
+            raise ValueError(f'{path}: {unit} {i} needs a non-empty "question" field.')
         missing = [k for k in required if k not in rec]
         if missing:
             raise ValueError(f"{path}: {unit} {i} lacks {', '.join(missing)}.")
         rec.setdefault("id", i)
         records.append(rec)
     if not records:
-        raise ValueError(f"{path}: no questions in the file. Write one JSON object per line, e.g. "
-                         '{"id": 1, "question": "전세권이란 무엇인가요?"}.')
+        raise ValueError(
+            f"{path}: no questions in the file. Write one JSON object per line, e.g. "
+            '{"id": 1, "question": "전세권이란 무엇인가요?"}.'
+        )
     return records

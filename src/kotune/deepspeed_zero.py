@@ -29,9 +29,12 @@ from pathlib import Path
 log = logging.getLogger("kotune")
 
 # Set by kotune from its own config; a DeepSpeed config file may only say "auto" for them.
-_OWN = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
-        "gradient_accumulation_steps": "memory.gradient_accumulation_steps",
-        "gradient_clipping": "training.max_grad_norm"}
+_OWN = {
+    "train_batch_size": "data.batch_size",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "memory.gradient_accumulation_steps",
+    "gradient_clipping": "training.max_grad_norm",
+}
 _PASSED = ("steps_per_print", "wall_clock_breakdown")
 
 
@@ -39,12 +42,16 @@ def require():
     try:
         import deepspeed
     except ImportError as e:
-        raise ValueError(f"DeepSpeed is not installed ({e}): pip install 'kotune[deepspeed]', or use "
-                         "configs/accelerate/fsdp.yaml (torch FSDP2). See docs/distributed.md.") from None
+        raise ValueError(
+            f"DeepSpeed is not installed ({e}): pip install 'kotune[deepspeed]', or use "
+            "configs/accelerate/fsdp.yaml (torch FSDP2). See docs/distributed.md."
+        ) from None
     return deepspeed
 
 
-def settings(env=os.environ, accumulation: int | None = None, max_grad_norm: float | None = None) -> tuple[dict, dict, list[str]]:
+def settings(
+    env=os.environ, accumulation: int | None = None, max_grad_norm: float | None = None
+) -> tuple[dict, dict, list[str]]:
     """The ZeRO settings `accelerate launch` exports (ACCELERATE_DEEPSPEED_*), or its `deepspeed_config_file`, checked.
 
     Returns (zero_optimization section, other passed-through keys, notes for the log). As for
@@ -59,15 +66,20 @@ def settings(env=os.environ, accumulation: int | None = None, max_grad_norm: flo
         for key, value in cfg.items():
             if key in _OWN:
                 if value != "auto":
-                    problems.append(f"{key} is set from {_OWN[key]}: write \"auto\" or leave it out")
+                    problems.append(f'{key} is set from {_OWN[key]}: write "auto" or leave it out')
             elif key in ("fp16", "bf16"):
                 if isinstance(value, dict) and value.get("enabled", False) not in (False, "auto"):
-                    problems.append(f"{key}.enabled is not supported (never tested): memory.mixed_precision sets autocast")
+                    problems.append(
+                        f"{key}.enabled is not supported (never tested): memory.mixed_precision sets autocast"
+                    )
             elif key == "zero_optimization":
                 zero = dict(value)
                 # Hugging Face's integrations fill in "auto" from the model; DeepSpeed's own config expects numbers.
-                problems += [f"zero_optimization.{k}: \"auto\" is not resolved by kotune; give a value or leave it out"
-                             for k, v in zero.items() if v == "auto"]
+                problems += [
+                    f'zero_optimization.{k}: "auto" is not resolved by kotune; give a value or leave it out'
+                    for k, v in zero.items()
+                    if v == "auto"
+                ]
             elif key in _PASSED:
                 extra[key] = value
             else:
@@ -75,44 +87,69 @@ def settings(env=os.environ, accumulation: int | None = None, max_grad_norm: flo
         zero.setdefault("stage", 0)  # DeepSpeed's default
     else:
         zero["stage"] = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
-        for var, key in (("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "offload_optimizer"),
-                         ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "offload_param")):
+        for var, key in (
+            ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "offload_optimizer"),
+            ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "offload_param"),
+        ):
             if env.get(var, "none") != "none":
                 zero[key] = {"device": env[var]}
     if zero["stage"] not in (2, 3):
-        problems.append(f"zero_stage {zero['stage']} is not supported: 2 or 3 (for data parallelism without "
-                        "sharding use configs/accelerate/ddp.yaml)")
+        problems.append(
+            f"zero_stage {zero['stage']} is not supported: 2 or 3 (for data parallelism without "
+            "sharding use configs/accelerate/ddp.yaml)"
+        )
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
         if device not in ("none", None):
             problems.append(f"{key} to {device} is not supported (never tested with kotune)")
     if zero.get("zero_hpz_partition_size", 1) != 1 or zero.get("mics_shard_size", -1) > 0:
-        problems.append("zero_hpz_partition_size / mics_shard_size are not supported: kotune assumes one partition "
-                        "per process")
+        problems.append(
+            "zero_hpz_partition_size / mics_shard_size are not supported: kotune assumes one partition per process"
+        )
     if problems:
         raise ValueError("accelerate DeepSpeed config: " + "; ".join(problems) + ". See docs/distributed.md.")
     if env.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
-        notes.append("accelerate's mixed_precision is ignored: DeepSpeed runs without its fp16/bf16 modes; "
-                     "memory.mixed_precision sets autocast")
+        notes.append(
+            "accelerate's mixed_precision is ignored: DeepSpeed runs without its fp16/bf16 modes; "
+            "memory.mixed_precision sets autocast"
+        )
     own = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if own and accumulation is not None and own != str(accumulation):
-        notes.append(f"accelerate's gradient_accumulation_steps {own} is ignored: "
-                     f"memory.gradient_accumulation_steps ({accumulation}) is passed to DeepSpeed")
+        notes.append(
+            f"accelerate's gradient_accumulation_steps {own} is ignored: "
+            f"memory.gradient_accumulation_steps ({accumulation}) is passed to DeepSpeed"
+        )
     own = env.get("ACCELERATE_GRADIENT_CLIPPING")
     if own and own != "none" and max_grad_norm is not None and float(own) != float(max_grad_norm or 0):
-        notes.append(f"accelerate's gradient_clipping {own} is ignored: training.max_grad_norm ({max_grad_norm}) "
-                     "is passed to DeepSpeed")
+        notes.append(
+            f"accelerate's gradient_clipping {own} is ignored: training.max_grad_norm ({max_grad_norm}) "
+            "is passed to DeepSpeed"
+        )
     if env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false") == "true":
-        notes.append("zero3_init_flag is ignored: every process loads the whole model, then deepspeed.initialize "
-                     "partitions it")
+        notes.append(
+            "zero3_init_flag is ignored: every process loads the whole model, then deepspeed.initialize partitions it"
+        )
     if env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false") == "true":
-        notes.append("zero3_save_16bit_model is ignored: the adapter/model is always gathered and saved by rank 0 "
-                     "in its normal format")
+        notes.append(
+            "zero3_save_16bit_model is ignored: the adapter/model is always gathered and saved by rank 0 "
+            "in its normal format"
+        )
     return zero, extra, notes
 
 
-def initialize(root, model, opt, params: dict, rank: int, world: int, device: str, *, accumulation: int,
-               max_grad_norm: float, batch_size: int):
+def initialize(
+    root,
+    model,
+    opt,
+    params: dict,
+    rank: int,
+    world: int,
+    device: str,
+    *,
+    accumulation: int,
+    max_grad_norm: float,
+    batch_size: int,
+):
     """`deepspeed.initialize` on the TaskLoss `root` and the torch optimizer `opt`.
     Returns (engine, ZeroOptimizer); `params` (the trainable ones, in `opt`'s order) stay valid."""
     ds = require()
@@ -128,20 +165,31 @@ def initialize(root, model, opt, params: dict, rank: int, world: int, device: st
         if head is not None:
             ds.zero.register_external_parameter(root, head.weight)
     groups = opt.state_dict()["param_groups"]  # before ZeRO swaps the parameters for its flat partitions
-    config = {"train_micro_batch_size_per_gpu": max(1, math.ceil(batch_size / world)),
-              "gradient_accumulation_steps": accumulation,
-              "gradient_clipping": float(max_grad_norm or 0.0),
-              "zero_optimization": zero,
-              # torch's AdamW, not DeepSpeed's: the update single-process training makes.
-              "zero_allow_untested_optimizer": True,
-              "steps_per_print": 1 << 30, **extra}
+    config = {
+        "train_micro_batch_size_per_gpu": max(1, math.ceil(batch_size / world)),
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": float(max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        # torch's AdamW, not DeepSpeed's: the update single-process training makes.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        **extra,
+    }
     engine, zopt, _, _ = ds.initialize(model=root, optimizer=opt, config=config)
     trainable = list(params.values())
     # ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole between forward passes.
     split = sum(1 for p in trainable if hasattr(p, "ds_id") and not p.ds_persist)
-    log.info("DeepSpeed ZeRO-%d (%s, %d processes): %s over torch %s; %d trainable tensors, %d of them partitioned "
-             "between forward passes", engine.zero_optimization_stage(), "nccl" if device.startswith("cuda") else "gloo",
-             world, type(zopt).__name__, type(opt).__name__, len(trainable), split)
+    log.info(
+        "DeepSpeed ZeRO-%d (%s, %d processes): %s over torch %s; %d trainable tensors, %d of them partitioned "
+        "between forward passes",
+        engine.zero_optimization_stage(),
+        "nccl" if device.startswith("cuda") else "gloo",
+        world,
+        type(zopt).__name__,
+        type(opt).__name__,
+        len(trainable),
+        split,
+    )
     return engine, ZeroOptimizer(engine, trainable, groups, rank)
 
 
@@ -164,8 +212,8 @@ def _set_full(p, value, rank: int, key: str | None = None) -> None:
     # size does not divide (RuntimeError on the last rank), so take this process's padded slice here.
     n = p.ds_tensor.numel()
     local = torch.zeros(n, dtype=torch.float32)
-    piece = value.flatten()[rank * n:(rank + 1) * n]
-    local[:piece.numel()] = piece
+    piece = value.flatten()[rank * n : (rank + 1) * n]
+    local[: piece.numel()] = piece
     du.safe_set_local_fp32_param(p, local) if key is None else du.safe_set_local_optimizer_state(p, local, key)
 
 

@@ -57,8 +57,12 @@ def from_env() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Dist()
-    return Dist(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                engine={"FSDP": "fsdp", "DeepSpeed": "deepspeed"}.get(engine_requested() or "", "ddp"))
+    return Dist(
+        rank=int(os.environ.get("RANK", "0")),
+        world=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        engine={"FSDP": "fsdp", "DeepSpeed": "deepspeed"}.get(engine_requested() or "", "ddp"),
+    )
 
 
 def engine_requested() -> str | None:
@@ -74,14 +78,18 @@ def engine_problem(d: Dist, quantization: str) -> str | None:
     asked = engine_requested()
     if asked and not d.enabled:
         # Training on anyway would quietly ignore the engine the config names (and its memory savings).
-        return (f"accelerate launch asked for {asked} but started a single process, and {asked} needs two or more: "
-                f"pass --num_processes 2 (or more), or train one process without the {asked} config (plain `kotune train`).")
+        return (
+            f"accelerate launch asked for {asked} but started a single process, and {asked} needs two or more: "
+            f"pass --num_processes 2 (or more), or train one process without the {asked} config (plain `kotune train`)."
+        )
     if d.engine == "deepspeed":
         from . import deepspeed_zero as dz
 
         if quantization != "none":
-            return ("DeepSpeed with model.quantization (bitsandbytes) is not supported (never tested): "
-                    "use DDP (configs/accelerate/ddp.yaml) with 4bit/8bit.")
+            return (
+                "DeepSpeed with model.quantization (bitsandbytes) is not supported (never tested): "
+                "use DDP (configs/accelerate/ddp.yaml) with 4bit/8bit."
+            )
         try:
             dz.require()
             dz.settings()
@@ -91,8 +99,10 @@ def engine_problem(d: Dist, quantization: str) -> str | None:
     if not d.sharded:
         return None
     if quantization != "none":
-        return ("FSDP with model.quantization (bitsandbytes) is not supported: shard an unquantized model, "
-                "or use DDP (configs/accelerate/ddp.yaml) with 4bit/8bit.")
+        return (
+            "FSDP with model.quantization (bitsandbytes) is not supported: shard an unquantized model, "
+            "or use DDP (configs/accelerate/ddp.yaml) with 4bit/8bit."
+        )
     try:
         fsdp_settings()
     except ValueError as e:
@@ -105,6 +115,7 @@ def fsdp_settings(env=os.environ) -> tuple[dict, list[str]]:
 
     Returns (settings, notes for the log). Settings kotune cannot honour are an error,
     not silently dropped: the user would believe they are in effect."""
+
     def flag(name: str, default: str = "false") -> bool:
         return env.get(name, default).lower() in _TRUE
 
@@ -123,12 +134,17 @@ def fsdp_settings(env=os.environ) -> tuple[dict, list[str]]:
     if flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
         notes.append("fsdp_cpu_ram_efficient_loading is ignored: every process loads the whole model, then shards it")
     if env.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT") != "FULL_STATE_DICT":
-        notes.append("fsdp_state_dict_type is ignored: checkpoints and the adapter are always saved unsharded by rank 0")
+        notes.append(
+            "fsdp_state_dict_type is ignored: checkpoints and the adapter are always saved unsharded by rank 0"
+        )
     if env.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
         notes.append("accelerate's mixed_precision is ignored: memory.mixed_precision sets autocast")
     classes = [c.strip() for c in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()]
-    return {"wrap": policy == "TRANSFORMER_BASED_WRAP", "classes": classes,
-            "reshard_after_forward": flag("FSDP_RESHARD_AFTER_FORWARD", "true")}, notes
+    return {
+        "wrap": policy == "TRANSFORMER_BASED_WRAP",
+        "classes": classes,
+        "reshard_after_forward": flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+    }, notes
 
 
 def init(d: Dist, device: str) -> None:
@@ -151,10 +167,11 @@ def shutdown(d: Dist) -> None:
 
 def shard(items: list, d: Dist) -> list:
     """This process's rows of one global batch (may be empty when the batch is short)."""
-    return items[d.rank::d.world] if d.enabled else items
+    return items[d.rank :: d.world] if d.enabled else items
 
 
 # ---------------------------------------------------------------- the engines
+
 
 def task_loss(task: str, model):
     """The module DDP / FSDP wrap: forward(batch) -> (loss sum, trained units, predictions or None)."""
@@ -200,13 +217,25 @@ def wrap(model, task: str, d: Dist, device: str):
     # (`broadcast_buffers` is deprecated for this from torch 2.13 on).
     import inspect
 
-    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-    ddp = DDP(root, device_ids=[d.local_rank] if device.startswith("cuda") else None,
-              find_unused_parameters=False, **{quiet: False})
+    quiet = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    )
+    ddp = DDP(
+        root,
+        device_ids=[d.local_rank] if device.startswith("cuda") else None,
+        find_unused_parameters=False,
+        **{quiet: False},
+    )
     info = ddp._get_ddp_logging_data()  # what the reducer really registered, for the log and the tests
-    log.info("DistributedDataParallel (%s, %d processes): all-reduces %s trainable tensors (%s bytes); "
-             "%d frozen tensors not registered", info.get("backend_name"), d.world, info.get("num_parameter_tensors"),
-             info.get("total_parameter_size_bytes"), len(frozen))
+    log.info(
+        "DistributedDataParallel (%s, %d processes): all-reduces %s trainable tensors (%s bytes); "
+        "%d frozen tensors not registered",
+        info.get("backend_name"),
+        d.world,
+        info.get("num_parameter_tensors"),
+        info.get("total_parameter_size_bytes"),
+        len(frozen),
+    )
     return ddp
 
 
@@ -222,16 +251,20 @@ def _fully_shard(root, model, d: Dist, device: str, settings: dict):
     names = set(settings.get("classes") or getattr(hf, "_no_split_modules", None) or [])
     blocks = [m for m in root.modules() if type(m).__name__ in names] if settings.get("wrap", True) else []
     if settings.get("wrap", True) and not blocks:
-        raise ValueError(f"FSDP: no module of class {sorted(names) or '(none named)'} in {type(hf).__name__}; "
-                         "set fsdp_transformer_layer_cls_to_wrap in the accelerate config.")
+        raise ValueError(
+            f"FSDP: no module of class {sorted(names) or '(none named)'} in {type(hf).__name__}; "
+            "set fsdp_transformer_layer_cls_to_wrap in the accelerate config."
+        )
     kinds = sorted({type(m).__name__ for m in blocks})  # before fully_shard renames the classes
     mesh = init_device_mesh(device.split(":")[0], (d.world,))
     reshard = settings.get("reshard_after_forward", True)
     for m in blocks:
         fully_shard(m, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(root, mesh=mesh, reshard_after_forward=reshard)
-    desc = (f"FSDP2 fully_shard ({'nccl' if device.startswith('cuda') else 'gloo'}, {d.world} processes): "
-            f"{len(blocks)} blocks ({', '.join(kinds) or 'none'}) + root, reshard_after_forward={reshard}")
+    desc = (
+        f"FSDP2 fully_shard ({'nccl' if device.startswith('cuda') else 'gloo'}, {d.world} processes): "
+        f"{len(blocks)} blocks ({', '.join(kinds) or 'none'}) + root, reshard_after_forward={reshard}"
+    )
     return root, desc
 
 
@@ -281,6 +314,7 @@ def no_sync(module, sync: bool):
 
 
 # ---------------------------------------------------------------- sharded state (FSDP, ZeRO), unchanged otherwise
+
 
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
@@ -343,7 +377,9 @@ def optimizer_state(opt) -> dict:
     sd = opt.state_dict()
     if not any(_is_dtensor(v) for s in sd["state"].values() for v in s.values()):
         return sd
-    state = {i: {k: v.full_tensor().cpu() if _is_dtensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    state = {
+        i: {k: v.full_tensor().cpu() if _is_dtensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()
+    }
     return {**sd, "state": state}
 
 
@@ -369,6 +405,7 @@ def model_state(model, lora: bool, params: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------- small collectives
+
 
 def all_sum(values: list[float], d: Dist) -> list[float]:
     """Sum plain numbers over processes (float64, so token counts stay exact)."""

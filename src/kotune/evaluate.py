@@ -66,11 +66,22 @@ def score_one(item: dict, text: str, raw_text: str, kb: dict, tokenize=None) -> 
     rl = None
     if tokenize is not None and item.get("reference"):
         rl = rouge_l(tokenize(text), tokenize(item["reference"]))
-    return Scored(str(item["id"]), cited, gold, bool(set(cited) & set(gold)), found, len(facts), rl,
-                  sum(1 for c in raw if c not in kb), len(raw))
+    return Scored(
+        str(item["id"]),
+        cited,
+        gold,
+        bool(set(cited) & set(gold)),
+        found,
+        len(facts),
+        rl,
+        sum(1 for c in raw if c not in kb),
+        len(raw),
+    )
 
 
-def summarise(scored: list[Scored], stopped: list[bool], seconds: list[float], abstained: list[bool] | None = None) -> dict:
+def summarise(
+    scored: list[Scored], stopped: list[bool], seconds: list[float], abstained: list[bool] | None = None
+) -> dict:
     n = max(len(scored), 1)
     cited = sum(len(s.cited) for s in scored)
     correct = sum(len(set(s.cited) & set(s.gold)) for s in scored)
@@ -95,20 +106,39 @@ def out_of_scope_summary(answers) -> dict:
     """On questions no KB article answers: how often the system abstained, and how often it cited an article anyway
     (the dangerous failure: a confident answer resting on a statute that does not decide the question)."""
     n = max(len(answers), 1)
-    return {"questions": len(answers), "abstain_rate": sum(a.abstained for a in answers) / n,
-            "cited_rate": sum(bool(find_citations(a.text)) for a in answers) / n}
+    return {
+        "questions": len(answers),
+        "abstain_rate": sum(a.abstained for a in answers) / n,
+        "cited_rate": sum(bool(find_citations(a.text)) for a in answers) / n,
+    }
 
 
 def evaluate_answers(items: list[dict], answers, kb: dict, tokenize=None) -> tuple[dict, list[dict]]:
     """`answers`: objects with text, raw_text, stopped, seconds (kotune.generate.Answer)."""
     scored = [score_one(it, a.text, a.raw_text or a.text, kb, tokenize) for it, a in zip(items, answers)]
-    summary = summarise(scored, [a.stopped for a in answers], [a.seconds for a in answers],
-                        [getattr(a, "abstained", False) for a in answers])
-    rows = [{"id": s.id, "question": it["question"], "answer": a.text, "hit": s.hit, "abstained": getattr(a, "abstained", False),
-             "cited": [format_cite(*c) for c in s.cited], "gold": [format_cite(*c) for c in s.gold],
-             "retrieved": [c.cite for c in getattr(a, "context", [])], "flagged": list(getattr(a, "flagged", [])),
-             "key_facts": f"{s.facts_found}/{s.facts_total}", "rouge_l": s.rouge_l, "stopped": a.stopped}
-            for s, it, a in zip(scored, items, answers)]
+    summary = summarise(
+        scored,
+        [a.stopped for a in answers],
+        [a.seconds for a in answers],
+        [getattr(a, "abstained", False) for a in answers],
+    )
+    rows = [
+        {
+            "id": s.id,
+            "question": it["question"],
+            "answer": a.text,
+            "hit": s.hit,
+            "abstained": getattr(a, "abstained", False),
+            "cited": [format_cite(*c) for c in s.cited],
+            "gold": [format_cite(*c) for c in s.gold],
+            "retrieved": [c.cite for c in getattr(a, "context", [])],
+            "flagged": list(getattr(a, "flagged", [])),
+            "key_facts": f"{s.facts_found}/{s.facts_total}",
+            "rouge_l": s.rouge_l,
+            "stopped": a.stopped,
+        }
+        for s, it, a in zip(scored, items, answers)
+    ]
     return summary, rows
 
 
@@ -134,9 +164,19 @@ def retrieval_only_answers(retriever, questions: list[str], method: str = "hybri
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    cols = ["citation_hit", "citation_precision", "citation_recall", "key_fact_recall", "rouge_l", "stop_rate",
-            "fabricated_citation_rate", "mean_latency_s", "abstain_rate", "out_of_scope_abstain_rate",
-            "out_of_scope_cited_rate"]
+    cols = [
+        "citation_hit",
+        "citation_precision",
+        "citation_recall",
+        "key_fact_recall",
+        "rouge_l",
+        "stop_rate",
+        "fabricated_citation_rate",
+        "mean_latency_s",
+        "abstain_rate",
+        "out_of_scope_abstain_rate",
+        "out_of_scope_cited_rate",
+    ]
     lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, r in results.items():
         cells = ["–" if r.get(c) is None else f"{r[c]:.3f}" for c in cols]

@@ -90,10 +90,10 @@ def int8_linear(weight, bias=None, chunk: int = 16384):
         q = torch.empty(out_f, in_f, dtype=torch.int8)
         scales = torch.empty(out_f, dtype=torch.double)
         for s in range(0, out_f, chunk):
-            w = weight[s:s + chunk].detach().float()
+            w = weight[s : s + chunk].detach().float()
             sc = (w.abs().amax(1) / 127.5).clamp(min=1e-8)
-            q[s:s + chunk] = (w / sc[:, None]).round().clamp(-128, 127).to(torch.int8)
-            scales[s:s + chunk] = sc
+            q[s : s + chunk] = (w / sc[:, None]).round().clamp(-128, 127).to(torch.int8)
+            scales[s : s + chunk] = sc
         qw = torch._make_per_channel_quantized_tensor(q, scales, torch.zeros(out_f, dtype=torch.long), 0)
         lin = DynLinear(in_f, out_f, dtype=torch.qint8)
         lin.set_weight_bias(qw, None if bias is None else bias.detach().float())
@@ -170,16 +170,38 @@ class FastGenerator:
         if self._cache_arg is None:
             import inspect
 
-            self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                         **{self._cache_arg: cache})
+            self._cache_arg = (
+                "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            )
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
         return out.logits[:, -1, :], out["cache"] if "cache" in out else out["past_key_values"]
 
-    def generate(self, input_ids, attention_mask=None, streamer=None, max_new_tokens: int = 256,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None, repetition_penalty: float = 1.0,
-                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, logits_processor=None, contrast_ids=None, contrast_mask=None,
-                 contrast_weight: float = 0.0, **_ignored):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        streamer=None,
+        max_new_tokens: int = 256,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        repetition_penalty: float = 1.0,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        logits_processor=None,
+        contrast_ids=None,
+        contrast_mask=None,
+        contrast_weight: float = 0.0,
+        **_ignored,
+    ):
         """Same contract as `model.generate` for the arguments above: returns prompt + new ids,
         finished rows padded with `pad_token_id`; `streamer.put` gets the prompt, then each token.
 
@@ -210,11 +232,19 @@ class FastGenerator:
                 logits, cache = self._forward(step_ids, mask, step_pos, cache, first=cache is None)
                 if contrast:
                     c_logits, c_cache = self._forward(c_ids, c_mask, c_pos, c_cache, first=c_cache is None)
-                    logits = ((1 + contrast_weight) * logits.float().log_softmax(-1)
-                              - contrast_weight * c_logits.float().log_softmax(-1))
-                nxt = next_tokens(logits, seq, repetition_penalty=repetition_penalty, do_sample=do_sample,
-                                  logits_processor=logits_processor,
-                                  temperature=temperature, top_k=top_k, top_p=top_p)
+                    logits = (1 + contrast_weight) * logits.float().log_softmax(
+                        -1
+                    ) - contrast_weight * c_logits.float().log_softmax(-1)
+                nxt = next_tokens(
+                    logits,
+                    seq,
+                    repetition_penalty=repetition_penalty,
+                    do_sample=do_sample,
+                    logits_processor=logits_processor,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                )
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 if streamer is not None:

@@ -16,7 +16,9 @@ from .data import read_question_lines
 from .prompt import encode_prompt, split_template
 
 EXIT_WORDS = {"quit", "exit", "종료", "나가기", "q"}
-OUT_OF_SCOPE_FILE = "retrieval_out_of_scope.jsonl"  # in a run folder: the questions the scope classifier learnt to refuse
+OUT_OF_SCOPE_FILE = (
+    "retrieval_out_of_scope.jsonl"  # in a run folder: the questions the scope classifier learnt to refuse
+)
 
 
 @dataclass
@@ -50,6 +52,7 @@ def _after_blank_line(on_text: Callable[[str], None]) -> Callable[[str], None]:
             piece, started = "\n\n" + piece.lstrip(), True
         if piece:
             on_text(piece)
+
     return emit
 
 
@@ -77,7 +80,7 @@ class HangulSafeStreamer:
         if not final:
             text = text.rstrip("\ufffd")
         if len(text) > self.sent:
-            self.on_text(text[self.sent:])
+            self.on_text(text[self.sent :])
             self.sent = len(text)
 
 
@@ -92,12 +95,16 @@ class Chatbot:
         from .fastgen import load_engine  # the engine named by generation.backend/precision (or an override)
 
         model, tok, cfg = load_engine(run_dir, **overrides)
-        gen = apply_overrides(cfg.generation, "generation", overrides)  # validated: a flag may not set what YAML may not
+        gen = apply_overrides(
+            cfg.generation, "generation", overrides
+        )  # validated: a flag may not set what YAML may not
         from .statutes import DEFAULT_KB, load_kb
 
         if gen.context_contrast and not cfg.retrieval.enabled:
-            raise ValueError(f"{run_dir} answers without retrieved articles, so there is nothing to contrast: "
-                             "`context_contrast` works with grounded runs (`retrieval.enabled: true`) only.")
+            raise ValueError(
+                f"{run_dir} answers without retrieved articles, so there is nothing to contrast: "
+                "`context_contrast` works with grounded runs (`retrieval.enabled: true`) only."
+            )
         if not cfg.retrieval.enabled:
             # No retrieval, but the citations a model writes are still checked against the shipped statutes: an
             # article the KB lacks is flagged (retrieval.citation_policy), one it has is listed under the answer.
@@ -124,8 +131,10 @@ class Chatbot:
         if not q:
             raise ValueError("the question is empty: write a question.")
         if len(q) > self.gen.max_question_chars:
-            raise ValueError(f"the question is {len(q):,} characters long; the limit is {self.gen.max_question_chars:,} "
-                             "(generation.max_question_chars). Shorten it to the situation and the question.")
+            raise ValueError(
+                f"the question is {len(q):,} characters long; the limit is {self.gen.max_question_chars:,} "
+                "(generation.max_question_chars). Shorten it to the situation and the question."
+            )
         return q
 
     def refusal_for(self, question: str) -> tuple[str | None, float | None]:
@@ -160,12 +169,18 @@ class Chatbot:
 
     def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
         g = self.gen
-        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None
+        )
         new = max_new_tokens or g.max_new_tokens
         if limit:  # past the position table the model fails (GPT-2) or degrades
             new = max(1, min(new, limit - prompt_len))
-        kw = dict(max_new_tokens=new, eos_token_id=self.tok.eos_token_id,
-                  pad_token_id=self.tok.pad_token_id, repetition_penalty=g.repetition_penalty)
+        kw = dict(
+            max_new_tokens=new,
+            eos_token_id=self.tok.eos_token_id,
+            pad_token_id=self.tok.pad_token_id,
+            repetition_penalty=g.repetition_penalty,
+        )
         if g.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -207,8 +222,10 @@ class Chatbot:
         if not w or self.retriever is None:
             return {}
         if not getattr(self.model, "supports_contrast", False):
-            raise ValueError("`generation.context_contrast` needs the torch engine (`generation.backend: torch`); "
-                             "set it to 0 to answer with this engine.")
+            raise ValueError(
+                "`generation.context_contrast` needs the torch engine (`generation.backend: torch`); "
+                "set it to 0 to answer with this engine."
+            )
         ids, mask = self._left_pad([self.prompt_ids(q) for q in questions])
         return {"contrast_ids": ids, "contrast_mask": mask, "contrast_weight": w}
 
@@ -222,7 +239,9 @@ class Chatbot:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
         return ids, mask
 
-    def answer(self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None) -> Answer:
+    def answer(
+        self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None
+    ) -> Answer:
         import torch
 
         question = self.check_question(question)
@@ -231,7 +250,9 @@ class Chatbot:
         if refused is not None:
             if on_text:
                 on_text(refused)
-            return Answer(question, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score)
+            return Answer(
+                question, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score
+            )
         context = self.context_for(question)
         gate = None
         rule = self.rule_for(question, context)
@@ -242,10 +263,15 @@ class Chatbot:
         ids = torch.tensor([self.prompt_ids(question, context)], device=self.model.device)
         streamer = HangulSafeStreamer(self.tok, on_text) if on_text else None
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                      **self._kwargs(ids.shape[1], max_new_tokens), **self._processors([context], ids.shape[1]),
-                                      **self._contrast([question]))
-        new = out[0, ids.shape[1]:].tolist()
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=streamer,
+                **self._kwargs(ids.shape[1], max_new_tokens),
+                **self._processors([context], ids.shape[1]),
+                **self._contrast([question]),
+            )
+        new = out[0, ids.shape[1] :].tolist()
         if gate is not None:  # the gate holds the last sentence until it knows it ended
             gate.close(complete=self.tok.eos_token_id in new)
         return self._answer(question, new, time.perf_counter() - t0, context, score)
@@ -261,25 +287,33 @@ class Chatbot:
             t0 = time.perf_counter()
             refused, score = self.refusal_for(q)
             if refused is not None:
-                results[i] = Answer(q, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score)
+                results[i] = Answer(
+                    q, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score
+                )
             else:
                 todo.append((i, score))
         for k in range(0, len(todo), batch_size):
-            chunk = [questions[i] for i, _ in todo[k:k + batch_size]]
+            chunk = [questions[i] for i, _ in todo[k : k + batch_size]]
             contexts = [self.context_for(q) for q in chunk]
             ids, mask = self._left_pad([self.prompt_ids(q, c) for q, c in zip(chunk, contexts)])
             width = ids.shape[1]
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(width),
-                                          **self._processors(contexts, width), **self._contrast(chunk))
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    **self._kwargs(width),
+                    **self._processors(contexts, width),
+                    **self._contrast(chunk),
+                )
             dt = (time.perf_counter() - t0) / len(chunk)
-            for (i, score), q, row, ctx in zip(todo[k:k + batch_size], chunk, out[:, width:].tolist(), contexts):
+            for (i, score), q, row, ctx in zip(todo[k : k + batch_size], chunk, out[:, width:].tolist(), contexts):
                 results[i] = self._answer(q, row, dt, ctx, score)
         return [results[i] for i in range(len(questions))]
 
-    def _answer(self, question: str, new: list[int], seconds: float, context: list | None = None,
-                score: float | None = None) -> Answer:
+    def _answer(
+        self, question: str, new: list[int], seconds: float, context: list | None = None, score: float | None = None
+    ) -> Answer:
         eos = self.tok.eos_token_id
         stopped = eos in new
         if stopped:
@@ -291,8 +325,18 @@ class Chatbot:
             gate = self._gate(question, context)
             gate.feed(text)
             text, dropped = (rule + "\n\n" + gate.close(complete=stopped)).strip(), gate.dropped
-        answer = Answer(question, text, len(new), stopped, seconds, context=context or [], raw_text=raw, scope=score,
-                        dropped=dropped, rule=rule)
+        answer = Answer(
+            question,
+            text,
+            len(new),
+            stopped,
+            seconds,
+            context=context or [],
+            raw_text=raw,
+            scope=score,
+            dropped=dropped,
+            rule=rule,
+        )
         if self.kb is not None:
             from .retrieval import apply_citation_policy, check_citations
 
@@ -329,5 +373,8 @@ def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: 
                 out["flagged_citations"] = a.flagged
             f.write(json.dumps(out, ensure_ascii=False) + "\n")
     n = len(answers)
-    return {"questions": n, "stopped_at_eos": sum(a.stopped for a in answers),
-            "mean_seconds": sum(a.seconds for a in answers) / max(n, 1)}
+    return {
+        "questions": n,
+        "stopped_at_eos": sum(a.stopped for a in answers),
+        "mean_seconds": sum(a.seconds for a in answers) / max(n, 1),
+    }

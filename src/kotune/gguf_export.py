@@ -55,7 +55,9 @@ def hf_to_gguf_names(arch_name: str, n_blocks: int):
     return name
 
 
-def write_merged_gguf(template: Path, merged: dict, output: Path, weight_type: str = "q8_0", extra_kv: dict | None = None) -> dict:
+def write_merged_gguf(
+    template: Path, merged: dict, output: Path, weight_type: str = "q8_0", extra_kv: dict | None = None
+) -> dict:
     """Copy `template` to `output`, replacing the tensors named in `merged`
     ({GGUF tensor name: float tensor/array in HF layout [out, in]}). Returns counts."""
     import gguf
@@ -70,8 +72,11 @@ def write_merged_gguf(template: Path, merged: dict, output: Path, weight_type: s
     unknown = sorted(set(merged) - names)
     if unknown:
         raise ExportError(f"{template}: has no tensors {unknown[:3]}… to replace; is it the run's base model?")
-    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
-             "f32": gguf.GGMLQuantizationType.F32}[weight_type]
+    qtype = {
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "f32": gguf.GGMLQuantizationType.F32,
+    }[weight_type]
     tmp = output.with_name(output.name + f".tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
     align = reader.fields.get(gguf.Keys.General.ALIGNMENT)
@@ -92,11 +97,15 @@ def write_merged_gguf(template: Path, merged: dict, output: Path, weight_type: s
     for t in reader.tensors:
         if t.name in merged:
             w = merged[t.name]
-            w = (w.detach().float().cpu().numpy() if hasattr(w, "detach") else np.asarray(w, dtype=np.float32))
+            w = w.detach().float().cpu().numpy() if hasattr(w, "detach") else np.asarray(w, dtype=np.float32)
             expected = tuple(int(x) for x in reversed(t.shape.tolist()))
             if w.shape != expected:
                 raise ExportError(f"{t.name}: merged shape {w.shape} does not match the template's {expected}.")
-            data = quantize(w.astype(np.float32), qtype) if qtype != gguf.GGMLQuantizationType.F32 else w.astype(np.float32)
+            data = (
+                quantize(w.astype(np.float32), qtype)
+                if qtype != gguf.GGMLQuantizationType.F32
+                else w.astype(np.float32)
+            )
             if qtype == gguf.GGMLQuantizationType.F16:
                 data = w.astype(np.float16)
             writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, qtype)
@@ -173,9 +182,11 @@ def export_gguf(run_dir: str | Path, output: str | Path | None = None, weight_ty
     check_run_files(run)
     template = base_gguf(cfg.model.name, cfg.model.cache_dir)
     if template is None:
-        raise ExportError(f"GGUF export needs a base model that came from a GGUF file (the default `gemma3-270m`, or a `.gguf` "
-                          f"as `model.name`); this run's base is {cfg.model.name!r}. Run `kotune merge {run} -o DIR` and convert "
-                          "DIR with llama.cpp's convert_hf_to_gguf.py instead.")
+        raise ExportError(
+            f"GGUF export needs a base model that came from a GGUF file (the default `gemma3-270m`, or a `.gguf` "
+            f"as `model.name`); this run's base is {cfg.model.name!r}. Run `kotune merge {run} -o DIR` and convert "
+            "DIR with llama.cpp's convert_hf_to_gguf.py instead."
+        )
     import gguf
 
     reader_arch = gguf.GGUFReader(str(template)).fields[gguf.Keys.General.ARCHITECTURE].contents()
@@ -188,7 +199,19 @@ def export_gguf(run_dir: str | Path, output: str | Path | None = None, weight_ty
             raise ExportError(f"no GGUF name for {hf_name} in architecture {reader_arch}.")
         merged[g] = w
     out.parent.mkdir(parents=True, exist_ok=True)
-    stats = write_merged_gguf(template, merged, out, weight_type,
-                              extra_kv={gguf.Keys.General.NAME: (f"kotune {run.name}", gguf.GGUFValueType.STRING)})
-    log.info("wrote %s (%d merged tensors in %s, %d copied from %s)", out, stats["replaced"], weight_type, stats["copied"], template.name)
+    stats = write_merged_gguf(
+        template,
+        merged,
+        out,
+        weight_type,
+        extra_kv={gguf.Keys.General.NAME: (f"kotune {run.name}", gguf.GGUFValueType.STRING)},
+    )
+    log.info(
+        "wrote %s (%d merged tensors in %s, %d copied from %s)",
+        out,
+        stats["replaced"],
+        weight_type,
+        stats["copied"],
+        template.name,
+    )
     return out

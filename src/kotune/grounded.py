@@ -35,8 +35,10 @@ _NUMBER_WORDS = {"한": 1, "두": 2, "세": 3, "네": 4, "다섯": 5, "여섯": 
 # user's case, not rules, and amounts of money are computed from them: neither is checked. Number words only count
 # before units they cannot be confused with (`한 달`, `두 배`, not `한 일`).
 _DATE = re.compile(r"\d{4}\s*년|\d{1,2}\s*월(?:\s*\d{1,2}\s*일)?")
-_QUANTITY = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*(년|개월|달|주일|주|일|%|퍼센트|배)"
-                       r"|(?<![가-힣])(한|두|세|네|다섯|여섯|일곱|여덟|아홉|열)\s*(달|개월|배|해)")
+_QUANTITY = re.compile(
+    r"(?<![\d.])(\d+(?:\.\d+)?)\s*(년|개월|달|주일|주|일|%|퍼센트|배)"
+    r"|(?<![가-힣])(한|두|세|네|다섯|여섯|일곱|여덟|아홉|열)\s*(달|개월|배|해)"
+)
 _UNITS = {"달": "개월", "퍼센트": "%", "주일": "주", "해": "년"}
 # A sentence made of the shown rule's character bigrams at least this much restates it. On the 428 rule-then-application
 # training answers, 53% of the rule-restating first sentences and 1.5% of the application sentences after them reach
@@ -68,7 +70,7 @@ def unsupported(sentence: str, allowed: set[tuple[float, str]]) -> set[tuple[flo
 
 def bigrams(text: str) -> set[str]:
     t = re.sub(r"\s+", "", text)
-    return {t[i:i + 2] for i in range(len(t) - 1)}
+    return {t[i : i + 2] for i in range(len(t) - 1)}
 
 
 def overlap(sentence: str, rule: set[str]) -> float:
@@ -79,7 +81,8 @@ def overlap(sentence: str, rule: set[str]) -> float:
 
 class SentenceGate:
     """Streams text on whole sentences, dropping a sentence with a quantity its sources do not state (`dropped`) or
-    one that restates `rule` (`restated`). `on_text` receives what is kept; the `(근거: …)` citation is never dropped."""
+    one that restates `rule` (`restated`). `on_text` receives what is kept; the `(근거: …)` citation is never
+    dropped."""
 
     def __init__(self, allowed: set[tuple[float, str]], on_text: Callable[[str], None] | None = None, rule: str = ""):
         self.allowed, self.on_text = allowed, on_text

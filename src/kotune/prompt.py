@@ -19,7 +19,7 @@ def split_template(template: str, question: str, answer: str = "", context: str 
     side: a prompt ending in a space tokenises differently alone than in context."""
     head = template.split("{answer}")[0].replace("{context}", context).replace("{question}", question)
     prompt = head.rstrip()
-    return prompt, head[len(prompt):] + answer
+    return prompt, head[len(prompt) :] + answer
 
 
 @dataclass
@@ -41,8 +41,9 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def encode_example(tokenizer, template: str, question: str, answer: str, eos_id: int, source: str = "",
-                   context: str = "") -> Encoded:
+def encode_example(
+    tokenizer, template: str, question: str, answer: str, eos_id: int, source: str = "", context: str = ""
+) -> Encoded:
     prompt, answer_text = split_template(template, question, answer, context)
     p_ids = encode_prompt(tokenizer, prompt)
     full = encode_prompt(tokenizer, prompt + answer_text)
@@ -50,11 +51,11 @@ def encode_example(tokenizer, template: str, question: str, answer: str, eos_id:
         raise TemplateError(
             f"{source}: the prompt tokenises differently alone than followed by the answer "
             f"(alone ends {tokenizer.convert_ids_to_tokens(p_ids[-3:])}, in context "
-            f"{tokenizer.convert_ids_to_tokens(full[len(p_ids) - 3:len(p_ids) + 1])}). "
+            f"{tokenizer.convert_ids_to_tokens(full[len(p_ids) - 3 : len(p_ids) + 1])}). "
             "End the prompt part of `data.template` with a separator such as `:` or a newline."
         )
     ids = full + [eos_id]
-    labels = [IGNORE] * len(p_ids) + full[len(p_ids):] + [eos_id]
+    labels = [IGNORE] * len(p_ids) + full[len(p_ids) :] + [eos_id]
     return Encoded(ids, labels, source)
 
 
@@ -76,7 +77,7 @@ def token_pieces(tokenizer, ids: list[int], trained: list[bool]) -> list[tuple[s
     start = 0
     for i in range(len(ids)):
         boundary = i + 1 == len(ids) or trained[i + 1] != trained[i]
-        text = tokenizer.decode(ids[start:i + 1])
+        text = tokenizer.decode(ids[start : i + 1])
         if text.endswith("\ufffd") and not boundary:  # an unfinished UTF-8 character: wait for its next byte
             continue
         pieces.append((text, trained[i]))
@@ -90,7 +91,9 @@ def render_sample(tokenizer, enc: Encoded) -> str:
     pieces = [(t.replace("\n", "\\n"), tr) for t, tr in token_pieces(tokenizer, enc.input_ids, marks)]
     prompt = "".join(f"[{p}]" for p, tr in pieces if not tr)
     trained = "".join(f"⟦{p}⟧" for p, tr in pieces if tr)
-    joined = " (tokens that only together make one character are shown as one piece)" if len(pieces) < len(marks) else ""
+    joined = (
+        " (tokens that only together make one character are shown as one piece)" if len(pieces) < len(marks) else ""
+    )
     return (
         f"source: {enc.source}\n"
         f"text: {tokenizer.decode(enc.input_ids)!r}\n"
@@ -135,14 +138,18 @@ def collate(batch: list[Encoded], pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def encode_all(tokenizer, examples, template: str, max_length: int, too_long: str = "drop", contexts: list[str] | None = None):
+def encode_all(
+    tokenizer, examples, template: str, max_length: int, too_long: str = "drop", contexts: list[str] | None = None
+):
     """Encode every example (with its retrieved `contexts`, if any).
     Returns (kept, too_long_messages, template_errors, all_lengths)."""
     eos = tokenizer.eos_token_id
     kept, long_rows, errors, lengths = [], [], [], []
     for i, ex in enumerate(examples):
         try:
-            enc = encode_example(tokenizer, template, ex.question, ex.answer, eos, ex.source, contexts[i] if contexts else "")
+            enc = encode_example(
+                tokenizer, template, ex.question, ex.answer, eos, ex.source, contexts[i] if contexts else ""
+            )
         except TemplateError as e:
             errors.append(str(e))
             continue

@@ -20,20 +20,56 @@ from .errors import OutputError
 
 # What `kotune train` writes (loop._finish, the tokenizer's save_pretrained, checkpoints, logs) and the
 # GGUF that `kotune export` puts beside it by default. Anything else in the folder is the user's and stays.
-ARTIFACTS = ("checkpoints", "adapter", "model", "config.yaml", "metrics.jsonl", "loss.png", "labels.json", "NOTICE",
-             "statutes", "retrieval_examples.jsonl", "retrieval_out_of_scope.jsonl", "tensorboard", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "vocab.txt",
-             "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+ARTIFACTS = (
+    "checkpoints",
+    "adapter",
+    "model",
+    "config.yaml",
+    "metrics.jsonl",
+    "loss.png",
+    "labels.json",
+    "NOTICE",
+    "statutes",
+    "retrieval_examples.jsonl",
+    "retrieval_out_of_scope.jsonl",
+    "tensorboard",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 PATTERNS = ("training_*.log", "model-*.gguf")
 PREVIOUS = ".kotune-previous"
 # What `kotune merge` writes (save_pretrained of a model and its tokenizer, NOTICE): a folder holding only these
 # is an earlier merge, which a new merge may replace.
-MERGE_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
-               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.*", "merges.txt", "spiece.model",
-               "NOTICE")
+MERGE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "NOTICE",
+)
 
 
-CONFIG, ADAPTER, FULL_MODEL = "config.yaml", "adapter", "model"  # a run's config and its weights (LoRA, or a full fine-tune)
+CONFIG, ADAPTER, FULL_MODEL = (
+    "config.yaml",
+    "adapter",
+    "model",
+)  # a run's config and its weights (LoRA, or a full fine-tune)
 
 
 def require_run(run: str | Path, needs: str = "weights"):
@@ -45,17 +81,26 @@ def require_run(run: str | Path, needs: str = "weights"):
 
     run = Path(run)
     if not (run / CONFIG).is_file():
-        raise ModelError(f"{run}: not a finished kotune run (no {CONFIG}). Give the folder `kotune train` wrote, or "
-                         "train one with `kotune train`.")
+        raise ModelError(
+            f"{run}: not a finished kotune run (no {CONFIG}). Give the folder `kotune train` wrote, or "
+            "train one with `kotune train`."
+        )
     adapter = (run / ADAPTER / "adapter_config.json").is_file()
     full = (run / FULL_MODEL / "config.json").is_file()
     if needs == "adapter" and full and not adapter:
-        raise ModelError(f"{run} holds a full fine-tune ({FULL_MODEL}/), not a LoRA adapter, and GGUF export merges an "
-                         f"adapter into the base GGUF. Convert {run / FULL_MODEL} with llama.cpp's convert_hf_to_gguf.py.")
+        raise ModelError(
+            f"{run} holds a full fine-tune ({FULL_MODEL}/), not a LoRA adapter, and GGUF export merges an "
+            f"adapter into the base GGUF. Convert {run / FULL_MODEL} with llama.cpp's convert_hf_to_gguf.py."
+        )
     if needs != "config" and not (adapter or full):
-        resume = (f" Continue it with `kotune train --config {run / CONFIG} --resume`."
-                  if list_checkpoints(run / "checkpoints") else " Train it again with `kotune train`.")
-        raise ModelError(f"{run}: not a finished kotune run: training did not write {ADAPTER}/ (or {FULL_MODEL}/)." + resume)
+        resume = (
+            f" Continue it with `kotune train --config {run / CONFIG} --resume`."
+            if list_checkpoints(run / "checkpoints")
+            else " Train it again with `kotune train`."
+        )
+        raise ModelError(
+            f"{run}: not a finished kotune run: training did not write {ADAPTER}/ (or {FULL_MODEL}/)." + resume
+        )
     return load_config(run / CONFIG)
 
 
@@ -67,8 +112,9 @@ def run_files(folder: Path) -> list[Path]:
 
 
 def is_finished(folder: Path) -> bool:
-    return (folder / CONFIG).is_file() and ((folder / ADAPTER / "adapter_config.json").is_file()
-                                            or (folder / FULL_MODEL / "config.json").is_file())
+    return (folder / CONFIG).is_file() and (
+        (folder / ADAPTER / "adapter_config.json").is_file() or (folder / FULL_MODEL / "config.json").is_file()
+    )
 
 
 def holds_run(folder: Path) -> str | None:
@@ -118,7 +164,10 @@ def restore(folder: Path, keep: Path | None = None) -> None:
 def settle(folder: Path, log_path: Path | None, resumable: bool) -> str:
     """After a replacement run stopped early: restore the run it replaced unless the new one can be resumed."""
     if resumable:
-        return f"the run this one replaces is kept in {folder / PREVIOUS} until this one finishes (continue with `--resume`)"
+        return (
+            f"the run this one replaces is kept in {folder / PREVIOUS} until this one finishes (continue with "
+            "`--resume`)"
+        )
     restore(folder, keep=log_path)
     return f"the run this one was replacing is back in {folder}, unchanged"
 
@@ -172,14 +221,18 @@ def refuse_inside_run(output: Path, run: Path, own: str | None = None) -> None:
     if own and out.parent == root and out.match(own):
         return
     if out == root:
-        raise OutputError(f"{output} is the run folder {run}; writing the output there would replace the run's own "
-                          "files. Give a new path outside it (or a new subfolder).")
+        raise OutputError(
+            f"{output} is the run folder {run}; writing the output there would replace the run's own "
+            "files. Give a new path outside it (or a new subfolder)."
+        )
     for name in ARTIFACTS + (PREVIOUS,):
         part = root / name
         if out == part or part in out.parents:
             where = f"is the run's own {name}" if out == part else f"is inside the run's own {name}"
-            raise OutputError(f"{output} {where}; writing there would break the run. Give a path outside the run "
-                              "folder, or a new file or subfolder in it.")
+            raise OutputError(
+                f"{output} {where}; writing there would break the run. Give a path outside the run "
+                "folder, or a new file or subfolder in it."
+            )
     for pat in PATTERNS:
         if out.parent == root and out.match(pat):
             raise OutputError(f"{output} is one of the run's own files; give another name.")
@@ -192,14 +245,17 @@ def check_merge_output(out: Path, run: Path, base: Path) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} is a file; `--output` is the folder for the merged model.")
     if holds_run(out):
-        raise OutputError(f"{out} is a kotune run folder; merging into it would replace its tokenizer and config. "
-                          "Give a new folder.")
+        raise OutputError(
+            f"{out} is a kotune run folder; merging into it would replace its tokenizer and config. Give a new folder."
+        )
     if out.resolve() == base.resolve():
         raise OutputError(f"{out} is the run's base model; merging into it would replace the base. Give a new folder.")
     others = [p.name for p in out.iterdir() if not any(p.match(pat) for pat in MERGE_FILES)] if out.is_dir() else []
     if others:
-        raise OutputError(f"{out} already holds other files ({', '.join(sorted(others)[:5])}); the merged model "
-                          "replaces its folder whole. Give a new or empty folder.")
+        raise OutputError(
+            f"{out} already holds other files ({', '.join(sorted(others)[:5])}); the merged model "
+            "replaces its folder whole. Give a new or empty folder."
+        )
     check_writable(out.parent)
 
 

@@ -5,9 +5,17 @@ processors in `generate`'s order."""
 from __future__ import annotations
 
 
-def warp_scores(logits, seen, *, repetition_penalty: float = 1.0, do_sample: bool = False,
-                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                logits_processor=None):
+def warp_scores(
+    logits,
+    seen,
+    *,
+    repetition_penalty: float = 1.0,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    logits_processor=None,
+):
     """Last-position logits [batch, vocab] → scores after `generate`'s processors, in its
     order: repetition penalty over `seen` (all ids so far, prompt included), the caller's
     `logits_processor` (on `seen`), then, when sampling, temperature, top-k and top-p

@@ -39,7 +39,13 @@ class Article:
 
     def record(self) -> dict:
         """The article as `ask` output lines and the API's `citations` carry it."""
-        return {"law": self.law, "article": self.article, "title": self.title, "cite": self.cite, "summary": self.summary}
+        return {
+            "law": self.law,
+            "article": self.article,
+            "title": self.title,
+            "cite": self.cite,
+            "summary": self.summary,
+        }
 
 
 def format_cite(law: str, article: str) -> str:
@@ -67,7 +73,9 @@ def load_kb(folder: str | Path = DEFAULT_KB) -> dict[tuple[str, str], Article]:
                 continue
             try:
                 r = json.loads(line)
-                art = Article(r["law"], str(r["article"]), r["title"], tuple(r["paragraphs"]), tuple(r.get("keywords", ())))
+                art = Article(
+                    r["law"], str(r["article"]), r["title"], tuple(r["paragraphs"]), tuple(r.get("keywords", ()))
+                )
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 problems.append(f"{path}: line {i}: {type(e).__name__}: {e}")
                 continue

@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .prompt import IGNORE, Encoded, collate as collate_causal, encode_all
+from .prompt import IGNORE, Encoded, encode_all
+from .prompt import collate as collate_causal
 
 TASKS = ("causal-lm", "text-classification", "text2text")
 
@@ -43,6 +44,7 @@ def item_length(item) -> int:
 
 # ---------------------------------------------------------------- encoding
 
+
 def label_names(examples) -> list[str]:
     """Label names of the training rows, sorted so the ids do not depend on row order."""
     return sorted({ex.answer for ex in examples})
@@ -53,8 +55,10 @@ def encode_classification(tokenizer, examples, label2id: dict[str, int], max_len
     kept, long_rows, errors, lengths = [], [], [], []
     for ex in examples:
         if ex.answer not in label2id:
-            errors.append(f"{ex.source}: label {ex.answer!r} does not occur in the training rows "
-                          f"(known: {', '.join(sorted(label2id))}); fix the label or add training rows for it.")
+            errors.append(
+                f"{ex.source}: label {ex.answer!r} does not occur in the training rows "
+                f"(known: {', '.join(sorted(label2id))}); fix the label or add training rows for it."
+            )
             continue
         ids = tokenizer(ex.question, add_special_tokens=True)["input_ids"]
         lengths.append(len(ids))
@@ -85,8 +89,17 @@ def encode_seq2seq(tokenizer, examples, max_length: int, too_long: str = "drop")
     return kept, long_rows, errors, lengths
 
 
-def encode(task: str, tokenizer, examples, *, template: str, max_length: int, too_long: str,
-           label2id: dict[str, int] | None = None, contexts: list[str] | None = None):
+def encode(
+    task: str,
+    tokenizer,
+    examples,
+    *,
+    template: str,
+    max_length: int,
+    too_long: str,
+    label2id: dict[str, int] | None = None,
+    contexts: list[str] | None = None,
+):
     if task == "text-classification":
         return encode_classification(tokenizer, examples, label2id or {}, max_length, too_long)
     if task == "text2text":
@@ -98,12 +111,18 @@ def render_item(tokenizer, item, labels: list[str] | None = None) -> str:
     """Dry-run view of one encoded non-causal item."""
     text = tokenizer.decode(item.input_ids)
     if isinstance(item, ClassItem):
-        return f"source: {item.source}\ninput ({len(item.input_ids)} tokens): {text!r}\nlabel: {item.label} = {labels[item.label]!r}"
-    return (f"source: {item.source}\ninput ({len(item.input_ids)} tokens): {text!r}\n"
-            f"target ({len(item.labels)} tokens, last is EOS id {item.labels[-1]}): {tokenizer.decode(item.labels)!r}")
+        return (
+            f"source: {item.source}\ninput ({len(item.input_ids)} tokens): {text!r}\n"
+            f"label: {item.label} = {labels[item.label]!r}"
+        )
+    return (
+        f"source: {item.source}\ninput ({len(item.input_ids)} tokens): {text!r}\n"
+        f"target ({len(item.labels)} tokens, last is EOS id {item.labels[-1]}): {tokenizer.decode(item.labels)!r}"
+    )
 
 
 # ---------------------------------------------------------------- batches
+
 
 def _pad(rows: list[list[int]], value: int):
     import torch
@@ -112,8 +131,8 @@ def _pad(rows: list[list[int]], value: int):
     out = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
     return out, mask
 
 
@@ -142,6 +161,7 @@ def count(task: str, batch: dict) -> int:
 
 # ---------------------------------------------------------------- losses
 
+
 def answer_loss_sum(model, batch):
     """Sum of token losses over trained positions, and their count.
 
@@ -150,7 +170,9 @@ def answer_loss_sum(model, batch):
     whole batch, and their gradient, would dominate time and peak memory."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(hf, hf.base_model_prefix)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = body(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     head = hf.get_output_embeddings()
@@ -185,8 +207,8 @@ def linear_cross_entropy_sum(hidden, weight, targets, softcap: float | None = No
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w = weight.to(dtype)
         for s in range(0, hidden.shape[0], chunk):
-            z = _logits(hidden[s:s + chunk].to(dtype), w, softcap)[0]
-            total += (torch.logsumexp(z, -1) - z.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum()
+            z = _logits(hidden[s : s + chunk].to(dtype), w, softcap)[0]
+            total += (torch.logsumexp(z, -1) - z.gather(1, targets[s : s + chunk, None]).squeeze(1)).sum()
         return total
 
 
@@ -212,10 +234,12 @@ def _fused_ce():
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+            grad_w = (
+                torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+            )
             for s in range(0, hidden.shape[0], chunk):
-                h = hidden[s:s + chunk].to(dtype)
-                tgt = targets[s:s + chunk]
+                h = hidden[s : s + chunk].to(dtype)
+                tgt = targets[s : s + chunk]
                 z, t = _logits(h, w, softcap)
                 lse = torch.logsumexp(z, -1)
                 total += (lse - z.gather(1, tgt[:, None]).squeeze(1)).sum()
@@ -225,7 +249,7 @@ def _fused_ce():
                     g.mul_(1 - t * t)
                 g = g.to(dtype)
                 if grad_h is not None:
-                    grad_h[s:s + chunk] = g @ w
+                    grad_h[s : s + chunk] = g @ w
                 if grad_w is not None:
                     grad_w += (g.T @ h).float()
                 del z, g, t
@@ -236,9 +260,14 @@ def _fused_ce():
         @staticmethod
         def backward(ctx, grad_out):
             grad_h, grad_w = ctx.saved_tensors
-            return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
-                    (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None,
-                    None, None, None, None)
+            return (
+                grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None,
+                None,
+                None,
+                None,
+                None,
+            )
 
     return FusedLinearCE
 
@@ -254,7 +283,9 @@ def loss_sum(task: str, model, batch: dict):
     if task == "text2text":
         # `labels` makes the model build decoder inputs (shifted right from decoder_start_token_id);
         # the loss is summed here so micro-batches and processes can be normalised together.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).logits
         keep = batch["labels"] != IGNORE
         loss = F.cross_entropy(logits[keep].float(), batch["labels"][keep], reduction="sum")
         return loss, int(keep.sum()), None
@@ -263,6 +294,7 @@ def loss_sum(task: str, model, batch: dict):
 
 
 # ---------------------------------------------------------------- metrics
+
 
 def confusion(preds, gold, n_labels: int):
     """n_labels × n_labels counts, rows = gold, columns = predicted (summable across processes)."""

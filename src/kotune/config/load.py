@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .sections import SECTIONS, ConfigError, DataSection, KotuneConfig
+from ..errors import ConfigError
+from .sections import SECTIONS, DataSection, KotuneConfig
 
 PLACEHOLDERS = ("question", "answer", "context")  # what `data.template` fills in; prompt.split_template
 # The seed's flags (`main_train_cpu.py` / `main_inference_cpu.py`) map onto dotted keys.
@@ -37,16 +38,23 @@ FLAG_KEYS = {
 
 
 SEED_MAPPING = {
-    "model.task": "`causal-lm`, `text-classification`, `text2text`; seed spellings such as `Text2Text Generation` are read as these.",
+    "model.task": "`causal-lm`, `text-classification`, `text2text`; seed spellings such as `Text2Text Generation` are "
+    "read as these.",
     "model.cache_dir": "the same key: kotune's model cache (converted GGUF models live in `<cache_dir>/models`).",
-    "data.dataset_name": "the same key (hub name, local data file or `save_to_disk` folder); it takes precedence over `data.train_file`.",
-    "data.text_column": "input column: the text to classify; for `causal-lm`/`text2text` it replaces `data.question_column` when set.",
-    "data.label_column": "target column: the label; for `causal-lm`/`text2text` it replaces `data.answer_column` when set.",
-    "training.cuda_cleanup_freq": "empties the CUDA cache every N steps, like `memory.empty_cache_freq` (both are honoured).",
+    "data.dataset_name": "the same key (hub name, local data file or `save_to_disk` folder); it takes precedence over "
+    "`data.train_file`.",
+    "data.text_column": "input column: the text to classify; for `causal-lm`/`text2text` it replaces "
+    "`data.question_column` when set.",
+    "data.label_column": "target column: the label; for `causal-lm`/`text2text` it replaces `data.answer_column` when "
+    "set.",
+    "training.cuda_cleanup_freq": "empties the CUDA cache every N steps, like `memory.empty_cache_freq` (both are "
+    "honoured).",
     "memory.mixed_precision": "`true` → `auto`, `false` → `no`.",
-    "memory.optimize_memory_usage": "turns on `memory.gradient_checkpointing` and empties the CUDA cache at each epoch end.",
+    "memory.optimize_memory_usage": "turns on `memory.gradient_checkpointing` and empties the CUDA cache at each epoch "
+    "end.",
     "--dataset (flag)": "`data.dataset_name`",
-    "--model_name, --max_length, --batch_size, --epochs (flags)": "`model.name`, `data.max_length`, `data.batch_size`, `training.epochs`",
+    "--model_name, --max_length, --batch_size, --epochs (flags)": "`model.name`, `data.max_length`, `data.batch_size`, "
+    "`training.epochs`",
 }
 
 
@@ -176,7 +184,10 @@ def apply_overrides(section: BaseModel, name: str, overrides: dict[str, Any]) ->
             flag = f" (--{key})" if key in given else ""
             msg = f"`{name}.{key}`{flag}: {err['msg']} (got {err.get('input')!r})."
             if key == "temperature" and given.get(key) == 0:
-                msg += " Temperature 0 means no sampling: use --greedy for deterministic answers, or a temperature above 0."
+                msg += (
+                    " Temperature 0 means no sampling: use --greedy for deterministic answers, or a temperature "
+                    "above 0."
+                )
             problems.append(msg)
         raise ConfigError(problems) from None
 
@@ -187,43 +198,61 @@ def _semantic_problems(cfg: KotuneConfig) -> list[str]:
     if "{question}" not in t or "{answer}" not in t:
         out.append("`data.template`: must contain `{question}` and `{answer}`.")
     elif not t.rstrip().endswith("{answer}"):
-        out.append("`data.template`: `{answer}` must be the last thing in the template (EOS is appended right after it).")
+        out.append(
+            "`data.template`: `{answer}` must be the last thing in the template (EOS is appended right after it)."
+        )
     unknown = sorted(set(re.findall(r"\{(\w+)\}", t)) - set(PLACEHOLDERS))
     if unknown:
         close = difflib.get_close_matches(unknown[0], PLACEHOLDERS, n=1, cutoff=0.6)
-        out.append(f"`data.template`: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; only "
-                   f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)} are filled in, anything else would stay as "
-                   "literal text in every sample." + (f" Did you mean `{{{close[0]}}}`?" if close else ""))
+        out.append(
+            f"`data.template`: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; only "
+            f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)} are filled in, anything else would stay as "
+            "literal text in every sample." + (f" Did you mean `{{{close[0]}}}`?" if close else "")
+        )
     if "\\n" in t:
-        out.append("`data.template` contains a literal backslash-n: in YAML write the template in double quotes "
-                   "(\"질문: {question}\\n답변: {answer}\") or as a block, so `\\n` becomes a newline; on the command "
-                   "line: --set 'data.template=\"질문: {question}\\n답변: {answer}\"'.")
+        out.append(
+            "`data.template` contains a literal backslash-n: in YAML write the template in double quotes "
+            '("질문: {question}\\n답변: {answer}") or as a block, so `\\n` becomes a newline; on the command '
+            "line: --set 'data.template=\"질문: {question}\\n답변: {answer}\"'."
+        )
     if "</s>" in t or "<eos>" in t:
         out.append("`data.template`: remove the literal EOS string; kotune appends the tokenizer's real EOS id.")
     if cfg.retrieval.enabled and "{context}" not in t:
-        out.append("`data.template`: with `retrieval.enabled`, the template needs `{context}` before `{answer}`, e.g. "
-                   "`참고 조문:\\n{context}\\n질문: {question}\\n답변: {answer}`.")
+        out.append(
+            "`data.template`: with `retrieval.enabled`, the template needs `{context}` before `{answer}`, e.g. "
+            "`참고 조문:\\n{context}\\n질문: {question}\\n답변: {answer}`."
+        )
     if not cfg.retrieval.enabled and "{context}" in t:
         out.append("`data.template` uses `{context}`: set `retrieval.enabled: true` (or remove `{context}`).")
     if cfg.generation.context_contrast and not cfg.retrieval.enabled:
-        out.append("`generation.context_contrast` contrasts the prompt with and without its retrieved articles: it needs "
-                   "`retrieval.enabled: true` (or set it to 0).")
+        out.append(
+            "`generation.context_contrast` contrasts the prompt with and without its retrieved articles: it needs "
+            "`retrieval.enabled: true` (or set it to 0)."
+        )
     if cfg.generation.context_contrast and cfg.generation.backend != "torch":
-        out.append("`generation.context_contrast` needs `generation.backend: torch` (llama.cpp runs one prompt per answer); "
-                   "set it to 0 to use llama.cpp.")
+        out.append(
+            "`generation.context_contrast` needs `generation.backend: torch` (llama.cpp runs one prompt per answer); "
+            "set it to 0 to use llama.cpp."
+        )
     if cfg.data.train_file is None and cfg.data.dataset_name is None:
         out.append("`data.train_file` or `data.dataset_name`: one of them must be set.")
     task = cfg.model.task
     if task != "causal-lm" and cfg.retrieval.enabled:
         out.append(f"`retrieval.enabled` works with `model.task: causal-lm` only (task is `{task}`).")
     if cfg.training.early_stopping_metric in ("accuracy", "macro_f1") and task != "text-classification":
-        out.append(f"`training.early_stopping_metric: {cfg.training.early_stopping_metric}` needs `model.task: "
-                   f"text-classification`; use `eval_loss` for `{task}`.")
+        out.append(
+            f"`training.early_stopping_metric: {cfg.training.early_stopping_metric}` needs `model.task: "
+            f"text-classification`; use `eval_loss` for `{task}`."
+        )
     if cfg.training.early_stopping_metric and cfg.data.eval_ratio == 0 and not cfg.data.eval_file:
-        out.append("`training.early_stopping_metric` needs evaluation data: set `data.eval_ratio` > 0 or `data.eval_file`.")
+        out.append(
+            "`training.early_stopping_metric` needs evaluation data: set `data.eval_ratio` > 0 or `data.eval_file`."
+        )
     if cfg.model.quantization != "none" and not cfg.lora.enabled:
-        out.append(f"`model.quantization: {cfg.model.quantization}` freezes the base in low precision; it needs "
-                   "`lora.enabled: true` (QLoRA). For a full fine-tune set `model.quantization: none`.")
+        out.append(
+            f"`model.quantization: {cfg.model.quantization}` freezes the base in low precision; it needs "
+            "`lora.enabled: true` (QLoRA). For a full fine-tune set `model.quantization: none`."
+        )
     return out
 
 
@@ -249,22 +278,34 @@ def cache_root(cfg_cache_dir: str | None = None) -> Path:
 
 def config_reference() -> str:
     """Markdown reference of every key, generated from the field definitions."""
-    lines = ["# Config reference", "", "Generated from `src/kotune/config/sections.py` (`kotune config --reference`).", ""]
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `src/kotune/config/sections.py` (`kotune config --reference`).",
+        "",
+    ]
     for section, model in SECTIONS.items():
         lines += [f"## `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
         for name, field in model.model_fields.items():
             default = field.default_factory() if field.default_factory else field.default
-            shown = yaml.safe_dump(default, allow_unicode=True, default_flow_style=True).strip().removesuffix("...").strip()
+            shown = (
+                yaml.safe_dump(default, allow_unicode=True, default_flow_style=True).strip().removesuffix("...").strip()
+            )
             shown = shown.replace("\n", " ").replace("|", "\\|")
             if len(shown) > 60:
                 shown = shown[:57] + "…"
             desc = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{name}` | `{shown}` | {desc} |")
         lines.append("")
-    lines += ["## Seed `config.yaml` keys", "",
-              "A config in the seed tool's layout works as is: every seed key is a field above. Where the seed "
-              "and kotune name the same thing twice, this is the one mapping:", "",
-              "| seed key | kotune |", "|---|---|"]
+    lines += [
+        "## Seed `config.yaml` keys",
+        "",
+        "A config in the seed tool's layout works as is: every seed key is a field above. Where the seed "
+        "and kotune name the same thing twice, this is the one mapping:",
+        "",
+        "| seed key | kotune |",
+        "|---|---|",
+    ]
     lines += [f"| `{k}` | {v} |" for k, v in SEED_MAPPING.items()]
     lines.append("")
     return "\n".join(lines)

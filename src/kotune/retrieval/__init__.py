@@ -108,9 +108,14 @@ class _Index:
 class Retriever:
     """`examples`: (question, [(law, article), …]) pairs — usually the training rows."""
 
-    def __init__(self, kb: dict[tuple[str, str], Article], cache_dir: str | Path | None = None,
-                 examples: list[tuple[str, list[tuple[str, str]]]] | None = None,
-                 out_of_scope: list[str] | None = None, abstain_in_scope: float = 0.02):
+    def __init__(
+        self,
+        kb: dict[tuple[str, str], Article],
+        cache_dir: str | Path | None = None,
+        examples: list[tuple[str, list[tuple[str, str]]]] | None = None,
+        out_of_scope: list[str] | None = None,
+        abstain_in_scope: float = 0.02,
+    ):
         """`out_of_scope`: questions with no basis in the KB; with them (and examples) the retriever also scores
         whether a question is in scope (`scope`), abstaining below a threshold calibrated so that at most
         `abstain_in_scope` of the in-scope examples would be abstained (scope.py)."""
@@ -131,7 +136,9 @@ class Retriever:
             if arts:
                 first.setdefault(q, tuple(arts))
         self.examples = list(first.items())
-        self.ex_index = _Index([q for q, _ in self.examples], self.morph, root, query_side=True) if self.examples else None
+        self.ex_index = (
+            _Index([q for q, _ in self.examples], self.morph, root, query_side=True) if self.examples else None
+        )
         self.classifier = self._classifier() if self.examples else None
         self.words, self.word_classifier = self._word_classifier() if self.examples else (None, None)
         self._df = Counter(t for toks in self.index.tokens for t in set(toks))  # articles holding each morpheme
@@ -188,14 +195,16 @@ class Retriever:
         targets = np.zeros((len(self.examples) + n, n))
         for row, (_, arts) in enumerate(self.examples):
             targets[row, arts] = 1.0 / len(arts)
-        targets[len(self.examples):] = np.eye(n)
+        targets[len(self.examples) :] = np.eye(n)
         return targets
 
     def _classifier(self, **settings):
         """Over e5 vectors: about a second for 1691 examples on 2 cores (bench/retrieval.py), so it is not cached."""
         import numpy as np
 
-        return train_classifier(np.concatenate([self.ex_index.vectors, self.index.vectors]), self._targets(), **settings)
+        return train_classifier(
+            np.concatenate([self.ex_index.vectors, self.index.vectors]), self._targets(), **settings
+        )
 
     def _word_classifier(self, **settings):
         """Over morphemes and their bigrams (TF-IDF): (features, weights)."""
@@ -212,8 +221,9 @@ class Retriever:
         part.examples = [self.examples[j] for j in keep]
         part.ex_index = self.ex_index.subset(keep)
         part.classifier = part._classifier(**classifier) if classifier is not None else None
-        part.words, part.word_classifier = (part._word_classifier(**classifier) if classifier is not None and words
-                                            else (None, None))
+        part.words, part.word_classifier = (
+            part._word_classifier(**classifier) if classifier is not None and words else (None, None)
+        )
         return part
 
     def paragraph_ranking(self, article: Article, question: str) -> list[int]:
@@ -227,14 +237,21 @@ class Retriever:
         import numpy as np
 
         n = self.index.size
-        idf = lambda t: math.log((n - self._df[t] + 0.5) / (self._df[t] + 0.5) + 1)  # BM25's IDF
+
+        def idf(t):  # BM25's
+            return math.log((n - self._df[t] + 0.5) / (self._df[t] + 0.5) + 1)
+
         if article.key not in self._paragraphs:  # only long articles get here, a few paragraphs each
-            self._paragraphs[article.key] = ([set(self.morph(p)) for p in article.paragraphs],
-                                             _embed(list(article.paragraphs), query=False))
+            self._paragraphs[article.key] = (
+                [set(self.morph(p)) for p in article.paragraphs],
+                _embed(list(article.paragraphs), query=False),
+            )
         tokens, vectors = self._paragraphs[article.key]
         words = set(self.morph(question))
         by_words = sorted(range(len(tokens)), key=lambda i: (-sum(idf(t) for t in words & tokens[i]), i))
-        by_vector = [int(i) for i in (-np.einsum("ij,j->i", vectors, _embed([question], query=True)[0])).argsort(kind="stable")]
+        by_vector = [
+            int(i) for i in (-np.einsum("ij,j->i", vectors, _embed([question], query=True)[0])).argsort(kind="stable")
+        ]
         score = {i: 1 / (RRF_K + by_words.index(i)) + 1 / (RRF_K + by_vector.index(i)) for i in range(len(tokens))}
         return sorted(score, key=lambda i: (-score[i], i))
 
@@ -278,7 +295,9 @@ class Retriever:
                 if self.classifier is not None:
                     orders["classifier"] = [int(i) for i in (-(vector @ self.classifier)).argsort()]
                 if self.word_classifier is not None:
-                    orders["word-classifier"] = [int(i) for i in (-self.words.scores(tokens, self.word_classifier)).argsort()]
+                    orders["word-classifier"] = [
+                        int(i) for i in (-self.words.scores(tokens, self.word_classifier)).argsort()
+                    ]
         fused: dict[int, Hit] = {}
         for name, order in orders.items():
             for rank, i in enumerate(order, start=1):
@@ -320,7 +339,9 @@ class CitationCheck:
     out_of_context: list[str]  # exist, but were not among the retrieved articles
 
 
-def check_citations(answer: str, kb: dict[tuple[str, str], Article], context: list[Article] | None = None) -> CitationCheck:
+def check_citations(
+    answer: str, kb: dict[tuple[str, str], Article], context: list[Article] | None = None
+) -> CitationCheck:
     allowed = {a.key for a in context} if context is not None else None
     valid, invented, outside = [], [], []
     for law, art in find_citations(answer):
@@ -353,8 +374,10 @@ def format_context(articles: list[Article], snippet_chars: int, rankings: list[l
     """One line per article: citation, title and its summary, cut to `snippet_chars`. `rankings`: for each
     article, its paragraph indices most relevant first (`Retriever.paragraph_ranking`); a long summary then
     shows the most relevant paragraphs that fit, in their own order, instead of its start."""
-    return "\n".join(_context_line(a, excerpt(a, snippet_chars, None if rankings is None else rankings[n]))
-                     for n, a in enumerate(articles))
+    return "\n".join(
+        _context_line(a, excerpt(a, snippet_chars, None if rankings is None else rankings[n]))
+        for n, a in enumerate(articles)
+    )
 
 
 def _context_line(a: Article, text: str) -> str:
@@ -366,7 +389,11 @@ def excerpt(a: Article, snippet_chars: int, ranking: list[int] | None = None) ->
     text = a.summary
     if len(text) <= snippet_chars:
         return text
-    return _pick_paragraphs(a.paragraphs, ranking, snippet_chars) if ranking is not None else text[:snippet_chars].rstrip() + "…"
+    return (
+        _pick_paragraphs(a.paragraphs, ranking, snippet_chars)
+        if ranking is not None
+        else text[:snippet_chars].rstrip() + "…"
+    )
 
 
 def _pick_paragraphs(paragraphs: tuple[str, ...], ranking: list[int], budget: int) -> str:
@@ -395,7 +422,9 @@ def example_pairs(rows) -> list[tuple[str, list[tuple[str, str]]]]:
 def save_examples(pairs, path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for q, cites in pairs:
-            f.write(json.dumps({"question": q, "citations": [format_cite(*c) for c in cites]}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"question": q, "citations": [format_cite(*c) for c in cites]}, ensure_ascii=False) + "\n"
+            )
 
 
 def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -403,8 +432,10 @@ def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]
     Q&A training file (CSV/JSONL) kotune reads, whose answers' citations are used."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: example-question file not found. Give the training Q&A file "
-                                "(e.g. data/civil_law_qa.csv) or a run's retrieval_examples.jsonl.")
+        raise FileNotFoundError(
+            f"{path}: example-question file not found. Give the training Q&A file "
+            "(e.g. data/civil_law_qa.csv) or a run's retrieval_examples.jsonl."
+        )
     first = path.open(encoding="utf-8-sig").readline() if path.suffix == ".jsonl" and path.is_file() else ""
     if '"citations"' not in first:
         from ..data import load_examples
@@ -417,13 +448,16 @@ def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]
     for r in read_question_lines(path, ("question", "citations")):
         cites = r["citations"]
         if not isinstance(cites, list) or not all(isinstance(c, str) for c in cites):
-            raise ValueError(f'{path}: record {r["id"]}: "citations" must be a list of strings such as ["민법 제281조"].')
+            raise ValueError(
+                f'{path}: record {r["id"]}: "citations" must be a list of strings such as ["민법 제281조"].'
+            )
         pairs.append((r["question"], find_citations(" ".join(cites))))
     return pairs
 
 
-def training_contexts(retriever: Retriever, kb: dict, examples, k: int, snippet_chars: int, seed: int,
-                      method: str = "hybrid") -> tuple[list[str], list[str]]:
+def training_contexts(
+    retriever: Retriever, kb: dict, examples, k: int, snippet_chars: int, seed: int, method: str = "hybrid"
+) -> tuple[list[str], list[str]]:
     """Context for each training row, as chat would build it: the top-k retrieved articles in
     retrieval order (the row's own question left out of the example votes). Where retrieval misses
     the cited (gold) article, it takes the place of the lowest distractor at a random position, so

@@ -25,15 +25,17 @@ def sparse_rows(rows: list[list[tuple[int, float]]], dim: int):
 
     rid = [i for i, r in enumerate(rows) for _ in r]
     idx = torch.tensor([rid, [c for r in rows for c, _ in r]], dtype=torch.int64).reshape(2, -1)
-    coo = torch.sparse_coo_tensor(idx, torch.tensor([v for r in rows for _, v in r], dtype=torch.float32),
-                                  (len(rows), dim), check_invariants=True).coalesce()
+    coo = torch.sparse_coo_tensor(
+        idx, torch.tensor([v for r in rows for _, v in r], dtype=torch.float32), (len(rows), dim), check_invariants=True
+    ).coalesce()
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta", once per conversion
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
 
 
-def train_classifier(x, targets, l2: float = 1e-3, scale: float = 10.0, steps: int = 400, lr: float = 0.05,
-                     row_mass=None):
+def train_classifier(
+    x, targets, l2: float = 1e-3, scale: float = 10.0, steps: int = 400, lr: float = 0.05, row_mass=None
+):
     """Softmax regression from unit-length rows of `x` (a dense array, or `sparse_rows`' pair) to classes (articles):
     `targets` rows are each example's classes, weights summing to 1, or to the row's weight in the loss when
     `row_mass` gives those weights (the scope classifier balances its two classes so). Adam on the full batch
@@ -76,7 +78,11 @@ class WordFeatures:
         self.train_rows = sparse_rows([self._row(d) for d in docs], len(kept))
 
     def _row(self, terms: Counter) -> list[tuple[int, float]]:
-        row = [(self.column[t], (1.0 + math.log(c)) * self.idf[self.column[t]]) for t, c in terms.items() if t in self.column]
+        row = [
+            (self.column[t], (1.0 + math.log(c)) * self.idf[self.column[t]])
+            for t, c in terms.items()
+            if t in self.column
+        ]
         norm = math.sqrt(sum(v * v for _, v in row)) or 1.0
         return [(i, v / norm) for i, v in row]
 

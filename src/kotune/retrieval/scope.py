@@ -30,7 +30,8 @@ def _p_in(scores) -> float:
 
 
 class ScopeModel:
-    """Trained on rows of (e5 vector, morphemes, in_scope); the two classes weigh the same however many rows each has."""
+    """Trained on rows of (e5 vector, morphemes, in_scope); the two classes weigh the same however many rows each
+    has."""
 
     def __init__(self, vectors, tokens: list[list[str]], in_scope: list[bool]):
         import numpy as np
@@ -39,7 +40,8 @@ class ScopeModel:
         n_out = len(in_scope) - n_in
         if not n_in or not n_out:
             raise ValueError("the scope classifier needs in-scope and out-of-scope example questions.")
-        # Targets carry the class weights: train_classifier averages (p - t) over rows, so a row's target mass is its weight.
+        # Targets carry the class weights: train_classifier averages (p - t) over rows, so a row's target mass is its
+        # weight.
         w_in, w_out = len(in_scope) / (2 * n_in), len(in_scope) / (2 * n_out)
         targets = np.array([[w_in, 0.0] if s else [0.0, w_out] for s in in_scope])
         mass = targets.sum(1)
@@ -60,7 +62,9 @@ class Calibration:
     examples: dict = field(default_factory=dict)  # {"in_scope": n, "out_of_scope": n}
 
 
-def calibrate(vectors, tokens: list[list[str]], in_scope: list[bool], in_scope_rate: float, seed: int = 0) -> Calibration:
+def calibrate(
+    vectors, tokens: list[list[str]], in_scope: list[bool], in_scope_rate: float, seed: int = 0
+) -> Calibration:
     """Out-of-fold scores of every example (each scored by a model trained without its fold), the curve of abstention
     rates against the threshold, and the highest threshold that abstains on at most `in_scope_rate` of the in-scope
     examples (ties broken towards abstaining more on the out-of-scope ones)."""
@@ -82,6 +86,11 @@ def calibrate(vectors, tokens: list[list[str]], in_scope: list[bool], in_scope_r
     threshold = float(s_in[allowed]) if allowed < len(s_in) else 1.0
     curve = []
     for t in sorted(set(np.round(np.linspace(0.05, 0.95, 19), 2).tolist() + [round(threshold, 4)])):
-        curve.append({"threshold": t, "in_scope_abstained": float(np.mean(s_in < t)),
-                      "out_of_scope_abstained": float(np.mean(s_out < t))})
+        curve.append(
+            {
+                "threshold": t,
+                "in_scope_abstained": float(np.mean(s_in < t)),
+                "out_of_scope_abstained": float(np.mean(s_out < t)),
+            }
+        )
     return Calibration(threshold, in_scope_rate, curve, {"in_scope": int(len(s_in)), "out_of_scope": int(len(s_out))})

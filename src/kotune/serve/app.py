@@ -47,16 +47,25 @@ def citation_extras(answer, kb: dict | None, checked: bool) -> dict:
                 citations.append(kb[key].record())
             else:
                 flagged.append(format_cite(*key))
-    return {"citations": citations, "flagged_citations": flagged, "retrieved": [a.record() for a in answer.context],
-            "abstained": answer.abstained}
+    return {
+        "citations": citations,
+        "flagged_citations": flagged,
+        "retrieved": [a.record() for a in answer.context],
+        "abstained": answer.abstained,
+    }
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = None, limits: Limits | None = None,
-               **generation_overrides) -> FastAPI:
+def create_app(
+    bot_or_run,
+    api_key: str | None = None,
+    model_id: str | None = None,
+    limits: Limits | None = None,
+    **generation_overrides,
+) -> FastAPI:
     """`bot_or_run`: a `Chatbot`, or a run folder to load one from (with `generation_overrides`)."""
     from ..generate import Chatbot
 
@@ -102,8 +111,11 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
             return
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.",
-                           code="invalid_api_key")
+            raise APIError(
+                401,
+                "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.",
+                code="invalid_api_key",
+            )
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
@@ -128,32 +140,53 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
 
     def job_for(req: ChatRequest) -> Job:
         if req.model != model_id:
-            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{model_id}` (GET /v1/models).",
-                           param="model", code="model_not_found")
-        given = (req.model_extra or {})
+            raise APIError(
+                404,
+                f"The model `{req.model}` does not exist; this server serves `{model_id}` (GET /v1/models).",
+                param="model",
+                code="model_not_found",
+            )
+        given = req.model_extra or {}
         for name in UNSUPPORTED:
             if given.get(name) not in (None, [], {}):
-                raise APIError(400, f"`{name}` is not supported by this server.", param=name, code="unsupported_parameter")
+                raise APIError(
+                    400, f"`{name}` is not supported by this server.", param=name, code="unsupported_parameter"
+                )
         if req.n != 1:
             raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
         if len(req.messages) > limits.max_messages:
-            raise APIError(400, f"{len(req.messages)} messages; at most {limits.max_messages} are accepted.", param="messages")
+            raise APIError(
+                400, f"{len(req.messages)} messages; at most {limits.max_messages} are accepted.", param="messages"
+            )
         for i, m in enumerate(req.messages):
             if len(m.text()) > limits.max_message_chars:
-                raise APIError(400, f"messages[{i}] has {len(m.text())} characters; the limit is {limits.max_message_chars}.",
-                               param=f"messages[{i}].content", code="message_too_long")
+                raise APIError(
+                    400,
+                    f"messages[{i}] has {len(m.text())} characters; the limit is {limits.max_message_chars}.",
+                    param=f"messages[{i}].content",
+                    code="message_too_long",
+                )
         last = req.messages[-1]
         if last.role != "user" or not last.text().strip():
-            raise APIError(400, "The last message must be a non-empty `user` message: it is the question answered.",
-                           param="messages")
+            raise APIError(
+                400,
+                "The last message must be a non-empty `user` message: it is the question answered.",
+                param="messages",
+            )
         try:
             bot.check_question(last.text())
         except ValueError as e:
-            raise APIError(400, str(e), param=f"messages[{len(req.messages) - 1}].content", code="invalid_question") from None
+            raise APIError(
+                400, str(e), param=f"messages[{len(req.messages) - 1}].content", code="invalid_question"
+            ) from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}.",
-                           param="max_tokens", code="max_tokens_too_large")
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}.",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
         overrides = {}
         if req.temperature is not None:
             overrides = {"greedy": True} if req.temperature == 0 else {"greedy": False, "temperature": req.temperature}
@@ -168,8 +201,11 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
 
     def usage(answer, prompt_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": answer.new_tokens,
-                "total_tokens": prompt_tokens + answer.new_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": answer.new_tokens,
+            "total_tokens": prompt_tokens + answer.new_tokens,
+        }
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -182,10 +218,20 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
             except asyncio.CancelledError:
                 job.cancel.set()
                 raise
-            return {**head, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                                 "finish_reason": "stop" if answer.stopped else "length", "logprobs": None}],
-                    "usage": usage(answer, prompt_tokens), **citation_extras(answer, kb, checked)}
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer.text},
+                        "finish_reason": "stop" if answer.stopped else "length",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage(answer, prompt_tokens),
+                **citation_extras(answer, kb, checked),
+            }
 
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
@@ -202,8 +248,12 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
         def chunk(delta: dict, finish_reason=None, **extra) -> dict:
-            return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+            return {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                **extra,
+            }
 
         async def events():
             try:
@@ -218,32 +268,55 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
                         break
                     yield _sse(chunk({"content": piece}))
                 if fut.cancelled() or fut.exception() is not None:
-                    reason = "the server is shutting down" if fut.cancelled() else f"generation failed: {fut.exception()}"
+                    reason = (
+                        "the server is shutting down" if fut.cancelled() else f"generation failed: {fut.exception()}"
+                    )
                     yield _sse(APIError(500, reason, "server_error").body())
                 else:
                     answer, prompt_tokens = fut.result()
                     # the streamed text is the raw generation; `checked_content` is it after the citation policy
-                    yield _sse(chunk({}, "stop" if answer.stopped else "length", checked_content=answer.text,
-                                     **citation_extras(answer, kb, checked)))
+                    yield _sse(
+                        chunk(
+                            {},
+                            "stop" if answer.stopped else "length",
+                            checked_content=answer.text,
+                            **citation_extras(answer, kb, checked),
+                        )
+                    )
                     if include_usage:
-                        yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
-                                    "usage": usage(answer, prompt_tokens)})
+                        yield _sse(
+                            {
+                                **head,
+                                "object": "chat.completion.chunk",
+                                "choices": [],
+                                "usage": usage(answer, prompt_tokens),
+                            }
+                        )
                 yield "data: [DONE]\n\n"
             finally:  # also runs when the client went away: stop its generation, or drop it from the queue
                 job.cancel.set()
                 fut.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     app.include_router(v1)
 
     @app.get("/health")
     async def health():
         s = worker.stats
-        return {"status": "ok", "model": model_id, "grounded": grounded, "auth": api_key is not None,
-                "notice": bot.gen.notice, "pending": worker.pending, "served": s.served, "cancelled": s.cancelled,
-                "failed": s.failed}
+        return {
+            "status": "ok",
+            "model": model_id,
+            "grounded": grounded,
+            "auth": api_key is not None,
+            "notice": bot.gen.notice,
+            "pending": worker.pending,
+            "served": s.served,
+            "cancelled": s.cancelled,
+            "failed": s.failed,
+        }
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -253,12 +326,15 @@ def create_app(bot_or_run, api_key: str | None = None, model_id: str | None = No
     return app
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, graceful_s: int = 30, log_level: str = "info") -> None:
+def run_server(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, graceful_s: int = 30, log_level: str = "info"
+) -> None:
     """Serve until SIGINT/SIGTERM; then stop accepting, let running answers finish (up to `graceful_s`), exit."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=graceful_s,
-                                  log_level=log_level)).run()
+    uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=graceful_s, log_level=log_level)
+    ).run()
 
 
 @contextmanager

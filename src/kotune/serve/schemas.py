@@ -10,8 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 class APIError(Exception):
     """Becomes `{"error": {"message", "type", "param", "code"}}` with `status`, as OpenAI answers."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 

@@ -58,7 +58,9 @@ class Worker:
             if self.closed:
                 raise QueueFull("the server is shutting down")
             if len(self._jobs) >= self.max_queue:
-                raise QueueFull(f"{len(self._jobs)} requests are already waiting (limit {self.max_queue}); retry shortly")
+                raise QueueFull(
+                    f"{len(self._jobs)} requests are already waiting (limit {self.max_queue}); retry shortly"
+                )
             self._jobs.add(job)
         fut = self._pool.submit(self._run, job)
         fut.add_done_callback(lambda f: self._finished(job, f))
@@ -87,7 +89,9 @@ class Worker:
         # validated like the config, though the app only passes values it has checked
         self.bot.gen = apply_overrides(self.base_gen, "generation", job.overrides) if job.overrides else self.base_gen
         try:
-            answer = self.bot.answer(job.question, on_text=on_text if job.on_text else None, max_new_tokens=job.max_tokens)
+            answer = self.bot.answer(
+                job.question, on_text=on_text if job.on_text else None, max_new_tokens=job.max_tokens
+            )
             # counted here: the tokenizer is not safe to share with the event-loop thread
             return answer, len(self.bot.prompt_ids(job.question, answer.context))
         finally:

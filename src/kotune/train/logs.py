@@ -24,6 +24,7 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------- logging
 
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
         from tqdm import tqdm
@@ -62,7 +63,6 @@ def _clock(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-
 def format_eval(ev: dict) -> str:
     parts = [f"eval loss {ev['eval_loss']:.4f}"]
     if "accuracy" in ev:
@@ -73,26 +73,48 @@ def format_eval(ev: dict) -> str:
 def early_stop_update(early: dict, t, ev: dict, step: int, params: dict) -> None:
     value = ev[t.early_stopping_metric]
     if improved(t.early_stopping_metric, value, early["best"]):
-        early.update(best=value, best_step=step, bad=0,
-                     weights={k: v.detach().to("cpu", copy=True) for k, v in params.items()})
+        early.update(
+            best=value, best_step=step, bad=0, weights={k: v.detach().to("cpu", copy=True) for k, v in params.items()}
+        )
         return
     early["bad"] += 1
     if early["bad"] >= t.early_stopping_patience:
         early["stopped"] = True
-        log.info("early stop at step %d: %s has not improved on %.4f (step %d) for %d evaluations",
-                 step, t.early_stopping_metric, early["best"], early["best_step"], early["bad"])
+        log.info(
+            "early stop at step %d: %s has not improved on %.4f (step %d) for %d evaluations",
+            step,
+            t.early_stopping_metric,
+            early["best"],
+            early["best_step"],
+            early["bad"],
+        )
 
 
 def epoch_report(step, epoch, n_epochs, acc, lr, ev, device, elapsed, write) -> None:
     """The per-epoch line the seed promises: loss, eval metrics, learning rate, memory, elapsed time."""
     mem = memory_stats(device)
-    rec = {"step": step, "epoch": round(epoch, 3), "epoch_train_loss": acc[0] / max(acc[1], 1), "lr": lr,
-           "elapsed_s": round(elapsed, 1), **mem}
+    rec = {
+        "step": step,
+        "epoch": round(epoch, 3),
+        "epoch_train_loss": acc[0] / max(acc[1], 1),
+        "lr": lr,
+        "elapsed_s": round(elapsed, 1),
+        **mem,
+    }
     if ev:
         rec.update(ev)
     write(rec)
-    log.info("epoch %.2f/%.2f (step %d): train loss %.4f%s, lr %.2e, %s, elapsed %s", epoch, n_epochs, step,
-             rec["epoch_train_loss"], f", {format_eval(ev)}" if ev else "", lr, memory_line(mem), _clock(elapsed))
+    log.info(
+        "epoch %.2f/%.2f (step %d): train loss %.4f%s, lr %.2e, %s, elapsed %s",
+        epoch,
+        n_epochs,
+        step,
+        rec["epoch_train_loss"],
+        f", {format_eval(ev)}" if ev else "",
+        lr,
+        memory_line(mem),
+        _clock(elapsed),
+    )
 
 
 class StopFlag:

@@ -23,15 +23,33 @@ from ..config import KotuneConfig
 from ..memory import apply_cap, choose_precision, cpu_threads, memory_line, memory_stats, release_cache
 from ..prepare import dry_run_report, epoch_batches, prepare, split_by_tokens
 from ..tasks import classification_metrics, collate, confusion, count, item_length
-from .logs import (Interrupted, StopFlag, TrainError, early_stop_update, epoch_report, format_eval, log, progress,
-                   setup_logging, tensorboard)
-
+from .logs import (
+    Interrupted,
+    StopFlag,
+    TrainError,
+    early_stop_update,
+    epoch_report,
+    format_eval,
+    log,
+    progress,
+    setup_logging,
+    tensorboard,
+)
 
 # ---------------------------------------------------------------- model pieces
 
-def accumulate_gradients(model, batches: list[dict], device: str, autocast, task: str = "causal-lm",
-                         n_total: int | None = None, *, weights: list[float] | None = None,
-                         world: int = 1) -> tuple[float, int, int]:
+
+def accumulate_gradients(
+    model,
+    batches: list[dict],
+    device: str,
+    autocast,
+    task: str = "causal-lm",
+    n_total: int | None = None,
+    *,
+    weights: list[float] | None = None,
+    world: int = 1,
+) -> tuple[float, int, int]:
     """Backward over the micro-batches of one optimizer step; `model` is what
     `distributed.wrap` returns (forward(batch) -> the task's loss sum).
 
@@ -75,6 +93,7 @@ def trainable_state(model) -> dict:
 
 # ---------------------------------------------------------------- entry point
 
+
 def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False):
     """Train and return the run folder (or, with dry_run, the report text).
 
@@ -87,8 +106,8 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
 
     import torch
 
-    from ..memory import quantization_problem
     from ..errors import ModelError
+    from ..memory import quantization_problem
 
     problem = quantization_problem(cfg.model.quantization, torch.cuda.is_available())
     if problem:
@@ -114,8 +133,10 @@ def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | 
 
     held = None if resume else runfolder.holds_run(out)
     if held and not overwrite:
-        raise TrainError(f"{out} already holds {held}. Continue with `--resume`, start over with `--overwrite` (the old "
-                         "run is kept until the new one finishes), or choose another `--output_dir`.")
+        raise TrainError(
+            f"{out} already holds {held}. Continue with `--resume`, start over with `--overwrite` (the old "
+            "run is kept until the new one finishes), or choose another `--output_dir`."
+        )
     if d.main:
         runfolder.check_writable(out)
     # Console only until everything is checked: nothing in `out` changes before the data, model name and template pass.
@@ -138,13 +159,21 @@ def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | 
             log.warning("  %s", msg)
     for msg in prep["long_rows"]:
         log.warning("  too long (%s): %s", cfg.data.too_long, msg)
-    log.info("task %s: train rows %d, eval rows %d; token length p50 %d, max %d", cfg.model.task, len(prep["train"]),
-             len(prep["eval"]), prep["stats"]["p50"], prep["stats"]["max"])
+    log.info(
+        "task %s: train rows %d, eval rows %d; token length p50 %d, max %d",
+        cfg.model.task,
+        len(prep["train"]),
+        len(prep["eval"]),
+        prep["stats"]["p50"],
+        prep["stats"]["max"],
+    )
     if prep["labels"]:
         log.info("labels (%d): %s", len(prep["labels"]), ", ".join(prep["labels"]))
     if d.enabled:
         engine = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}.get(d.engine, "data-parallel (DDP)")
-        log.info("%s: %d processes; each takes 1/%d of every batch of %d rows", engine, d.world, d.world, cfg.data.batch_size)
+        log.info(
+            "%s: %d processes; each takes 1/%d of every batch of %d rows", engine, d.world, d.world, cfg.data.batch_size
+        )
     try:
         result = _loop(cfg, prep, out, start, log_path, threads, d, device)
     except BaseException as e:
@@ -166,22 +195,39 @@ def _build_model(cfg: KotuneConfig, prep: dict, device: str):
 
     task, mc, lc = cfg.model.task, cfg.memory, cfg.lora
     torch.manual_seed(cfg.training.seed)  # a new classification head is initialised while loading
-    model = load_base_model(prep["resolved"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                            revision=cfg.model.revision, task=task, labels=prep["labels"],
-                            pad_token_id=prep["tokenizer"].pad_token_id, quantization=cfg.model.quantization, device=device)
+    model = load_base_model(
+        prep["resolved"],
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+        task=task,
+        labels=prep["labels"],
+        pad_token_id=prep["tokenizer"].pad_token_id,
+        quantization=cfg.model.quantization,
+        device=device,
+    )
     checkpointing = mc.gradient_checkpointing or mc.optimize_memory_usage
     quantized = cfg.model.quantization != "none"
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     targets, fifo = default_targets(model, prep["resolved"].preset)
     torch.manual_seed(cfg.training.seed)  # LoRA init
     if lc.enabled:
-        model = add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules or targets,
-                         fan_in_fan_out=fifo if lc.fan_in_fan_out is None else lc.fan_in_fan_out, bias=lc.bias, task=task,
-                         last_layers=lc.last_layers)
+        model = add_lora(
+            model,
+            r=lc.r,
+            alpha=lc.alpha,
+            dropout=lc.dropout,
+            target_modules=lc.target_modules or targets,
+            fan_in_fan_out=fifo if lc.fan_in_fan_out is None else lc.fan_in_fan_out,
+            bias=lc.bias,
+            task=task,
+            last_layers=lc.last_layers,
+        )
     if checkpointing and not quantized:
         base = model.get_base_model() if lc.enabled else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -190,8 +236,16 @@ def _build_model(cfg: KotuneConfig, prep: dict, device: str):
     return model, (lc.target_modules or targets) if lc.enabled else "all (full fine-tune)"
 
 
-def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_path: Path | None, threads: int,
-          d: dd.Dist, device: str) -> Path:
+def _loop(
+    cfg: KotuneConfig,
+    prep: dict,
+    out: Path,
+    start: tuple | None,
+    log_path: Path | None,
+    threads: int,
+    d: dd.Dist,
+    device: str,
+) -> Path:
     import torch
 
     from ..report import MetricsLog
@@ -204,9 +258,19 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_pat
     model, target_desc = _build_model(cfg, prep, device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    log.info("model %s on %s (%s autocast, %d threads, quantization %s); trained modules %s; trainable %d / %d params (%.2f%%)",
-             prep["resolved"].path, device, amp or "no", threads, cfg.model.quantization, target_desc, n_train, n_all,
-             100 * n_train / n_all)
+    log.info(
+        "model %s on %s (%s autocast, %d threads, quantization %s); trained modules %s; trainable %d / %d params "
+        "(%.2f%%)",
+        prep["resolved"].path,
+        device,
+        amp or "no",
+        threads,
+        cfg.model.quantization,
+        target_desc,
+        n_train,
+        n_all,
+        100 * n_train / n_all,
+    )
     runner = dd.wrap(model, task, d, device)  # forward(batch) -> loss sum, under DDP or FSDP with several processes
     params = trainable_state(model)  # after wrapping: FSDP swaps in sharded parameters
 
@@ -217,9 +281,11 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_pat
     total = t.max_steps or max(1, math.ceil(math.ceil(t.epochs * n_batches) / ga))
     warmup = t.warmup_steps or int(t.warmup_ratio * total)
     opt = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    runner, opt = dd.deepspeed_initialize(runner, model, opt, params, d, device, accumulation=ga,
-                                          max_grad_norm=t.max_grad_norm, batch_size=bs)  # unchanged without DeepSpeed
-    # Early stopping and the per-epoch train loss live in the checkpoint, so a resumed run decides as the original would.
+    runner, opt = dd.deepspeed_initialize(
+        runner, model, opt, params, d, device, accumulation=ga, max_grad_norm=t.max_grad_norm, batch_size=bs
+    )  # unchanged without DeepSpeed
+    # Early stopping and the per-epoch train loss live in the checkpoint, so a resumed run decides as the original
+    # would.
     early = {"best": None, "best_step": 0, "bad": 0, "stopped": False, "weights": None}
     epoch_acc = [0.0, 0]
 
@@ -275,9 +341,11 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_pat
         order = sorted(range(len(eval_set)), key=lambda i: item_length(eval_set[i]))
         with torch.no_grad(), autocast():
             for k in range(0, len(order), bs):
-                rows = dd.shard(order[k:k + bs], d)
+                rows = dd.shard(order[k : k + bs], d)
                 # Under FSDP and ZeRO-3 every forward gathers parameters, so a process with no rows runs a filler.
-                b = {kk: v.to(device) for kk, v in collate([eval_set[i] for i in rows or order[k:k + 1]], pad).items()}
+                b = {
+                    kk: v.to(device) for kk, v in collate([eval_set[i] for i in rows or order[k : k + 1]], pad).items()
+                }
                 s, c, preds = runner(b)
                 if not rows:
                     continue
@@ -296,8 +364,14 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_pat
         weights, opt_state, rngs = dd.unsharded(params), dd.optimizer_state(opt), dd.gather(torch.get_rng_state(), d)
         path = None
         if d.main:
-            state = {"step": at, "optimizer": opt_state, "rng_cpu": rngs[0], "rng_cpu_ranks": rngs,
-                     "early": early, "epoch_acc": epoch_acc}
+            state = {
+                "step": at,
+                "optimizer": opt_state,
+                "rng_cpu": rngs[0],
+                "rng_cpu_ranks": rngs,
+                "early": early,
+                "epoch_acc": epoch_acc,
+            }
             if device.startswith("cuda"):
                 state["rng_cuda"] = torch.cuda.get_rng_state()
             path = ckpt.save_checkpoint(out / "checkpoints", at, weights, state, t.save_total_limit)
@@ -315,8 +389,16 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_pat
             while step < total and not early["stopped"]:
                 batches, weights = zip(*(b for m in range(step * ga, (step + 1) * ga) for b in micro_batches(m)))
                 n_global = dd.all_sum([float(sum(count(task, b) for b, w in zip(batches, weights) if w))], d)[0]
-                loss_s, n_tok, n_real = accumulate_gradients(runner, list(batches), device, autocast, task,
-                                                             n_total=int(n_global), weights=list(weights), world=d.world)
+                loss_s, n_tok, n_real = accumulate_gradients(
+                    runner,
+                    list(batches),
+                    device,
+                    autocast,
+                    task,
+                    n_total=int(n_global),
+                    weights=list(weights),
+                    world=d.world,
+                )
                 loss_s, n_tok, n_real = dd.all_sum([loss_s, float(n_tok), float(n_real)], d)
                 win_loss, win_tok, win_real = win_loss + loss_s, win_tok + n_tok, win_real + n_real
                 epoch_acc[0], epoch_acc[1] = epoch_acc[0] + loss_s, epoch_acc[1] + n_tok
@@ -330,13 +412,21 @@ def _loop(cfg: KotuneConfig, prep: dict, out: Path, start: tuple | None, log_pat
                 step += 1
                 epoch = step * ga / n_batches
                 bar.update(1)
-                if (mc.empty_cache_freq and step % mc.empty_cache_freq == 0) or \
-                        (t.cuda_cleanup_freq and step % t.cuda_cleanup_freq == 0):
+                if (mc.empty_cache_freq and step % mc.empty_cache_freq == 0) or (
+                    t.cuda_cleanup_freq and step % t.cuda_cleanup_freq == 0
+                ):
                     release_cache(device)
                 if step % t.logging_steps == 0 or step == total:
                     dt = time.perf_counter() - win_t0
-                    rec = {"step": step, "epoch": round(epoch, 3), "loss": win_loss / max(win_tok, 1), "lr": lr,
-                           "tokens_per_s": win_real / dt, "elapsed_s": time.perf_counter() - t_start, **memory_stats(device)}
+                    rec = {
+                        "step": step,
+                        "epoch": round(epoch, 3),
+                        "loss": win_loss / max(win_tok, 1),
+                        "lr": lr,
+                        "tokens_per_s": win_real / dt,
+                        "elapsed_s": time.perf_counter() - t_start,
+                        **memory_stats(device),
+                    }
                     write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     if tb:
@@ -404,8 +494,14 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path, state: dict | N
         if prep.get("out_of_scope"):
             from ..generate import OUT_OF_SCOPE_FILE
 
-            (out / OUT_OF_SCOPE_FILE).write_text("".join(json.dumps({"question": q}, ensure_ascii=False) + "\n"
-                                                         for q in prep["out_of_scope"]), encoding="utf-8")
+            (out / OUT_OF_SCOPE_FILE).write_text(
+                "".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in prep["out_of_scope"]),
+                encoding="utf-8",
+            )
     plot_losses(out / "metrics.jsonl", out / "loss.png")
-    log.info("run folder ready: %s (%s, tokenizer, config.yaml, metrics.jsonl, loss.png%s)", out, weights.name,
-             f", {log_path.name}" if log_path else "")
+    log.info(
+        "run folder ready: %s (%s, tokenizer, config.yaml, metrics.jsonl, loss.png%s)",
+        out,
+        weights.name,
+        f", {log_path.name}" if log_path else "",
+    )
