@@ -231,14 +231,14 @@ def cmd_prepare(args) -> int:
     )
     prep2 = kp.prepare(check)
     for name in ("train", "eval"):
-        a, b = prep[name], prep2[name]
+        a, b = getattr(prep, name), getattr(prep2, name)
         if len(a) != len(b):
             raise SystemExit(f"travel rows: {name} has {len(b)} encoded rows, the recipe {len(a)}")
         for x, y in zip(a, b):
             if (x.input_ids, x.labels) != (y.input_ids, y.labels):
                 raise SystemExit(f"travel rows: {x.source} encodes differently from the recipe ({y.source})")
 
-    tok_dir = Path(prep["resolved"].path)
+    tok_dir = Path(prep.resolved.path)
     if not args.tiny:
         raw = (tok_dir / "tokenizer.json").read_bytes()
         (bundle / "tokenizer" / "tokenizer.json.xz").write_bytes(lzma.compress(raw, preset=9))
@@ -247,7 +247,7 @@ def cmd_prepare(args) -> int:
                 shutil.copy(tok_dir / f, bundle / "tokenizer" / f)
     else:
         raw = (bundle / "tokenizer" / "tokenizer.json").read_bytes()
-    tok = prep["tokenizer"]
+    tok = prep.tokenizer
     model_kwargs = dict(
         TINY_GEMMA if args.tiny else GEMMA3_270M,
         vocab_size=len(tok) if args.tiny else 262144,
@@ -269,9 +269,9 @@ def cmd_prepare(args) -> int:
         )[:16],
         "model_kwargs": model_kwargs,
         "init_seed": INIT_SEED,
-        "rows": {**counts, "train_encoded": len(prep["train"]), "eval_encoded": len(prep["eval"])},
-        "tokens_sha256": {"train": encoded_digest(prep["train"]), "eval": encoded_digest(prep["eval"])},
-        "token_lengths": prep["stats"],
+        "rows": {**counts, "train_encoded": len(prep.train), "eval_encoded": len(prep.eval)},
+        "tokens_sha256": {"train": encoded_digest(prep.train), "eval": encoded_digest(prep.eval)},
+        "token_lengths": prep.stats,
         "prepared": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": git_commit(),
     }
@@ -534,7 +534,7 @@ def w_train(spec: dict) -> dict:
         res["tokens_trained_per_step"] = round(sum(toks) / len(steps))
     if "prep" in prep_box:
         p = prep_box["prep"]
-        res["tokens_sha256"] = {"train": encoded_digest(p["train"]), "eval": encoded_digest(p["eval"])}
+        res["tokens_sha256"] = {"train": encoded_digest(p.train), "eval": encoded_digest(p.eval)}
     logs = sorted(out.glob("training_*.log"))
     text = logs[-1].read_text(encoding="utf-8") if logs else ""
     res["cap_logged"] = "CUDA memory capped at" in text

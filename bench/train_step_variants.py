@@ -44,17 +44,17 @@ def worker(prep_file: str, gc: bool, last_layers: int | None, steps: int) -> dic
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = load_base_model(
-        prep["resolved"],
+        prep.resolved,
         dtype="float32",
         trust_remote_code=False,
         revision=None,
         task="causal-lm",
         labels=None,
-        pad_token_id=prep["tokenizer"].pad_token_id,
+        pad_token_id=prep.tokenizer.pad_token_id,
         quantization="none",
         device="cpu",
     )
-    targets, fifo = default_targets(model, prep["resolved"].preset)
+    targets, fifo = default_targets(model, prep.resolved.preset)
     model = add_lora(
         model, r=32, alpha=32, dropout=0.0, target_modules=targets, fan_in_fan_out=fifo, last_layers=last_layers
     )
@@ -62,14 +62,14 @@ def worker(prep_file: str, gc: bool, last_layers: int | None, steps: int) -> dic
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    train = prep["train"]
+    train = prep.train
     lengths = [item_length(e) for e in train]
     batches = epoch_batches(lengths, 8, 42, 0, True)
     order = sorted(range(len(batches)), key=lambda i: max(lengths[j] for j in batches[i]))
     pick = [order[round(k * (len(order) - 1) / (steps - 1))] for k in range(steps)]
     times, tokens = [], []
     for n, bi in enumerate([pick[len(pick) // 2]] + pick):
-        b = collate([train[i] for i in batches[bi]], prep["tokenizer"].pad_token_id)
+        b = collate([train[i] for i in batches[bi]], prep.tokenizer.pad_token_id)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             s, c, _ = loss_sum("causal-lm", model, b)

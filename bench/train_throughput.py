@@ -87,10 +87,10 @@ def worker_naive(args) -> dict:
         cfg = load_cfg(args, tmp)
         prep = prepare(cfg)  # the same split and rows kotune uses
         d, t, lc = cfg.data, cfg.training, cfg.lora
-        tok = prep["tokenizer"]
+        tok = prep.tokenizer
         from transformers import AutoTokenizer
 
-        naive_tok = AutoTokenizer.from_pretrained(prep["resolved"].path)
+        naive_tok = AutoTokenizer.from_pretrained(prep.resolved.path)
         naive_tok.pad_token = naive_tok.eos_token  # the seed's choice: EOS is masked out of the labels with the padding
         from kotune.prepare import load_split
 
@@ -98,8 +98,8 @@ def worker_naive(args) -> dict:
         texts = [d.template.format(question=e.question, answer=e.answer) for e in train_ex]
         enc = naive_tok(texts, padding="max_length", truncation=True, max_length=d.max_length)
         ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-        base = load_base_model(prep["resolved"], dtype="float32")
-        targets, fifo = default_targets(base, prep["resolved"].preset)
+        base = load_base_model(prep.resolved, dtype="float32")
+        targets, fifo = default_targets(base, prep.resolved.preset)
         torch.manual_seed(t.seed)
         model = add_lora(
             base,
@@ -152,7 +152,7 @@ def worker_naive(args) -> dict:
         wall = time.perf_counter() - t0
         peak = rss_mb()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        ev = eval_answer_loss(model, prep["eval"], tok.pad_token_id, d.batch_size)
+        ev = eval_answer_loss(model, prep.eval, tok.pad_token_id, d.batch_size)
     return dict(
         pipeline="naive",
         steps=len(steps),
@@ -186,7 +186,7 @@ def worker_kotune(args) -> dict:
         from kotune.prepare import prepare
 
         prep = prepare(cfg)
-        lengths = [len(e.input_ids) for e in prep["train"]]
+        lengths = [len(e.input_ids) for e in prep.train]
         bs, ga = cfg.data.batch_size, cfg.memory.gradient_accumulation_steps
         n_batches = -(-len(lengths) // bs)
         real = 0
@@ -199,9 +199,9 @@ def worker_kotune(args) -> dict:
 
         from kotune.model import load_base_model
 
-        base = load_base_model(prep["resolved"], dtype="float32")
+        base = load_base_model(prep.resolved, dtype="float32")
         model = PeftModel.from_pretrained(base, str(Path(out) / "adapter"))
-        ev = eval_answer_loss(model, prep["eval"], prep["tokenizer"].pad_token_id, cfg.data.batch_size)
+        ev = eval_answer_loss(model, prep.eval, prep.tokenizer.pad_token_id, cfg.data.batch_size)
     return dict(
         pipeline="kotune",
         steps=len(step_s),

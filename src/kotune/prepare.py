@@ -7,6 +7,8 @@ Shared by `kotune train --dry_run` and training itself.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
+from typing import Any
 
 from .config import KotuneConfig, input_column, target_column
 from .data import DataError, load_examples
@@ -77,7 +79,23 @@ def split_by_tokens(rows: list[int], lengths: list[int], budget: int | None) -> 
     return parts
 
 
-def prepare(cfg: KotuneConfig):
+@dataclass
+class Prepared:
+    """What training needs before its first step, from `prepare`."""
+
+    resolved: Any  # model.ResolvedModel: where the base model is, its preset and licence notice
+    tokenizer: Any
+    train: list  # encoded training rows (tasks.encode)
+    eval: list  # encoded evaluation rows
+    reports: list  # data.DataReport per file: rows read, skipped and why
+    long_rows: list[str]  # rows over data.max_length, as messages naming the file and row
+    stats: dict  # token-length percentiles of the training rows
+    labels: list[str] | None = None  # text-classification label names, in id order
+    retrieval_examples: list = field(default_factory=list)  # (question, citations) pairs the run keeps for retrieval
+    out_of_scope: list[str] = field(default_factory=list)  # questions the run's abstention learns from
+
+
+def prepare(cfg: KotuneConfig) -> Prepared:
     """Load data and tokenizer, encode, and check one sample. Shared by dry-run and training."""
     from .model import load_tokenizer, resolve_model
 
@@ -121,7 +139,7 @@ def prepare(cfg: KotuneConfig):
     if task == "causal-lm":
         check_encoded(train_enc[0], tok.eos_token_id, tok.pad_token_id)
     stats = length_stats(lengths, d.max_length)
-    return dict(
+    return Prepared(
         resolved=resolved,
         tokenizer=tok,
         train=train_enc,
@@ -194,30 +212,30 @@ def grounding_contexts(cfg: KotuneConfig, kb: dict, train_ex, eval_ex, examples)
     return out[0], out[1]
 
 
-def dry_run_report(cfg: KotuneConfig, prep: dict) -> str:
+def dry_run_report(cfg: KotuneConfig, prep: Prepared) -> str:
     lines = ["# resolved config", cfg.to_yaml(), "# data"]
-    lines += [r.summary() for r in prep["reports"]]
-    lines.append(f"train rows: {len(prep['train'])}, eval rows: {len(prep['eval'])}")
-    s = prep["stats"]
+    lines += [r.summary() for r in prep.reports]
+    lines.append(f"train rows: {len(prep.train)}, eval rows: {len(prep.eval)}")
+    s = prep.stats
     lines.append(
-        f"token lengths ({prep['resolved'].path} tokenizer): p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, "
+        f"token lengths ({prep.resolved.path} tokenizer): p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, "
         f"p99 {s['p99']}, max {s['max']}; rows over max_length {cfg.data.max_length}: {s['over_max_length']} "
         f"({'dropped' if cfg.data.too_long == 'drop' else 'error'})"
     )
-    for r in prep["long_rows"][:10]:
+    for r in prep.long_rows[:10]:
         lines.append(f"  too long: {r}")
     if cfg.model.task == "causal-lm":
         lines += [
             "",
             "# one training sample (⟦trained⟧ tokens; the rest is masked)",
-            render_sample(prep["tokenizer"], prep["train"][0]),
+            render_sample(prep.tokenizer, prep.train[0]),
         ]
     else:
-        if prep["labels"]:
-            lines.append(f"labels ({len(prep['labels'])}): {', '.join(prep['labels'])}")
+        if prep.labels:
+            lines.append(f"labels ({len(prep.labels)}): {', '.join(prep.labels)}")
         lines += [
             "",
             f"# one training sample ({cfg.model.task})",
-            render_item(prep["tokenizer"], prep["train"][0], prep["labels"]),
+            render_item(prep.tokenizer, prep.train[0], prep.labels),
         ]
     return "\n".join(lines)

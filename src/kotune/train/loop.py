@@ -21,7 +21,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as dd
 from ..config import KotuneConfig
 from ..memory import apply_cap, choose_precision, cpu_threads, memory_line, memory_stats, release_cache
-from ..prepare import dry_run_report, epoch_batches, prepare, split_by_tokens
+from ..prepare import Prepared, dry_run_report, epoch_batches, prepare, split_by_tokens
 from ..tasks import classification_metrics, collate, confusion, count, item_length
 from .logs import (
     Interrupted,
@@ -153,22 +153,22 @@ def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | 
         log_path = setup_logging(out, cfg.logging.level, cfg.logging.format)
     else:
         setup_logging(None, "WARNING", cfg.logging.format)
-    for r in prep["reports"]:
+    for r in prep.reports:
         log.info(r.summary())
         for msg in r.problems + r.duplicates:
             log.warning("  %s", msg)
-    for msg in prep["long_rows"]:
+    for msg in prep.long_rows:
         log.warning("  too long (%s): %s", cfg.data.too_long, msg)
     log.info(
         "task %s: train rows %d, eval rows %d; token length p50 %d, max %d",
         cfg.model.task,
-        len(prep["train"]),
-        len(prep["eval"]),
-        prep["stats"]["p50"],
-        prep["stats"]["max"],
+        len(prep.train),
+        len(prep.eval),
+        prep.stats["p50"],
+        prep.stats["max"],
     )
-    if prep["labels"]:
-        log.info("labels (%d): %s", len(prep["labels"]), ", ".join(prep["labels"]))
+    if prep.labels:
+        log.info("labels (%d): %s", len(prep.labels), ", ".join(prep.labels))
     if d.enabled:
         engine = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}.get(d.engine, "data-parallel (DDP)")
         log.info(
@@ -187,7 +187,7 @@ def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | 
     return result
 
 
-def _build_model(cfg: KotuneConfig, prep: dict, device: str):
+def _build_model(cfg: KotuneConfig, prep: Prepared, device: str):
     """Base model with the task's head, then LoRA (or everything trainable for a full fine-tune)."""
     import torch
 
@@ -196,13 +196,13 @@ def _build_model(cfg: KotuneConfig, prep: dict, device: str):
     task, mc, lc = cfg.model.task, cfg.memory, cfg.lora
     torch.manual_seed(cfg.training.seed)  # a new classification head is initialised while loading
     model = load_base_model(
-        prep["resolved"],
+        prep.resolved,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
         task=task,
-        labels=prep["labels"],
-        pad_token_id=prep["tokenizer"].pad_token_id,
+        labels=prep.labels,
+        pad_token_id=prep.tokenizer.pad_token_id,
         quantization=cfg.model.quantization,
         device=device,
     )
@@ -214,7 +214,7 @@ def _build_model(cfg: KotuneConfig, prep: dict, device: str):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    targets, fifo = default_targets(model, prep["resolved"].preset)
+    targets, fifo = default_targets(model, prep.resolved.preset)
     torch.manual_seed(cfg.training.seed)  # LoRA init
     if lc.enabled:
         model = add_lora(
@@ -238,7 +238,7 @@ def _build_model(cfg: KotuneConfig, prep: dict, device: str):
 
 def _loop(
     cfg: KotuneConfig,
-    prep: dict,
+    prep: Prepared,
     out: Path,
     start: tuple | None,
     log_path: Path | None,
@@ -250,7 +250,7 @@ def _loop(
 
     from ..report import MetricsLog
 
-    task, tok, train_set, eval_set = cfg.model.task, prep["tokenizer"], prep["train"], prep["eval"]
+    task, tok, train_set, eval_set = cfg.model.task, prep.tokenizer, prep.train, prep.eval
     mc = cfg.memory
     amp = choose_precision(mc.mixed_precision, device)
     if apply_cap(mc.max_gpu_memory_usage, device):
@@ -261,7 +261,7 @@ def _loop(
     log.info(
         "model %s on %s (%s autocast, %d threads, quantization %s); trained modules %s; trainable %d / %d params "
         "(%.2f%%)",
-        prep["resolved"].path,
+        prep.resolved.path,
         device,
         amp or "no",
         threads,
@@ -312,7 +312,7 @@ def _loop(
     autocast = (lambda: torch.autocast(dev_type, dtype=getattr(torch, amp))) if amp else nullcontext
     pad = tok.pad_token_id
     cache: dict[int, list[list[int]]] = {}
-    n_labels = len(prep["labels"] or [])
+    n_labels = len(prep.labels or [])
 
     def write(rec: dict) -> None:
         if metrics is not None:
@@ -478,24 +478,24 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path, state: dict | N
     model.save_pretrained(str(weights), safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tok.save_pretrained(str(out))
     cfg.save(out / "config.yaml")
-    if prep["labels"]:
-        (out / "labels.json").write_text(json.dumps(prep["labels"], ensure_ascii=False, indent=1), encoding="utf-8")
-    if prep["resolved"].notice:
+    if prep.labels:
+        (out / "labels.json").write_text(json.dumps(prep.labels, ensure_ascii=False, indent=1), encoding="utf-8")
+    if prep.resolved.notice:
         for folder in {out, weights}:
-            (folder / "NOTICE").write_text(prep["resolved"].notice, encoding="utf-8")
+            (folder / "NOTICE").write_text(prep.resolved.notice, encoding="utf-8")
     if cfg.retrieval.enabled:  # the run folder answers from the exact KB it was trained with
         from ..statutes import DEFAULT_KB
 
         shutil.copytree(cfg.retrieval.kb_dir or DEFAULT_KB, out / "statutes", dirs_exist_ok=True)
-        if prep.get("retrieval_examples"):
+        if prep.retrieval_examples:
             from ..retrieval import save_examples
 
-            save_examples(prep["retrieval_examples"], out / "retrieval_examples.jsonl")
-        if prep.get("out_of_scope"):
+            save_examples(prep.retrieval_examples, out / "retrieval_examples.jsonl")
+        if prep.out_of_scope:
             from ..generate import OUT_OF_SCOPE_FILE
 
             (out / OUT_OF_SCOPE_FILE).write_text(
-                "".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in prep["out_of_scope"]),
+                "".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in prep.out_of_scope),
                 encoding="utf-8",
             )
     plot_losses(out / "metrics.jsonl", out / "loss.png")
