@@ -133,7 +133,7 @@ def convert_model(model, precision: str, fp16_head: bool = False):
     for p in model.parameters():  # norms, biases left as Parameters: fp32 to meet fp32 activations
         if p.dtype != torch.float32 and p is not emb.weight:
             p.data = p.data.float()
-    for b_name, buf in model.named_buffers():
+    for buf in model.buffers():
         if buf.is_floating_point() and buf.dtype != torch.float32:
             buf.data = buf.data.float()
     body.set_input_embeddings(_cast_out(emb, torch.float32))
@@ -164,7 +164,7 @@ class FastGenerator:
 
         return torch.device("cpu")
 
-    def _forward(self, ids, mask, positions, cache, first: bool):
+    def _forward(self, ids, mask, positions, cache):
         # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated, then removed);
         # pass and read whichever this version's model has.
         if self._cache_arg is None:
@@ -229,9 +229,9 @@ class FastGenerator:
             c_ids, c_pos, c_cache = contrast_ids, (c_mask.long().cumsum(-1) - 1).clamp(min=0), None
         with torch.inference_mode():
             for _ in range(max_new_tokens):
-                logits, cache = self._forward(step_ids, mask, step_pos, cache, first=cache is None)
+                logits, cache = self._forward(step_ids, mask, step_pos, cache)
                 if contrast:
-                    c_logits, c_cache = self._forward(c_ids, c_mask, c_pos, c_cache, first=c_cache is None)
+                    c_logits, c_cache = self._forward(c_ids, c_mask, c_pos, c_cache)
                     logits = (1 + contrast_weight) * logits.float().log_softmax(
                         -1
                     ) - contrast_weight * c_logits.float().log_softmax(-1)

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-LAWS = ("민법", "주택임대차보호법")
 CITATION = re.compile(r"(민법|주택임대차보호법)\s*제\s*(\d+)\s*조(?:\s*의\s*(\d+))?")
 DEFAULT_KB = Path(__file__).resolve().parent / "kb"
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from .prompt import IGNORE, Encoded, encode_all
 from .prompt import collate as collate_causal
 
-TASKS = ("causal-lm", "text-classification", "text2text")
-
 
 @dataclass
 class ClassItem:
