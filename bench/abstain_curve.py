@@ -69,7 +69,7 @@ def main() -> None:
 
     from kotune.config import load_config
     from kotune.data import read_question_lines
-    from kotune.generate import OUT_OF_SCOPE_FILE
+    from kotune.infer.generate import OUT_OF_SCOPE_FILE
     from kotune.retrieval import Retriever, load_examples_file
     from kotune.statutes import load_kb
 

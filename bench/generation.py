@@ -87,13 +87,13 @@ def worker(args) -> dict:
         gen = model.generate
         scorer = lambda ids: model(input_ids=ids).logits[0]  # noqa: E731
     elif name.startswith("kotune-") and name != "kotune-llamacpp":
-        from kotune.fastgen import load_fast
+        from kotune.infer.fastgen import load_fast
 
         eng, tok, _ = load_fast(run, {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[name.split("-")[1]])
         gen = eng.generate
         scorer = lambda ids: eng.model(input_ids=ids).logits[0]  # noqa: E731
     elif name == "kotune-llamacpp":
-        from kotune.llamacpp import load_llamacpp
+        from kotune.infer.llamacpp import load_llamacpp
 
         eng, tok, _ = load_llamacpp(run, gguf_file=args.gguf)
         gen = eng.generate
@@ -280,7 +280,7 @@ def main() -> None:
         if skipped:
             print(f"llama-cpp-python not installed: skipping {', '.join(skipped)} (pip install 'kotune[llamacpp]')")
     elif any("llamacpp" in e for e in engines) and not args.gguf and not (Path(args.run) / "model-q8_0.gguf").is_file():
-        from kotune.gguf_export import export_gguf
+        from kotune.infer.gguf_export import export_gguf
 
         print("exporting the run to GGUF (once)…", flush=True)
         export_gguf(args.run)

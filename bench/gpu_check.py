@@ -470,8 +470,8 @@ def w_train(spec: dict) -> dict:
 
     import kotune.train.loop as loop
     from kotune.model import ModelError
-    from kotune.report import read_metrics
     from kotune.train import TrainError, train
+    from kotune.train.report import read_metrics
 
     cfg = _train_config(spec)
     out = Path(cfg.model.output_dir)
@@ -576,7 +576,7 @@ def _answer(run: str, spec: dict) -> dict:
     """Load a run folder with the fast engine (CPU here) and answer one held-out prompt greedily."""
     import torch
 
-    from kotune.fastgen import load_fast
+    from kotune.infer.fastgen import load_fast
 
     t0 = time.perf_counter()
     engine, tok, cfg = load_fast(run)
@@ -615,7 +615,7 @@ def w_generate(spec: dict) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    from kotune.fastgen import load_fast
+    from kotune.infer.fastgen import load_fast
 
     cuda = torch.cuda.is_available()
 

@@ -13,7 +13,7 @@ import argparse
 
 from kotune.config import load_config
 from kotune.evaluate import evaluate_answers, markdown_table
-from kotune.generate import Chatbot
+from kotune.infer.generate import Chatbot
 from kotune.prepare import load_split
 from kotune.retrieval import Morphemes
 from kotune.statutes import find_citations, format_cite

@@ -20,7 +20,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from kotune.fastgen import int8_linear
+    from kotune.infer.fastgen import int8_linear
     from kotune.memory import cpu_threads
 
     torch.set_num_threads(args.threads or cpu_threads())

@@ -18,8 +18,8 @@ from pathlib import Path
 
 def run(config: str, steps: int, precision: str, extra: list[str]) -> dict:
     from kotune.config import load_config
-    from kotune.report import read_metrics
     from kotune.train import train
+    from kotune.train.report import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         sets = [

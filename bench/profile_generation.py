@@ -28,7 +28,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from kotune.fastgen import load_fast
+    from kotune.infer.fastgen import load_fast
     from kotune.prompt import encode_prompt, split_template
 
     eng, tok, cfg = load_fast(args.run, args.precision)

@@ -169,8 +169,8 @@ def worker_naive(args) -> dict:
 
 def worker_kotune(args) -> dict:
     from kotune.prepare import epoch_batches
-    from kotune.report import read_metrics
     from kotune.train import train
+    from kotune.train.report import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_cfg(args, tmp)

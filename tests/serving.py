@@ -24,7 +24,7 @@ def citing_bot(tiny_gpt2):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     from kotune.config import GenerationSection, RetrievalSection
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
     from kotune.retrieval import Retriever
     from kotune.statutes import load_kb
 

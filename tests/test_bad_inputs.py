@@ -782,7 +782,7 @@ def gguf_run(tmp_path, tiny_gemma, tiny_gemma_run, monkeypatch):
     """A run whose base model counts as a GGUF (the tiny Gemma written as one), so `export` really writes."""
     from test_fastgen import _template_gguf
 
-    import kotune.gguf_export as ge
+    import kotune.infer.gguf_export as ge
 
     run = tmp_path / "run"
     shutil.copytree(tiny_gemma_run, run)
@@ -831,7 +831,7 @@ def test_a_failed_gguf_write_leaves_no_temp_file(tiny_gemma, tiny_gemma_run, tmp
     import gguf
     from test_fastgen import _template_gguf
 
-    from kotune.gguf_export import adapted_weights, hf_to_gguf_names, write_merged_gguf
+    from kotune.infer.gguf_export import adapted_weights, hf_to_gguf_names, write_merged_gguf
 
     template = _template_gguf(tiny_gemma, tmp_path / "base.gguf")
     name = hf_to_gguf_names("gemma3", 2)
@@ -879,7 +879,7 @@ def test_overwrite_replaces_the_run_only_when_the_new_one_finishes(old_run, tiny
 
 @pytest.mark.parametrize("broken", ["trainable.safetensors", "state.pt"])
 def test_resume_falls_back_from_a_truncated_checkpoint(old_run, broken):
-    from kotune.report import read_metrics
+    from kotune.train.report import read_metrics
 
     bad = old_run / "checkpoints" / "step-0000008" / broken
     bad.write_bytes(bad.read_bytes()[:100])
@@ -917,7 +917,7 @@ def test_full_disk_during_a_checkpoint_write(old_run, tiny_gpt2, qa_csv, monkeyp
 
 
 def test_load_intact_names_the_broken_file(tmp_path):
-    from kotune.checkpoint import CheckpointError, load_intact
+    from kotune.train.checkpoint import CheckpointError, load_intact
 
     ck = tmp_path / "checkpoints" / "step-0000002"
     ck.mkdir(parents=True)

@@ -278,7 +278,7 @@ def test_predict_command(tiny_gpt2, tmp_path):
 
 def test_chat_prints_each_cited_articles_summary_and_ask_writes_it(capsys):
     from kotune.cli import _show_answer
-    from kotune.generate import Answer
+    from kotune.infer.generate import Answer
     from kotune.statutes import load_kb
 
     art = load_kb()[("민법", "303")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kotune.constrain import CitationConstraint, RepeatGuard, citation_items, fits, open_citation
+from kotune.infer.constrain import CitationConstraint, RepeatGuard, citation_items, fits, open_citation
 from kotune.statutes import Article, find_citations
 
 A303 = Article("민법", "303", "전세권의 내용", ("첫째 항", "둘째 항"), ())
@@ -58,7 +58,7 @@ def test_open_citation_only_inside_an_unclosed_list():
 def test_generation_can_only_cite_the_context(tiny_run, engine):
     import torch
 
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
     from kotune.model import load_run
 
     bot = Chatbot.from_run(tiny_run, greedy=True)
@@ -111,7 +111,7 @@ def _max_ngram_count(ids, n):
 def test_repeat_guard_breaks_loops_of_generated_text_only(tiny_run, engine):
     import torch
 
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
     from kotune.model import load_run
 
     bot = Chatbot.from_run(tiny_run, greedy=True)

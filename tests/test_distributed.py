@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import ROOT, qa_rows, tiny_config, topic_rows, write_csv
 
-from kotune import distributed as dd
+from kotune.train import distributed as dd
 from kotune.train import train
 
 # Reducing gradients over processes changes only the order of float additions (and the
@@ -145,7 +145,7 @@ def test_two_process_ddp_matches_single_process(gpt2_no_dropout, tmp_path, task,
     )
     assert m, "the 2-process run did not train through DistributedDataParallel"
     assert int(m[1]) == len(a) and int(m[2]) == 4 * sum(v.numel() for v in a.values()) and int(m[3]) > 0
-    from kotune.report import read_metrics
+    from kotune.train.report import read_metrics
 
     # Metrics come from the global batch (same losses as one process).
     la = [r["loss"] for r in read_metrics(single / "metrics.jsonl") if "loss" in r]
@@ -223,7 +223,7 @@ def test_unsupported_fsdp_settings_are_refused():
 
 def test_deepspeed_launch_checks(tmp_path, monkeypatch):
     """What kotune accepts from an accelerate DeepSpeed config (no deepspeed needed)."""
-    from kotune import deepspeed_zero as dz
+    from kotune.train import deepspeed_zero as dz
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("WORLD_SIZE", "2")

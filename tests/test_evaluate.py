@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kotune.evaluate import evaluate_answers, lcs, markdown_table, rouge_l
-from kotune.generate import Answer
+from kotune.infer.generate import Answer
 from kotune.statutes import load_kb
 
 ITEMS = [

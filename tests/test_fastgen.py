@@ -7,10 +7,10 @@ import importlib.util
 import pytest
 import torch
 
-from kotune.fastgen import FastGenerator, convert_model, load_engine, load_fast
-from kotune.generate import Chatbot
+from kotune.infer.fastgen import FastGenerator, convert_model, load_engine, load_fast
+from kotune.infer.generate import Chatbot
+from kotune.infer.sampling import warp_scores
 from kotune.model import load_run
-from kotune.sampling import warp_scores
 
 QUESTIONS = ["전세권이란?", "대항력은 언제 생기나요 아주 길게 물어봅니다?", "계약금"]
 
@@ -153,7 +153,7 @@ def _template_gguf(model_dir, path, arch="gemma3"):
     import gguf
     from safetensors.torch import load_file
 
-    from kotune.gguf_export import hf_to_gguf_names
+    from kotune.infer.gguf_export import hf_to_gguf_names
 
     name = hf_to_gguf_names(arch, 2)
     w = gguf.GGUFWriter(str(path), arch=arch)
@@ -178,7 +178,7 @@ def _template_gguf(model_dir, path, arch="gemma3"):
 
 
 def test_adapted_weights_equal_peft_merge(any_run):
-    from kotune.gguf_export import adapted_weights
+    from kotune.infer.gguf_export import adapted_weights
 
     merged = load_run(any_run)[0].state_dict()
     weights = adapted_weights(any_run)
@@ -191,7 +191,7 @@ def test_export_writes_merged_gguf(tiny_gemma, tiny_gemma_run, tmp_path):
     import gguf
     from gguf.quants import dequantize
 
-    from kotune.gguf_export import adapted_weights, hf_to_gguf_names, write_merged_gguf
+    from kotune.infer.gguf_export import adapted_weights, hf_to_gguf_names, write_merged_gguf
 
     template = _template_gguf(tiny_gemma, tmp_path / "base.gguf")
     name = hf_to_gguf_names("gemma3", 2)
@@ -214,7 +214,7 @@ def test_export_writes_merged_gguf(tiny_gemma, tiny_gemma_run, tmp_path):
 
 
 def test_export_refuses_a_non_gguf_base(tiny_run):
-    from kotune.gguf_export import ExportError, export_gguf
+    from kotune.infer.gguf_export import ExportError, export_gguf
 
     with pytest.raises(ExportError, match="convert_hf_to_gguf"):
         export_gguf(tiny_run)
@@ -244,8 +244,8 @@ def test_llamacpp_greedy_agrees_with_torch_on_the_default_base():
     start their greedy answers with the same tokens (quantised compute drifts later)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.gguf_export import base_gguf
-    from kotune.llamacpp import LlamaCppGenerator
+    from kotune.infer.gguf_export import base_gguf
+    from kotune.infer.llamacpp import LlamaCppGenerator
     from kotune.model import resolve_model
 
     path = resolve_model("gemma3-270m").path

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from kotune.generate import Chatbot, HangulSafeStreamer, ask_file
+from kotune.infer.generate import Chatbot, HangulSafeStreamer, ask_file
 
 
 def test_streamer_never_splits_a_hangul_syllable(tiny_gpt2):
@@ -73,7 +73,7 @@ def test_context_contrast_runs_each_prompt_beside_its_articles_free_twin(tiny_gp
     from transformers import GPT2LMHeadModel
 
     from kotune.config import GenerationSection, RetrievalSection
-    from kotune.fastgen import FastGenerator
+    from kotune.infer.fastgen import FastGenerator
     from kotune.retrieval import Retriever
     from kotune.statutes import load_kb
 

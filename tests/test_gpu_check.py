@@ -62,7 +62,7 @@ def test_auto_precision_on_a_gpu_with_emulated_bf16_only_is_fp16(monkeypatch):
     chose bf16 autocast there, and bf16 compute for 4-bit QLoRA. Only native bf16 (Ampere on) counts now."""
     import torch
 
-    from kotune.fastgen import resolve_precision
+    from kotune.infer.fastgen import resolve_precision
     from kotune.memory import choose_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", _t4)

@@ -88,7 +88,7 @@ def test_grounded_run_carries_its_kb_and_dry_run_shows_context(grounded_run, tin
 
 
 def test_answers_carry_checked_citations(grounded_run, tmp_path):
-    from kotune.generate import Chatbot, ask_file
+    from kotune.infer.generate import Chatbot, ask_file
 
     bot = Chatbot.from_run(grounded_run, greedy=True, max_new_tokens=4)
     assert bot.retriever.examples  # read back from the run folder
@@ -166,7 +166,7 @@ def test_extra_example_questions_join_the_run_and_bad_ones_are_reported(tiny_gpt
 
 
 def test_ungrounded_run_still_checks_citations_against_the_shipped_kb(tiny_run):
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
 
     bot = Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=4)
     assert bot.retriever is None and bot.context_for("전세권이란?") == []
@@ -195,7 +195,7 @@ def test_eval_context_contrast_on_grounded_and_ungrounded_runs(grounded_run, tin
 
 
 def test_chat_shows_a_long_cited_article_as_the_prompt_showed_it(grounded_run, tiny_run):
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
 
     bot = Chatbot.from_run(grounded_run, greedy=True, max_new_tokens=4)
     q = "계약이 끝났는데 보증금을 못 받았어요. 이사 가도 권리가 남나요?"
@@ -243,7 +243,7 @@ def abstaining_run(tiny_gpt2, tmp_path_factory):
 
 
 def test_grounded_answer_states_the_rule_then_the_checked_application(abstaining_run):
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
 
     bot = Chatbot.from_run(abstaining_run, greedy=True, max_new_tokens=4)
     q = "전세권에 대해 알려주세요 5번?"
@@ -265,8 +265,8 @@ def test_out_of_scope_and_non_korean_questions_are_refused_without_citations(abs
     from typer.testing import CliRunner
 
     from kotune.cli import app
-    from kotune.generate import Chatbot, ask_file
     from kotune.grounded import ABSTAIN_MESSAGE, LANGUAGE_MESSAGE
+    from kotune.infer.generate import Chatbot, ask_file
 
     assert (abstaining_run / "retrieval_out_of_scope.jsonl").is_file()  # the run folder is all chat needs
     bot = Chatbot.from_run(abstaining_run, greedy=True, max_new_tokens=4)

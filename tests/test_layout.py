@@ -21,7 +21,8 @@ def _imports() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
                 name = ".".join(base + ([node.module] if node.module else []))
-                for t in [name] + [f"{name}.{a.name}" for a in node.names]:
+                # `from . import x` names submodules; the package itself is what is being imported from
+                for t in ([] if node.module is None else [name]) + [f"{name}.{a.name}" for a in node.names]:
                     if t in mods and t != m:
                         graph[m].add(t)
             elif isinstance(node, ast.Import):

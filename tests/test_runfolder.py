@@ -19,7 +19,7 @@ def _run(run, *, adapter=False, full=False, checkpoint=False):
         (run / "model").mkdir()
         (run / "model" / "config.json").write_text("{}")
     if checkpoint:
-        from kotune.checkpoint import STATE, WEIGHTS, checkpoint_dir
+        from kotune.train.checkpoint import STATE, WEIGHTS, checkpoint_dir
 
         step = checkpoint_dir(run / "checkpoints", 2)
         step.mkdir(parents=True)

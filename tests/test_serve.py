@@ -30,7 +30,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def bot(tiny_run):
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
 
     return Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=24)
 
@@ -187,7 +187,7 @@ def test_grounded_answer_carries_structured_citations(citing_bot):
 
 
 def test_ungrounded_runs_look_citations_up_in_the_shipped_kb():
-    from kotune.generate import Answer
+    from kotune.infer.generate import Answer
     from kotune.serve.app import citation_extras
     from kotune.statutes import load_kb
 

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow
 
 def test_default_model_converts_trains_and_answers(tmp_path):
     from kotune.config import load_config
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
     from kotune.model import resolve_model
-    from kotune.report import read_metrics
     from kotune.train import train
+    from kotune.train.report import read_metrics
 
     resolved = resolve_model("gemma3-270m")
     resolved_path = Path(resolved.path) / "config.json"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import qa_rows, tiny_config, topic_rows, write_csv
 
-from kotune import checkpoint as ckpt
-from kotune.report import read_metrics
 from kotune.tasks import classification_metrics, confusion
+from kotune.train import checkpoint as ckpt
 from kotune.train import train
+from kotune.train.report import read_metrics
 
 CLS = {"task": "text-classification"}
 
@@ -234,7 +234,7 @@ def test_quantization_on_cpu_is_a_clear_error(tiny_gpt2, qa_csv, tmp_path, bits)
 
 
 def test_chat_refuses_a_classification_run(tiny_gpt2, topic_csv, tmp_path):
-    from kotune.generate import Chatbot
+    from kotune.infer.generate import Chatbot
     from kotune.model import ModelError
 
     out = train(cls_config(tiny_gpt2, topic_csv, tmp_path / "run", training={"max_steps": 1}))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import qa_rows, tiny_config, write_csv
 
-from kotune import checkpoint as ckpt
-from kotune.report import read_metrics
 from kotune.train import answer_loss_sum, epoch_batches, lr_factor, train
+from kotune.train import checkpoint as ckpt
+from kotune.train.report import read_metrics
 
 
 @pytest.fixture(params=["tiny_gpt2", "tiny_gemma"])
@@ -115,10 +115,10 @@ def test_gradient_accumulation_equals_large_batch(tiny_gpt2):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.distributed import task_loss
     from kotune.model import add_lora
     from kotune.prompt import collate, encode_example
     from kotune.train import accumulate_gradients
+    from kotune.train.distributed import task_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
     rows = qa_rows(8)

@@ -158,7 +158,7 @@ def _bot(run: Optional[str], model_path: Optional[str], **gen):
             apply_overrides(load_config(Path(path) / "config.yaml").generation, "generation", gen)
         except ConfigError as e:
             _fail(e)
-    from .generate import Chatbot
+    from .infer.generate import Chatbot
 
     return _run(Chatbot.from_run, path, **gen)
 
@@ -206,7 +206,7 @@ def chat(
     greedy: Optional[bool] = typer.Option(None, "--greedy/--sample", help="Deterministic decoding, or sampling."),
 ):
     """Chat with a trained run: REPL, one --question, or --quick_test."""
-    from .generate import EXIT_WORDS
+    from .infer.generate import EXIT_WORDS
 
     bot = _bot(
         run,
@@ -258,7 +258,7 @@ def ask(
 ):
     """Answer a batch file of questions."""
     from .data import read_question_lines
-    from .generate import ask_file
+    from .infer.generate import ask_file
     from .runfolder import check_output_file
 
     # Every input is checked before the model loads (which takes seconds to minutes).
@@ -396,7 +396,7 @@ def export(
     ),
 ):
     """Export base + merged LoRA as one GGUF file for llama.cpp (generation.backend: llamacpp)."""
-    from .gguf_export import export_gguf
+    from .infer.gguf_export import export_gguf
 
     out = _run(export_gguf, run, output, weight_type)
     typer.echo(f"GGUF written to {out}")

@@ -114,7 +114,7 @@ def out_of_scope_summary(answers) -> dict:
 
 
 def evaluate_answers(items: list[dict], answers, kb: dict, tokenize=None) -> tuple[dict, list[dict]]:
-    """`answers`: objects with text, raw_text, stopped, seconds (kotune.generate.Answer)."""
+    """`answers`: objects with text, raw_text, stopped, seconds (kotune.infer.generate.Answer)."""
     scored = [score_one(it, a.text, a.raw_text or a.text, kb, tokenize) for it, a in zip(items, answers)]
     summary = summarise(
         scored,
@@ -147,8 +147,8 @@ def retrieval_only_answers(retriever, questions: list[str], method: str = "hybri
     retriever has out-of-scope examples."""
     import time
 
-    from .generate import Answer
     from .grounded import refusal
+    from .infer.generate import Answer
 
     out = []
     for q in questions:

@@ -15,9 +15,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .checkpoint import list_checkpoints
 from .errors import OutputError
+from .train.checkpoint import list_checkpoints
 
+# A run's config, its weights (a LoRA adapter or a full fine-tune), and a grounded run's questions its scope
+# classifier learns to refuse.
+CONFIG, ADAPTER, FULL_MODEL = "config.yaml", "adapter", "model"
+OUT_OF_SCOPE_FILE = "retrieval_out_of_scope.jsonl"
 # What `kotune train` writes (loop._finish, the tokenizer's save_pretrained, checkpoints, logs) and the
 # GGUF that `kotune export` puts beside it by default. Anything else in the folder is the user's and stays.
 ARTIFACTS = (
@@ -31,7 +35,7 @@ ARTIFACTS = (
     "NOTICE",
     "statutes",
     "retrieval_examples.jsonl",
-    "retrieval_out_of_scope.jsonl",
+    OUT_OF_SCOPE_FILE,
     "tensorboard",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -63,13 +67,6 @@ MERGE_FILES = (
     "spiece.model",
     "NOTICE",
 )
-
-
-CONFIG, ADAPTER, FULL_MODEL = (
-    "config.yaml",
-    "adapter",
-    "model",
-)  # a run's config and its weights (LoRA, or a full fine-tune)
 
 
 def require_run(run: str | Path, needs: str = "weights"):

@@ -33,7 +33,7 @@ KEEPALIVE_S = 5.0  # an SSE comment while a request waits in the queue, so proxi
 def citation_extras(answer, kb: dict | None, checked: bool) -> dict:
     """The extra response fields: checked citations, flagged ones, and the articles put in the prompt.
 
-    A bot loaded from a run folder checks citations itself (generate.py): against the KB and the retrieved
+    A bot loaded from a run folder checks citations itself (infer/generate.py): against the KB and the retrieved
     articles in a grounded run, against the shipped KB in an ungrounded one. For a bot built without a KB
     only existence in the shipped KB is checked here: found articles are listed so a reader can open them,
     the others are flagged.
@@ -67,7 +67,7 @@ def create_app(
     **generation_overrides,
 ) -> FastAPI:
     """`bot_or_run`: a `Chatbot`, or a run folder to load one from (with `generation_overrides`)."""
-    from ..generate import Chatbot
+    from ..infer.generate import Chatbot
 
     if isinstance(bot_or_run, Chatbot):
         bot = bot_or_run

@@ -17,12 +17,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from .. import checkpoint as ckpt
-from .. import distributed as dd
 from ..config import KotuneConfig
 from ..memory import apply_cap, choose_precision, cpu_threads, memory_line, memory_stats, release_cache
 from ..prepare import Prepared, dry_run_report, epoch_batches, prepare, split_by_tokens
 from ..tasks import classification_metrics, collate, confusion, count, item_length
+from . import checkpoint as ckpt
+from . import distributed as dd
 from .logs import (
     Interrupted,
     StopFlag,
@@ -248,7 +248,7 @@ def _loop(
 ) -> Path:
     import torch
 
-    from ..report import MetricsLog
+    from .report import MetricsLog
 
     task, tok, train_set, eval_set = cfg.model.task, prep.tokenizer, prep.train, prep.eval
     mc = cfg.memory
@@ -472,7 +472,7 @@ def _loop(
 
 
 def _finish(cfg, model, tok, prep, out: Path, metrics, log_path, state: dict | None = None) -> None:
-    from ..report import plot_losses
+    from .report import plot_losses
 
     weights = out / ("adapter" if cfg.lora.enabled else "model")
     model.save_pretrained(str(weights), safe_serialization=True, **({"state_dict": state} if state is not None else {}))
@@ -492,7 +492,7 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path, state: dict | N
 
             save_examples(prep.retrieval_examples, out / "retrieval_examples.jsonl")
         if prep.out_of_scope:
-            from ..generate import OUT_OF_SCOPE_FILE
+            from ..runfolder import OUT_OF_SCOPE_FILE
 
             (out / OUT_OF_SCOPE_FILE).write_text(
                 "".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in prep.out_of_scope),

@@ -177,7 +177,7 @@ def task_loss(task: str, model):
     """The module DDP / FSDP wrap: forward(batch) -> (loss sum, trained units, predictions or None)."""
     import torch
 
-    from .tasks import loss_sum
+    from ..tasks import loss_sum
 
     class TaskLoss(torch.nn.Module):
         def __init__(self):

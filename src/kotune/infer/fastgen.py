@@ -18,7 +18,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from .memory import cpu_threads
+from ..memory import cpu_threads
 from .sampling import next_tokens
 
 log = logging.getLogger("kotune")
@@ -32,10 +32,10 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision != "auto":
         return precision
     if device == "cuda":
-        from .memory import cuda_has_bf16
+        from ..memory import cuda_has_bf16
 
         return "bfloat16" if cuda_has_bf16() else "float32"
-    from .memory import cpu_has_bf16
+    from ..memory import cpu_has_bf16
 
     return "bfloat16" if cpu_has_bf16() else "float32"
 
@@ -267,7 +267,7 @@ def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None 
     """(FastGenerator, tokenizer, config) for a run folder: adapter merged, weights cast."""
     import torch
 
-    from .model import load_run
+    from ..model import load_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = resolve_precision(precision, device)
@@ -285,8 +285,8 @@ def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None 
 def load_engine(run_dir: str | Path, backend: str | None = None, precision: str | None = None, **_ignored):
     """(engine, tokenizer, config): the backend named in the run's `generation.backend`
     (or the override) — `torch` (this module) or `llamacpp` (a GGUF export run by llama.cpp)."""
-    from .errors import ModelError
-    from .runfolder import require_run
+    from ..errors import ModelError
+    from ..runfolder import require_run
 
     run = Path(run_dir)
     cfg = require_run(run)

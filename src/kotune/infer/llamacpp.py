@@ -32,7 +32,7 @@ class LlamaCppGenerator:
     """`generate(input_ids, …)` over a llama.cpp model; batches run row by row."""
 
     def __init__(self, gguf_path: str | Path, n_ctx: int = 2048, threads: int | None = None):
-        from .memory import cpu_threads
+        from ..memory import cpu_threads
 
         Llama = import_llama()
         self.path = Path(gguf_path)
@@ -174,7 +174,7 @@ def load_llamacpp(run_dir: str | Path, gguf_file: str | None = None, threads: in
     """(LlamaCppGenerator, tokenizer, config): exports the run to GGUF on first use."""
     from transformers import AutoTokenizer
 
-    from .config import load_config
+    from ..config import load_config
 
     import_llama()  # fail before a minute of export when the extra is missing
     run = Path(run_dir)

@@ -12,13 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .data import read_question_lines
-from .prompt import encode_prompt, split_template
+from ..data import read_question_lines
+from ..prompt import encode_prompt, split_template
 
 EXIT_WORDS = {"quit", "exit", "종료", "나가기", "q"}
-OUT_OF_SCOPE_FILE = (
-    "retrieval_out_of_scope.jsonl"  # in a run folder: the questions the scope classifier learnt to refuse
-)
 
 
 @dataclass
@@ -91,14 +88,14 @@ class Chatbot:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
-        from .config import apply_overrides
+        from ..config import apply_overrides
         from .fastgen import load_engine  # the engine named by generation.backend/precision (or an override)
 
         model, tok, cfg = load_engine(run_dir, **overrides)
         gen = apply_overrides(
             cfg.generation, "generation", overrides
         )  # validated: a flag may not set what YAML may not
-        from .statutes import DEFAULT_KB, load_kb
+        from ..statutes import DEFAULT_KB, load_kb
 
         if gen.context_contrast and not cfg.retrieval.enabled:
             raise ValueError(
@@ -109,11 +106,13 @@ class Chatbot:
             # No retrieval, but the citations a model writes are still checked against the shipped statutes: an
             # article the KB lacks is flagged (retrieval.citation_policy), one it has is listed under the answer.
             return cls(model, tok, cfg.data.template, gen, cfg.retrieval, load_kb(DEFAULT_KB))
-        from .retrieval import Retriever, load_examples_file
+        from ..retrieval import Retriever, load_examples_file
 
         kb = load_kb(Path(run_dir) / "statutes")
         ex_file = Path(run_dir) / "retrieval_examples.jsonl"
         examples = load_examples_file(ex_file) if ex_file.is_file() else None
+        from ..runfolder import OUT_OF_SCOPE_FILE
+
         oos_file = Path(run_dir) / OUT_OF_SCOPE_FILE
         oos = [r["question"] for r in read_question_lines(oos_file)] if oos_file.is_file() else None
         retriever = Retriever(kb, examples=examples, out_of_scope=oos, abstain_in_scope=cfg.retrieval.abstain_in_scope)
@@ -142,7 +141,7 @@ class Chatbot:
         ungrounded model has no knowledge base to be outside of."""
         if self.retriever is None:
             return None, None
-        from .grounded import ABSTAIN_MESSAGE, refusal
+        from ..grounded import ABSTAIN_MESSAGE, refusal
 
         score = self.retriever.scope(question)
         text = refusal(question, score is None or score >= self.retriever.calibration.threshold)
@@ -155,14 +154,14 @@ class Chatbot:
         several articles in the prompt the model picks one, which is only known once it has cited it: no rule."""
         if self.retriever is None or len(context) != 1:
             return ""
-        from .grounded import rule_line
+        from ..grounded import rule_line
 
         return rule_line(context[0], self.retriever.excerpt(context[0], question.strip(), self.retrieval.rule_chars))
 
     def _gate(self, question: str, context: list, on_text=None):
         """The checks on a grounded answer's application: its quantities' sources are the articles and the question,
         and the rule it follows is the one shown above it."""
-        from .grounded import SentenceGate, quantities
+        from ..grounded import SentenceGate, quantities
 
         allowed = quantities(question).union(*(quantities(a.summary) for a in context))
         return SentenceGate(allowed, on_text, rule=self.rule_for(question, context))
@@ -338,7 +337,7 @@ class Chatbot:
             rule=rule,
         )
         if self.kb is not None:
-            from .retrieval import apply_citation_policy, check_citations
+            from ..retrieval import apply_citation_policy, check_citations
 
             check = check_citations(text, self.kb, context if self.retriever is not None else None)
             answer.citations = check.valid
@@ -352,7 +351,7 @@ def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: 
     """`{"id","question"}` lines in, the same lines plus `"answer"` out."""
     import json
 
-    from .data import DataError
+    from ..data import DataError
 
     records = read_question_lines(questions_path)
     problems = []

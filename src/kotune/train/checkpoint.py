@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 PREFIX = "step-"
 WEIGHTS = "trainable.safetensors"
