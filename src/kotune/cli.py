@@ -139,12 +139,17 @@ def train(
         resume = checkpoint_path
 
     result = _run(run_train, cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun/accelerate only rank 0 reports
-        return
-    if dry_run:
-        typer.echo(result)
-    else:
-        typer.echo(f"done: {result}  (try: kotune chat {result} --quick_test)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun/accelerate only rank 0 reports
+        typer.echo(result if dry_run else f"done: {result}  (try: kotune chat {result} --quick_test)")
+    from .train.distributed import exit_hard_after_training
+
+    if exit_hard_after_training():  # the run folder is complete and the process group destroyed
+        import logging
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
 
 
 def _bot(run: Optional[str], model_path: Optional[str], **gen):

@@ -400,16 +400,17 @@ def check_run_files(run: Path, full: bool = False) -> None:
     check_weights(run / "adapter" / "adapter_model.safetensors")
 
 
-def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = None):
+def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = None, cfg=None):
     """Load a run folder for inference: (model, tokenizer, config). The run folder is all
-    that is needed: its config names the base model, its adapter and tokenizer are inside."""
+    that is needed: its config names the base model, its adapter and tokenizer are inside. `cfg`: the run's config
+    when the caller has already checked the folder with `runfolder.require_run` (it is not read again)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from .runfolder import require_run
 
     run = Path(run_dir)
-    cfg = require_run(run)
+    cfg = cfg or require_run(run)
     full = (run / "model" / "config.json").is_file()
     task = cfg.model.task
     check_run_files(run, full)

@@ -263,8 +263,8 @@ class FastGenerator:
         return seq
 
 
-def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None = None):
-    """(FastGenerator, tokenizer, config) for a run folder: adapter merged, weights cast."""
+def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None = None, cfg=None):
+    """(FastGenerator, tokenizer, config) for a run folder: adapter merged, weights cast. `cfg`: as in `load_run`."""
     import torch
 
     from ..model import load_run
@@ -273,7 +273,8 @@ def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None 
     chosen = resolve_precision(precision, device)
     # Loading the base straight in bf16 halves peak RSS; the adapter delta is added in fp32
     # and rounded once (PEFT's merge), then int8 quantises from those bf16 weights.
-    model, tok, cfg = load_run(run_dir, merge=True, dtype="bfloat16" if chosen in ("bfloat16", "int8") else None)
+    dtype = "bfloat16" if chosen in ("bfloat16", "int8") else None
+    model, tok, cfg = load_run(run_dir, merge=True, dtype=dtype, cfg=cfg)
     if device == "cuda" and chosen == "int8":
         raise ValueError("`generation.precision: int8` is CPU-only; use bfloat16 on a GPU.")
     model = convert_model(model, chosen, fp16_head=device == "cpu").to(device)
@@ -298,7 +299,7 @@ def load_engine(run_dir: str | Path, backend: str | None = None, precision: str 
     if backend == "llamacpp":
         from .llamacpp import load_llamacpp
 
-        return load_llamacpp(run, gguf_file=g.gguf_file, threads=g.num_threads)
+        return load_llamacpp(run, gguf_file=g.gguf_file, threads=g.num_threads, cfg=cfg)
     if backend != "torch":
         raise ValueError(f"unknown generation backend {backend!r}; use `torch` or `llamacpp`.")
-    return load_fast(run, precision, g.num_threads)
+    return load_fast(run, precision, g.num_threads, cfg=cfg)

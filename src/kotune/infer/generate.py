@@ -92,9 +92,8 @@ class Chatbot:
         from .fastgen import load_engine  # the engine named by generation.backend/precision (or an override)
 
         model, tok, cfg = load_engine(run_dir, **overrides)
-        gen = apply_overrides(
-            cfg.generation, "generation", overrides
-        )  # validated: a flag may not set what YAML may not
+        # validated: a flag may not set what YAML may not
+        gen = apply_overrides(cfg.generation, "generation", overrides)
         from ..statutes import DEFAULT_KB, load_kb
 
         if gen.context_contrast and not cfg.retrieval.enabled:

@@ -170,15 +170,17 @@ class LlamaCppGenerator:
         return torch.tensor(out, dtype=input_ids.dtype)
 
 
-def load_llamacpp(run_dir: str | Path, gguf_file: str | None = None, threads: int | None = None, n_ctx: int = 2048):
-    """(LlamaCppGenerator, tokenizer, config): exports the run to GGUF on first use."""
+def load_llamacpp(
+    run_dir: str | Path, gguf_file: str | None = None, threads: int | None = None, n_ctx: int = 2048, cfg=None
+):
+    """(LlamaCppGenerator, tokenizer, config): exports the run to GGUF on first use. `cfg`: as in `model.load_run`."""
     from transformers import AutoTokenizer
 
-    from ..config import load_config
+    from ..runfolder import require_run
 
     import_llama()  # fail before a minute of export when the extra is missing
     run = Path(run_dir)
-    cfg = load_config(run / "config.yaml")
+    cfg = cfg or require_run(run)
     path = Path(gguf_file) if gguf_file else run / "model-q8_0.gguf"
     if not path.is_file():
         if gguf_file:

@@ -281,9 +281,10 @@ def _loop(
     total = t.max_steps or max(1, math.ceil(math.ceil(t.epochs * n_batches) / ga))
     warmup = t.warmup_steps or int(t.warmup_ratio * total)
     opt = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    # unchanged without DeepSpeed
     runner, opt = dd.deepspeed_initialize(
         runner, model, opt, params, d, device, accumulation=ga, max_grad_norm=t.max_grad_norm, batch_size=bs
-    )  # unchanged without DeepSpeed
+    )
     # Early stopping and the per-epoch train loss live in the checkpoint, so a resumed run decides as the original
     # would.
     early = {"best": None, "best_step": 0, "bad": 0, "stopped": False, "weights": None}
