@@ -1,7 +1,7 @@
 """kotune: fine-tune Korean language models with LoRA.
 
-Submodules are independent stages — config, data, prompt, model, train,
-generate — importable on their own; importing `kotune` itself loads nothing heavy.
+Submodules are stages — config, data, prepare, train, infer, retrieval, evaluate, serve — importable on their own
+(docs/architecture.md); importing `kotune` itself loads nothing heavy.
 """
 
 __version__ = "0.1.0"

@@ -1,9 +1,11 @@
-"""Training: one loop for every task (`loop.py`) and its output (`logs.py`)."""
+"""Training: one loop for every task (`loop.py`), its logs (`logs.py`), checkpoints (`checkpoint.py`), metrics and
+the loss plot (`report.py`), and the distributed engines it runs under (`distributed.py`: DDP, FSDP2;
+`deepspeed_zero.py`: DeepSpeed ZeRO-2/3). `from kotune.train import train` is the entry point."""
 
-from ..memory import choose_precision, cpu_has_bf16
+from ..errors import TrainError
 from ..prepare import epoch_batches
 from ..tasks import answer_loss_sum
-from .logs import Interrupted, TrainError, setup_logging
+from .logs import Interrupted, setup_logging
 from .loop import accumulate_gradients, lr_factor, train, trainable_state
 
 __all__ = [
@@ -11,8 +13,6 @@ __all__ = [
     "TrainError",
     "accumulate_gradients",
     "answer_loss_sum",
-    "choose_precision",
-    "cpu_has_bf16",
     "epoch_batches",
     "lr_factor",
     "setup_logging",
