@@ -33,14 +33,26 @@ def warp_scores(
         return scores
     if temperature and temperature != 1.0:
         scores = scores / temperature
+    candidates = None  # with top-k: the ids that survive it, so top-p sorts k scores instead of the vocabulary
     if top_k:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
+        k = min(top_k, scores.shape[-1])
+        top, ids = torch.topk(scores, k)
+        kth = top[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
+        # A tie with the k-th score keeps more than k tokens; then top-p sorts the whole row, as before.
+        if bool((torch.isfinite(scores).sum(-1) == k).all()):
+            candidates = ids
     if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
+        # Tokens top-k removed have probability 0 and sort first, so they change no cumulative sum: sorting only the
+        # candidates gives the same drops. 262k-entry sorts cost ~12 ms a token on 2 cores; 50 cost nothing.
+        row = scores if candidates is None else scores.gather(1, candidates)
+        sorted_scores, order = torch.sort(row, descending=False)
         drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
         drop[:, -1] = False  # the most likely token always stays
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        drop = drop.scatter(1, order, drop)
+        if candidates is not None:
+            drop = torch.zeros_like(scores, dtype=torch.bool).scatter(1, candidates, drop)
+        scores = scores.masked_fill(drop, float("-inf"))
     return scores
 
 
@@ -52,4 +64,8 @@ def next_tokens(logits, seen, *, do_sample: bool = False, generator=None, logits
     scores = warp_scores(logits, seen, do_sample=do_sample, logits_processor=logits_processor, **warp)
     if not do_sample:
         return scores.argmax(-1)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    # Inverse CDF: one uniform draw per row against the cumulative probabilities. The same distribution as
+    # torch.multinomial, which takes ~5 ms per row over Gemma's 262k-token vocabulary on 2 CPU cores (this: ~0.5 ms).
+    cdf = scores.softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1).squeeze(1)

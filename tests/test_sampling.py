@@ -1,0 +1,60 @@
+"""infer/sampling.py: the token picker both engines share."""
+
+from __future__ import annotations
+
+import torch
+
+from kotune.infer.sampling import next_tokens, warp_scores
+
+
+def _full_sort_top_p(scores, top_k, top_p):
+    """The reference: top-k, then top-p over the whole sorted row (HF's warpers, in their order)."""
+    kth = torch.topk(scores, top_k).values[:, -1:]
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    ordered, order = torch.sort(scores)
+    drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def test_top_p_over_the_top_k_candidates_drops_what_a_full_sort_drops():
+    torch.manual_seed(0)
+    seen = torch.zeros(4, 1, dtype=torch.long)
+    for vocab, k, p in [(50, 20, 0.8), (4096, 50, 0.9), (1000, 5, 0.5), (4096, 50, 0.99)]:
+        for _ in range(10):
+            logits = torch.randn(4, vocab) * 3
+            got = warp_scores(logits, seen, do_sample=True, top_k=k, top_p=p)
+            want = _full_sort_top_p(logits, k, p)
+            assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(
+                got[~got.isinf()], want[~want.isinf()]
+            )
+    tied = torch.zeros(2, 100)  # 100 tokens tie with the 10th score: all survive top-k, top-p sorts the whole row
+    tied[:, 0] = 5
+    assert torch.equal(
+        warp_scores(tied, seen[:2], do_sample=True, top_k=10, top_p=0.9).isinf(),
+        _full_sort_top_p(tied, 10, 0.9).isinf(),
+    )
+
+
+def test_samples_follow_the_warped_distribution_and_never_a_removed_token():
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]]).repeat(n, 1)
+    ids = next_tokens(logits, torch.zeros(n, 1, dtype=torch.long), do_sample=True, generator=g)
+    freq = torch.bincount(ids, minlength=5).float() / n
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.015)
+    removed = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf")]]).repeat(n, 1)
+    ids = next_tokens(removed, torch.zeros(n, 1, dtype=torch.long), do_sample=True, generator=g)
+    assert set(ids.tolist()) == {0, 2}
+    again = next_tokens(
+        logits[:50], torch.zeros(50, 1, dtype=torch.long), do_sample=True, generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(
+        again,
+        next_tokens(
+            logits[:50],
+            torch.zeros(50, 1, dtype=torch.long),
+            do_sample=True,
+            generator=torch.Generator().manual_seed(1),
+        ),
+    )  # a seed gives the same draw
