@@ -293,3 +293,22 @@ def test_too_long_rows_dropped_with_count_or_refused(tiny_gpt2, tmp_path):
     assert "too long (drop)" in log_text and "qa.csv:5" in log_text
     with pytest.raises(DataError, match="qa.csv:5.*max_length"):
         train(tiny_config(tiny_gpt2, data, tmp_path / "run2", training={"max_steps": 1}, data={"too_long": "error"}))
+
+
+def test_early_stop_keeps_the_best_weights_and_survives_a_checkpoint_round_trip():
+    import torch
+
+    from kotune.train.early import EarlyStop
+
+    e = EarlyStop("eval_loss", patience=2)
+    for step, loss in ((1, 2.0), (2, 1.5), (3, 1.7), (4, 1.6)):
+        e.update({"eval_loss": loss}, step, {"w": torch.tensor([float(step)])})
+    assert e.stopped and (e.best, e.best_step, e.bad) == (1.5, 2, 2) and e.weights["w"].item() == 2.0
+    again = EarlyStop("eval_loss", patience=2)
+    again.restore(e.state())  # what a checkpoint holds, a plain dict
+    assert again == e
+    old = EarlyStop("eval_accuracy", patience=3)
+    old.restore({"best": 0.5, "best_step": 4, "bad": 1, "stopped": False, "weights": None})  # a pre-class checkpoint
+    old.update({"eval_accuracy": 0.6}, 6, {"w": torch.zeros(1)})
+    assert (old.best, old.best_step, old.bad) == (0.6, 6, 0)  # higher is better for accuracy
+    EarlyStop(None, patience=1).update({"eval_loss": 9.0}, 1, {})  # no metric: nothing to do

@@ -51,12 +51,6 @@ def setup_logging(out_dir: Path | None, level: str, fmt: str) -> Path | None:
     return path
 
 
-def improved(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "eval_loss" else value > best
-
-
 def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -68,26 +62,6 @@ def format_eval(ev: dict) -> str:
     if "accuracy" in ev:
         parts += [f"accuracy {ev['accuracy']:.4f}", f"macro-F1 {ev['macro_f1']:.4f}"]
     return ", ".join(parts)
-
-
-def early_stop_update(early: dict, t, ev: dict, step: int, params: dict) -> None:
-    value = ev[t.early_stopping_metric]
-    if improved(t.early_stopping_metric, value, early["best"]):
-        early.update(
-            best=value, best_step=step, bad=0, weights={k: v.detach().to("cpu", copy=True) for k, v in params.items()}
-        )
-        return
-    early["bad"] += 1
-    if early["bad"] >= t.early_stopping_patience:
-        early["stopped"] = True
-        log.info(
-            "early stop at step %d: %s has not improved on %.4f (step %d) for %d evaluations",
-            step,
-            t.early_stopping_metric,
-            early["best"],
-            early["best_step"],
-            early["bad"],
-        )
 
 
 def epoch_report(step, epoch, n_epochs, acc, lr, ev, device, elapsed, write) -> None:

@@ -23,11 +23,11 @@ from ..prepare import Prepared, dry_run_report, epoch_batches, prepare, split_by
 from ..tasks import classification_metrics, collate, confusion, count, item_length
 from . import checkpoint as ckpt
 from . import distributed as dd
+from .early import EarlyStop
 from .logs import (
     Interrupted,
     StopFlag,
     TrainError,
-    early_stop_update,
     epoch_report,
     format_eval,
     log,
@@ -287,7 +287,7 @@ def _loop(
     )
     # Early stopping and the per-epoch train loss live in the checkpoint, so a resumed run decides as the original
     # would.
-    early = {"best": None, "best_step": 0, "bad": 0, "stopped": False, "weights": None}
+    early = EarlyStop(t.early_stopping_metric, t.early_stopping_patience)
     epoch_acc = [0.0, 0]
 
     step = 0
@@ -302,7 +302,7 @@ def _loop(
         torch.set_rng_state(rngs[d.rank] if len(rngs) == d.world else state["rng_cpu"])
         if device.startswith("cuda") and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
-        early.update(state.get("early") or {})
+        early.restore(state.get("early"))
         epoch_acc = list(state.get("epoch_acc") or epoch_acc)
         step = int(state["step"])
         log.info("resumed from %s at step %d of %d", start_ckpt, step, total)
@@ -370,7 +370,7 @@ def _loop(
                 "optimizer": opt_state,
                 "rng_cpu": rngs[0],
                 "rng_cpu_ranks": rngs,
-                "early": early,
+                "early": early.state(),
                 "epoch_acc": epoch_acc,
             }
             if device.startswith("cuda"):
@@ -387,7 +387,7 @@ def _loop(
     n_epochs = total * ga / n_batches
     try:
         with stop:
-            while step < total and not early["stopped"]:
+            while step < total and not early.stopped:
                 batches, weights = zip(*(b for m in range(step * ga, (step + 1) * ga) for b in micro_batches(m)))
                 n_global = dd.all_sum([float(sum(count(task, b) for b, w in zip(batches, weights) if w))], d)[0]
                 loss_s, n_tok, n_real = accumulate_gradients(
@@ -446,14 +446,14 @@ def _loop(
                         if tb:
                             for k, v in ev.items():
                                 tb.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step)
-                        if t.early_stopping_metric:
-                            early_stop_update(early, t, ev, step, dd.unsharded(params))
-                if crossed_epoch or step == total or early["stopped"]:
+                        if early.metric:
+                            early.update(ev, step, dd.unsharded(params))  # unsharded: a collective, on every process
+                if crossed_epoch or step == total or early.stopped:
                     epoch_report(step, epoch, n_epochs, epoch_acc, lr, ev, device, time.perf_counter() - t_start, write)
                     epoch_acc = [0.0, 0]
                     if mc.optimize_memory_usage:
                         release_cache(device)
-                if step % t.save_steps == 0 or step == total or early["stopped"]:
+                if step % t.save_steps == 0 or step == total or early.stopped:
                     save(step)
                 if dd.any_true(stop.requested, d):
                     path = save(step)
@@ -462,9 +462,9 @@ def _loop(
         bar.close()
         if tb:
             tb.close()
-    if early["weights"] is not None:
-        dd.copy_into(params, early["weights"])
-        log.info("kept the best weights: step %d, %s %.4f", early["best_step"], t.early_stopping_metric, early["best"])
+    if early.weights is not None:
+        dd.copy_into(params, early.weights)
+        log.info("kept the best weights: step %d, %s %.4f", early.best_step, early.metric, early.best)
     state = dd.model_state(model, cfg.lora.enabled, params)  # collective under FSDP; None otherwise
     if d.main:
         _finish(cfg, model, tok, prep, out, metrics, log_path, state)
