@@ -1,6 +1,7 @@
-"""Training: one loop for every task (`loop.py`), its logs (`logs.py`), early stopping (`early.py`), checkpoints (`checkpoint.py`), metrics and
-the loss plot (`report.py`), and the distributed engines it runs under (`distributed.py`: DDP, FSDP2;
-`deepspeed_zero.py`: DeepSpeed ZeRO-2/3). `from kotune.train import train` is the entry point."""
+"""Training: one loop for every task (`loop.py`), its logs (`logs.py`), early stopping (`early.py`), checkpoints
+(`checkpoint.py`), metrics and the loss plot (`report.py`), and the distributed engines it runs under
+(`distributed.py`: DDP, FSDP2; `deepspeed_zero.py`: DeepSpeed ZeRO-2/3). `from kotune.train import train` is the
+entry point."""
 
 from ..errors import TrainError
 from ..prepare import epoch_batches
