@@ -293,6 +293,10 @@ def test_out_of_scope_and_non_korean_questions_are_refused_without_citations(abs
     ask_file(bot, q, tmp_path / "a.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["abstained"] for x in lines] == [True, False] and lines[0]["citations"] == []
+    assert lines[0]["rule"] is None and lines[1]["answer"].startswith(lines[1]["rule"])  # which part is the KB's
+
+    res = CliRunner().invoke(app, ["chat", str(abstaining_run), "--question", "대항력에 대해 알려주세요 3번?"])
+    assert res.exit_code == 0 and "설명은 모델이 쓴 것이라 틀릴 수 있습니다" in res.output, res.output
 
     res = CliRunner().invoke(app, ["chat", str(abstaining_run), "--question", "How do I get my deposit back?"])
     assert res.exit_code == 0 and LANGUAGE_MESSAGE in res.output and "답변하지 않음" in res.output, res.output

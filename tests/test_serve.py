@@ -177,6 +177,7 @@ def test_grounded_answer_carries_structured_citations(citing_bot):
         art = c.get("/v1/statutes/민법/303").json()
         missing = c.get("/v1/statutes/민법/9999")
     assert full["choices"][0]["message"]["content"] == citing_text(citing_bot) and full["abstained"] is False
+    assert full["rule"] is None or full["choices"][0]["message"]["content"].startswith(full["rule"])
     [cite] = full["citations"]
     assert (cite["law"], cite["article"], cite["cite"]) == ("민법", "303", "민법 제303조")
     assert cite["title"] == art["title"] and cite["summary"] == art["summary"] and len(cite["summary"]) > 20

@@ -190,6 +190,8 @@ def _show_answer(bot, question: str, echo_question: bool = True):
         typer.echo("  확인되지 않은 인용: " + ", ".join(a.flagged))
     if a.dropped:
         typer.echo(f"  (조문과 질문에 없는 기간·비율이 있어 뺀 문장 {len(a.dropped)}개)")
+    if a.rule:  # the reader should know which part to trust
+        typer.echo("  ※ 첫 문단은 지식 베이스의 조문 요약이고, 그 아래 설명은 모델이 쓴 것이라 틀릴 수 있습니다.")
     end = "EOS" if a.stopped else f"max_new_tokens ({a.new_tokens} tokens)"
     typer.echo(f"  [{a.new_tokens} tokens, {a.seconds:.1f}s, stopped by {end}]\n")
     return a

@@ -365,7 +365,8 @@ def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with output_path.open("w", encoding="utf-8") as f:
         for rec, a in zip(records, answers):
-            out = {**rec, "answer": a.text, "stopped": a.stopped, "abstained": a.abstained}
+            # "rule": the part of the answer that is the KB's text (grounded runs); the rest is the model's
+            out = {**rec, "answer": a.text, "stopped": a.stopped, "abstained": a.abstained, "rule": a.rule or None}
             if bot.kb is not None:
                 out["citations"] = a.citation_records()
                 out["flagged_citations"] = a.flagged

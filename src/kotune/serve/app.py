@@ -52,6 +52,7 @@ def citation_extras(answer, kb: dict | None, checked: bool) -> dict:
         "flagged_citations": flagged,
         "retrieved": [a.record() for a in answer.context],
         "abstained": answer.abstained,
+        "rule": answer.rule or None,
     }
 
 
