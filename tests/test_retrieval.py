@@ -300,3 +300,17 @@ def test_scope_threshold_is_calibrated_out_of_fold_to_the_in_scope_target():
     assert model.score(vectors[0], tokens[0]) > cal.threshold > model.score(vectors[-1], tokens[-1])
     with pytest.raises(ValueError, match="in-scope and out-of-scope"):
         ScopeModel(vectors[:5], tokens[:5], [True] * 5)
+
+
+def test_an_example_file_in_cp949_or_with_a_bom_reads_like_utf8(tmp_path):
+    """Example files are decoded as data files are (Excel on Korean Windows saves cp949)."""
+    import json
+
+    from kotune.retrieval import load_examples_file
+
+    rows = [{"question": "전세권이 뭔가요?", "citations": ["민법 제303조"]}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    want = [("전세권이 뭔가요?", [("민법", "303")])]
+    for name, data in (("cp949.jsonl", text.encode("cp949")), ("bom.jsonl", ("\ufeff" + text).encode("utf-8"))):
+        (tmp_path / name).write_bytes(data)
+        assert load_examples_file(tmp_path / name) == want

@@ -436,7 +436,13 @@ def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]
             f"{path}: example-question file not found. Give the training Q&A file "
             "(e.g. data/civil_law_qa.csv) or a run's retrieval_examples.jsonl."
         )
-    first = path.open(encoding="utf-8-sig").readline() if path.suffix == ".jsonl" and path.is_file() else ""
+    first = ""
+    if path.suffix == ".jsonl" and path.is_file():
+        from ..data import read_text
+
+        # Decoded as every data file is (UTF-8, with or without BOM, cp949, UTF-16), so a file saved in another
+        # encoding gets the data reader's clear message rather than a UnicodeDecodeError here.
+        first = read_text(path, None)[0].lstrip("\ufeff").split("\n", 1)[0]
     if '"citations"' not in first:
         from ..data import load_examples
 
