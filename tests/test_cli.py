@@ -81,6 +81,8 @@ def test_train_then_resume_then_chat_ask_merge(tiny_gpt2, qa_csv, tmp_path):
     res = run(*_train_args(tiny_gpt2, qa_csv, out))
     assert res.exit_code == 0, res.output
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    res = run(*_train_args(tiny_gpt2, qa_csv, out), "--dry_run")  # passes, and says what the real run would need
+    assert res.exit_code == 0 and "already holds a finished run" in res.output and "--overwrite" in res.output
     # --resume with no path continues from the latest checkpoint; a larger max_steps trains on
     args = _train_args(tiny_gpt2, qa_csv, out)
     args[args.index("--max_steps") + 1] = "6"

@@ -101,8 +101,15 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
     writes the run folder, the log and the progress bar."""
     out = Path(cfg.model.output_dir)
     if dry_run:
+        from ..runfolder import holds_run
+
         setup_logging(None, cfg.logging.level, cfg.logging.format)
-        return dry_run_report(cfg, prepare(cfg))
+        report = dry_run_report(cfg, prepare(cfg))
+        held = None if resume else holds_run(out)
+        if held:  # the dry run passes; the real one would stop here, so say so now
+            how = "it replaces that run" if overwrite else "training needs `--resume` or `--overwrite`"
+            report += f"\n\nnote: {out} already holds {held}; {how}."
+        return report
 
     import torch
 
