@@ -19,7 +19,9 @@ def _run(run, *, adapter=False, full=False, checkpoint=False):
         (run / "model").mkdir()
         (run / "model" / "config.json").write_text("{}")
     if checkpoint:
-        from kotune.train.checkpoint import STATE, WEIGHTS, checkpoint_dir
+        from kotune.runfolder import CKPT_STATE as STATE
+        from kotune.runfolder import CKPT_WEIGHTS as WEIGHTS
+        from kotune.runfolder import checkpoint_dir
 
         step = checkpoint_dir(run / "checkpoints", 2)
         step.mkdir(parents=True)

@@ -16,12 +16,31 @@ import tempfile
 from pathlib import Path
 
 from .errors import OutputError
-from .train.checkpoint import list_checkpoints
 
 # A run's config, its weights (a LoRA adapter or a full fine-tune), and a grounded run's questions its scope
 # classifier learns to refuse.
 CONFIG, ADAPTER, FULL_MODEL = "config.yaml", "adapter", "model"
 OUT_OF_SCOPE_FILE = "retrieval_out_of_scope.jsonl"
+# Checkpoints: `checkpoints/step-NNNNNNN/` holding the trainable tensors and the optimizer/RNG state
+# (train/checkpoint.py writes them); a folder lacking either file is not a checkpoint.
+CKPT_PREFIX, CKPT_WEIGHTS, CKPT_STATE = "step-", "trainable.safetensors", "state.pt"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"{CKPT_PREFIX}{step:07d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    done = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(CKPT_PREFIX) and (p / CKPT_STATE).is_file() and (p / CKPT_WEIGHTS).is_file()
+    ]
+    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
+
+
 # What `kotune train` writes (loop._finish, the tokenizer's save_pretrained, checkpoints, logs) and the
 # GGUF that `kotune export` puts beside it by default. Anything else in the folder is the user's and stays.
 ARTIFACTS = (

@@ -15,23 +15,9 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError
-
-PREFIX = "step-"
-WEIGHTS = "trainable.safetensors"
-STATE = "state.pt"
-
-
-def checkpoint_dir(root: Path, step: int) -> Path:
-    return root / f"{PREFIX}{step:07d}"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    done = [
-        p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file() and (p / WEIGHTS).is_file()
-    ]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+from ..runfolder import CKPT_STATE as STATE
+from ..runfolder import CKPT_WEIGHTS as WEIGHTS
+from ..runfolder import checkpoint_dir, list_checkpoints
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict, state: dict, keep: int) -> Path:
