@@ -38,6 +38,11 @@ class Answer:
         return [a.record() for a in self.citations]
 
 
+def _refused(question: str, message: str, seconds: float, score: float | None) -> Answer:
+    """The answer to a question the chatbot does not answer: the message, no tokens generated, no citation."""
+    return Answer(question, message, 0, True, seconds, raw_text=message, abstained=True, scope=score)
+
+
 def _after_blank_line(on_text: Callable[[str], None]) -> Callable[[str], None]:
     """`on_text` that starts with a blank line once there is text: the application under the rule, or nothing
     when the gate dropped it all (the answer then ends with the rule, as streamed)."""
@@ -157,13 +162,13 @@ class Chatbot:
 
         return rule_line(context[0], self.retriever.excerpt(context[0], question.strip(), self.retrieval.rule_chars))
 
-    def _gate(self, question: str, context: list, on_text=None):
+    def _gate(self, question: str, context: list, rule: str, on_text=None):
         """The checks on a grounded answer's application: its quantities' sources are the articles and the question,
-        and the rule it follows is the one shown above it."""
+        and `rule` (from `rule_for`) is the one shown above it."""
         from ..grounded import SentenceGate, quantities
 
         allowed = quantities(question).union(*(quantities(a.summary) for a in context))
-        return SentenceGate(allowed, on_text, rule=self.rule_for(question, context))
+        return SentenceGate(allowed, on_text, rule=rule)
 
     def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
         g = self.gen
@@ -248,15 +253,13 @@ class Chatbot:
         if refused is not None:
             if on_text:
                 on_text(refused)
-            return Answer(
-                question, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score
-            )
+            return _refused(question, refused, time.perf_counter() - t0, score)
         context = self.context_for(question)
         gate = None
         rule = self.rule_for(question, context)
         if on_text and rule:
             on_text(rule)
-            gate = self._gate(question, context, _after_blank_line(on_text))
+            gate = self._gate(question, context, rule, _after_blank_line(on_text))
             on_text = gate.feed
         ids = torch.tensor([self.prompt_ids(question, context)], device=self.model.device)
         streamer = HangulSafeStreamer(self.tok, on_text) if on_text else None
@@ -272,7 +275,7 @@ class Chatbot:
         new = out[0, ids.shape[1] :].tolist()
         if gate is not None:  # the gate holds the last sentence until it knows it ended
             gate.close(complete=self.tok.eos_token_id in new)
-        return self._answer(question, new, time.perf_counter() - t0, context, score)
+        return self._answer(question, new, time.perf_counter() - t0, context, score, rule)
 
     def answer_batch(self, questions: list[str], batch_size: int = 8) -> list[Answer]:
         """Left-padded batches; each answer is cut at its own EOS."""
@@ -285,9 +288,7 @@ class Chatbot:
             t0 = time.perf_counter()
             refused, score = self.refusal_for(q)
             if refused is not None:
-                results[i] = Answer(
-                    q, refused, 0, True, time.perf_counter() - t0, raw_text=refused, abstained=True, scope=score
-                )
+                results[i] = _refused(q, refused, time.perf_counter() - t0, score)
             else:
                 todo.append((i, score))
         for k in range(0, len(todo), batch_size):
@@ -310,17 +311,24 @@ class Chatbot:
         return [results[i] for i in range(len(questions))]
 
     def _answer(
-        self, question: str, new: list[int], seconds: float, context: list | None = None, score: float | None = None
+        self,
+        question: str,
+        new: list[int],
+        seconds: float,
+        context: list | None = None,
+        score: float | None = None,
+        rule: str | None = None,
     ) -> Answer:
+        """The Answer for generated ids `new`; `rule`: `rule_for(question, context)` when the caller has it."""
         eos = self.tok.eos_token_id
         stopped = eos in new
         if stopped:
             new = new[: new.index(eos) + 1]
         text = self.tok.decode(new, skip_special_tokens=True).strip()
         raw, dropped = text, []
-        rule = self.rule_for(question, context or [])
+        rule = self.rule_for(question, context or []) if rule is None else rule
         if rule:  # the rule in the KB's words, then the model's application with unsupported quantities removed
-            gate = self._gate(question, context)
+            gate = self._gate(question, context, rule)
             gate.feed(text)
             text, dropped = (rule + "\n\n" + gate.close(complete=stopped)).strip(), gate.dropped
         answer = Answer(
