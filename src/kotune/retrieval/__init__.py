@@ -442,7 +442,7 @@ def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]
 
         # Decoded as every data file is (UTF-8, with or without BOM, cp949, UTF-16), so a file saved in another
         # encoding gets the data reader's clear message rather than a UnicodeDecodeError here.
-        first = read_text(path, None)[0].lstrip("\ufeff").split("\n", 1)[0]
+        first = read_text(path, None)[0].split("\n", 1)[0]
     if '"citations"' not in first:
         from ..data import load_examples
 
