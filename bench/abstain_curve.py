@@ -26,8 +26,8 @@ def by_area(retriever, questions: list[str], areas: list[str], rate: float, seed
     import numpy as np
 
     from kotune.config import cache_root
-    from kotune.retrieval import _Index
-    from kotune.retrieval.scope import FOLDS, ScopeModel
+    from kotune.legal.retrieval import _Index
+    from kotune.legal.retrieval.scope import FOLDS, ScopeModel
 
     oos = _Index(questions, retriever.morph, cache_root() / "retrieval", query_side=True)
     vectors = np.concatenate([retriever.ex_index.vectors, oos.vectors])
@@ -70,8 +70,9 @@ def main() -> None:
     from kotune.config import load_config
     from kotune.data import read_question_lines
     from kotune.infer.generate import OUT_OF_SCOPE_FILE
-    from kotune.retrieval import Retriever, load_examples_file
-    from kotune.statutes import load_kb
+    from kotune.legal.retrieval import Retriever
+    from kotune.legal.retrieval.examples import load_examples_file
+    from kotune.legal.statutes import load_kb
 
     run = Path(a.run)
     cfg = load_config(run / "config.yaml")

@@ -11,8 +11,9 @@ import argparse
 import re
 
 from kotune.data import load_examples
-from kotune.retrieval import Retriever, format_context
-from kotune.statutes import load_kb
+from kotune.legal.retrieval import Retriever
+from kotune.legal.retrieval.context import format_context
+from kotune.legal.statutes import load_kb
 
 PARAGRAPH = re.compile(r"(민법|주택임대차보호법)\s*제(\d+)조(?:의(\d+))?\s*제(\d+)항")
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 
 from kotune.config import load_config
-from kotune.evaluate import evaluate_answers, markdown_table
 from kotune.infer.generate import Chatbot
+from kotune.legal.evaluate import evaluate_answers, markdown_table
+from kotune.legal.retrieval import Morphemes
+from kotune.legal.statutes import find_citations, format_cite
 from kotune.prepare import load_split
-from kotune.retrieval import Morphemes
-from kotune.statutes import find_citations, format_cite
 
 
 def main() -> None:
@@ -44,7 +44,9 @@ def main() -> None:
     for p in args.penalty or [cfg.generation.repetition_penalty]:
         for w in args.contrast or [cfg.generation.context_contrast]:
             bot.gen = base.model_copy(update={"repetition_penalty": p, "context_contrast": w})
-            summary, _ = evaluate_answers(items, bot.answer_batch([i["question"] for i in items]), bot.kb, tokenize)
+            summary, _ = evaluate_answers(
+                items, bot.answer_batch([i["question"] for i in items]), bot.grounding.kb, tokenize
+            )
             # the rows have no key facts
             results[f"repetition_penalty {p}, context_contrast {w}"] = {**summary, "key_fact_recall": None}
     print(f"{args.run}: {len(items)} held-out training rows (greedy, batches of 8)")

@@ -15,9 +15,10 @@ import json
 from pathlib import Path
 
 from kotune.config import load_config
-from kotune.evaluate import facts_found, load_dev
-from kotune.retrieval import Retriever, load_examples_file
-from kotune.statutes import find_citations, load_kb
+from kotune.legal.evaluate import facts_found, load_dev
+from kotune.legal.retrieval import Retriever
+from kotune.legal.retrieval.examples import load_examples_file
+from kotune.legal.statutes import find_citations, load_kb
 
 
 def share(items: list[dict], texts: list[str]) -> float:

@@ -1,5 +1,5 @@
 """How much of a sentence must repeat the shown rule before the answer gate calls it a restatement
-(`kotune.grounded.RESTATEMENT`). Measured on training answers only: the 428 rows written rule-first (their first
+(`kotune.legal.answer.RESTATEMENT`). Measured on training answers only: the 428 rows written rule-first (their first
 sentence states the cited article's rule, the rest apply it), never on an evaluation set.
 
     .venv/bin/python bench/restatement_threshold.py
@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from kotune.grounded import _SENTENCE_END, bigrams, overlap  # noqa: E402
-from kotune.statutes import find_citations, load_kb  # noqa: E402
+from kotune.legal.answer import _SENTENCE_END, bigrams, overlap  # noqa: E402
+from kotune.legal.statutes import find_citations, load_kb  # noqa: E402
 
 FIRST_RULE_FIRST_ROW = 422  # rows 423.. of data/civil_law_qa.csv were written rule first (docs/evaluation.md)
 

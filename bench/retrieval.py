@@ -21,10 +21,11 @@ import random
 import time
 from pathlib import Path
 
-from kotune.retrieval import Retriever, load_examples_file, retrieval_metrics
-from kotune.statutes import format_cite, load_kb
+from kotune.legal.retrieval import Retriever, retrieval_metrics
+from kotune.legal.retrieval.examples import load_examples_file
+from kotune.legal.statutes import format_cite, load_kb
 
-SHIPPED = {"l2": 1e-3, "scale": 10.0}  # kotune.retrieval.train_classifier's defaults
+SHIPPED = {"l2": 1e-3, "scale": 10.0}  # kotune.legal.retrieval.train_classifier's defaults
 CV_SETTINGS = {  # name: (method, classifier settings or None, with the word classifier)
     "hybrid, no classifier": ("hybrid", None, False),
     "hybrid + e5 classifier l2 1e-3, scale 10": ("hybrid", SHIPPED, False),

@@ -25,8 +25,9 @@ def citing_bot(tiny_gpt2):
 
     from kotune.config import GenerationSection, RetrievalSection
     from kotune.infer.generate import Chatbot
-    from kotune.retrieval import Retriever
-    from kotune.statutes import load_kb
+    from kotune.legal.grounding import StatuteGrounding
+    from kotune.legal.retrieval import Retriever
+    from kotune.legal.statutes import load_kb
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
@@ -38,9 +39,7 @@ def citing_bot(tiny_gpt2):
         tok,
         TEMPLATE,
         gen,
-        RetrievalSection(enabled=True, k=2, snippet_chars=24, method="bm25"),
-        kb,
-        Retriever(kb),
+        StatuteGrounding(kb, RetrievalSection(enabled=True, k=2, snippet_chars=24, method="bm25"), Retriever(kb)),
     )
     context = bot.context_for(CITING_QUESTION)
     assert ("민법", "303") in [a.key for a in context], "the question must retrieve the article its answer cites"

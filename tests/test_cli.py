@@ -56,6 +56,8 @@ def _train_args(model, data, out):
         "--set",
         "logging.progress_bar=false",
         "--set",
+        "generation.quick_test_questions=[전세권이란, 대항력은 언제, 계약금 해제, 지상권 기간, 차임 연체]",
+        "--set",
         "memory.mixed_precision=no",
         "--set",
         "training.save_steps=2",
@@ -189,7 +191,7 @@ def test_kb_import_then_retrieve_from_it(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "articles written" in res.output and "skipped" in res.output
-    from kotune.statutes import load_kb
+    from kotune.legal.statutes import load_kb
 
     kb = load_kb(tmp_path / "kb")
     assert ("민법", "312의2") in kb and ("주택임대차보호법", "3의2") in kb
@@ -281,7 +283,7 @@ def test_predict_command(tiny_gpt2, tmp_path):
 def test_chat_prints_each_cited_articles_summary_and_ask_writes_it(capsys):
     from kotune.cli import _show_answer
     from kotune.infer.generate import Answer
-    from kotune.statutes import load_kb
+    from kotune.legal.statutes import load_kb
 
     art = load_kb()[("민법", "303")]
 

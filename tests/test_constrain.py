@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kotune.infer.constrain import CitationConstraint, RepeatGuard, citation_items, fits, open_citation
-from kotune.statutes import Article, find_citations
+from kotune.infer.constrain import RepeatGuard, open_citation
+from kotune.legal.constrain import CitationConstraint, citation_items, fits
+from kotune.legal.statutes import Article, find_citations
 
 A303 = Article("민법", "303", "전세권의 내용", ("첫째 항", "둘째 항"), ())
 H3_2 = Article("주택임대차보호법", "3의2", "보증금의 회수", ("항",), ())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kotune.evaluate import evaluate_answers, lcs, markdown_table, rouge_l
 from kotune.infer.generate import Answer
-from kotune.statutes import load_kb
+from kotune.legal.evaluate import evaluate_answers, lcs, markdown_table, rouge_l
+from kotune.legal.statutes import load_kb
 
 ITEMS = [
     {

@@ -74,8 +74,9 @@ def test_context_contrast_runs_each_prompt_beside_its_articles_free_twin(tiny_gp
 
     from kotune.config import GenerationSection, RetrievalSection
     from kotune.infer.fastgen import FastGenerator
-    from kotune.retrieval import Retriever
-    from kotune.statutes import load_kb
+    from kotune.legal.grounding import StatuteGrounding
+    from kotune.legal.retrieval import Retriever
+    from kotune.legal.statutes import load_kb
 
     calls = []
 
@@ -92,9 +93,7 @@ def test_context_contrast_runs_each_prompt_beside_its_articles_free_twin(tiny_gp
         tok,
         "참고 조문:\n{context}\n질문: {question}\n답변: {answer}",
         gen,
-        RetrievalSection(enabled=True, k=1, snippet_chars=60, method="bm25"),
-        kb,
-        Retriever(kb),
+        StatuteGrounding(kb, RetrievalSection(enabled=True, k=1, snippet_chars=60, method="bm25"), Retriever(kb)),
     )
     qs = ["전세권이란 무엇인가요?", "임대차 기간을 정하지 않으면 몇 년인가요 주택이요?"]
     answers = bot.answer_batch(qs, batch_size=2)

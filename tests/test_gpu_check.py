@@ -100,13 +100,12 @@ def test_prepare_carries_the_retrieved_context_and_the_same_token_ids(tmp_path, 
     prepare itself checks that the travel rows encode to the recipe's token ids (it raises otherwise)."""
     import kotune.prepare as kp
 
-    def contexts(cfg, kb, train_ex, eval_ex, examples):
-        return (
-            [f"민법 제{300 + i}조 조문 {i}" for i in range(len(train_ex))],
-            [f"주택임대차보호법 제{i}조 조문" for i in range(len(eval_ex))],
-        )
+    class Contexts:  # a grounding stand-in: the bundle must carry whatever contexts the grounding gave
+        def __init__(self, retrieval, train_ex, eval_ex, seed):
+            self.train_contexts = [f"민법 제{300 + i}조 조문 {i}" for i in range(len(train_ex))]
+            self.eval_contexts = [f"주택임대차보호법 제{i}조 조문" for i in range(len(eval_ex))]
 
-    monkeypatch.setattr(kp, "grounding_contexts", contexts)
+    monkeypatch.setattr(kp, "for_training", Contexts)
     bundle = tmp_path / "bundle"
     gpu_check.cmd_prepare(
         argparse.Namespace(config=tiny_recipe(tmp_path, GROUNDED, retrieval=True), bundle=bundle, tiny=True)

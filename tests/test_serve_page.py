@@ -67,7 +67,7 @@ def test_page_streams_an_answer_and_opens_its_citation(browser, site, citing_bot
     chip.click()
     detail = answer.locator(".detail")
     sync_api.expect(detail).to_be_visible()
-    from kotune.statutes import load_kb
+    from kotune.legal.statutes import load_kb
 
     art = load_kb()[("민법", "303")]
     assert art.title in detail.inner_text() and art.paragraphs[0][:20] in detail.inner_text()

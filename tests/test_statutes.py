@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 from kotune.data import load_examples
-from kotune.statutes import find_citations, load_kb
+from kotune.legal.statutes import find_citations, load_kb
 
 QA = ROOT / "data" / "civil_law_qa.csv"
 
@@ -256,14 +256,14 @@ def test_installed_package_ships_the_kb(tmp_path):
         pytest.skip(f"cannot build a wheel here: {done.stderr.strip()[-200:]}")
     assert done.returncode == 0, done.stderr
     names = zipfile.ZipFile(next(tmp_path.glob("kotune-*.whl"))).namelist()
-    assert {"kotune/kb/minbeop.jsonl", "kotune/kb/housing_lease.jsonl"} <= set(names)
+    assert {"kotune/legal/kb/minbeop.jsonl", "kotune/legal/kb/housing_lease.jsonl"} <= set(names)
 
 
 def test_a_summary_mentions_other_articles_in_statute_style_not_as_citations():
     """A grounded answer starts with an article's summary: a cross-reference written like a citation
     (`주택임대차보호법 제7조`) would read as the answer citing that article. The statutes' own style,
     「법령명」 제N조, does not."""
-    from kotune.statutes import find_citations, load_kb
+    from kotune.legal.statutes import find_citations, load_kb
 
     for key, art in load_kb().items():
         assert set(find_citations(art.summary)) <= {key}, art.cite

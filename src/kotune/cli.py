@@ -14,8 +14,9 @@ from typing import List, Optional
 
 import typer
 
-from .cliguard import Guarded
+from .cliguard import Guarded, fail, guarded, load_bot
 from .config import ConfigError, load_config
+from .legal.cli import register as register_legal
 
 app = typer.Typer(
     cls=Guarded,
@@ -35,44 +36,13 @@ def _options(
     pass
 
 
-# Besides kotune's own errors, the plain builtins that library code raises with a message meant for the user (a missing
-# file, a bad argument, a missing optional extra). Their subclasses (JSONDecodeError, ModuleNotFoundError…) are bugs
-# of ours when they escape, and go to cliguard.
-_PLAIN_ERRORS = (ValueError, FileNotFoundError, ImportError)
-
-
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
-
-
-def _run(fn, *args, **kwargs):
-    """Known problems become one clear message and exit code 2 — no traceback."""
-    from .train import Interrupted
-
-    try:
-        return fn(*args, **kwargs)
-    except Interrupted as e:
-        typer.echo(
-            f"\nstopped: checkpoint saved at {e.checkpoint}. Continue with `kotune train --config … --resume`.",
-            err=True,
-        )
-        raise typer.Exit(130)
-    except Exception as e:  # noqa: BLE001 - narrowed just below
-        from .errors import KotuneError
-
-        if isinstance(e, KotuneError) or type(e) in _PLAIN_ERRORS:
-            _fail(e)
-        raise
-
-
 def _config(config: Optional[Path], sets: List[str], flags: dict, run_dir: Optional[str] = None):
     try:
         if config is None and run_dir is not None:
             config = Path(run_dir) / "config.yaml"
         return load_config(config, sets, flags)
     except ConfigError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
@@ -138,7 +108,7 @@ def train(
     if checkpoint_path:
         resume = checkpoint_path
 
-    result = _run(run_train, cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    result = guarded(run_train, cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
     if os.environ.get("RANK", "0") == "0":  # under torchrun/accelerate only rank 0 reports
         typer.echo(result if dry_run else f"done: {result}  (try: kotune chat {result} --quick_test)")
     from .train.distributed import exit_hard_after_training
@@ -152,34 +122,19 @@ def train(
         os._exit(0)
 
 
-def _bot(run: Optional[str], model_path: Optional[str], **gen):
-    path = run or model_path
-    if not path:
-        _fail(ValueError("give the run folder: kotune chat RUN (or --model_path RUN)."))
-    if (Path(path) / "config.yaml").is_file():  # flags are checked before the model loads, as the config would be
-        from .config import apply_overrides
-
-        try:
-            apply_overrides(load_config(Path(path) / "config.yaml").generation, "generation", gen)
-        except ConfigError as e:
-            _fail(e)
-    from .infer.generate import Chatbot
-
-    return _run(Chatbot.from_run, path, **gen)
-
-
 def _show_answer(bot, question: str, echo_question: bool = True):
     """Stream one answer, then its checked citations and how it ended."""
     if echo_question:
         typer.echo(f"질문: {question}")
     typer.echo("답변: ", nl=False)
-    a = _run(bot.answer, question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    a = guarded(bot.answer, question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     typer.echo("")
     if a.abstained:
-        scope = f", scope {a.scope:.2f} < {bot.retriever.calibration.threshold:.2f}" if a.scope is not None else ""
+        limit = bot.grounding.scope_threshold
+        scope = f", scope {a.scope:.2f} < {limit:.2f}" if a.scope is not None and limit is not None else ""
         typer.echo(f"  [답변하지 않음: 근거로 삼을 조문이 없는 질문{scope}]\n")
         return a
-    if a.flagged and bot.retrieval is not None and bot.retrieval.citation_policy != "off":
+    if a.flagged and bot.grounding.citation_policy != "off":
         typer.echo(f"  (검토: {a.text})")
     for c in a.citations:
         if a.rule:  # the answer already starts with the article's relevant paragraphs
@@ -215,7 +170,7 @@ def chat(
     """Chat with a trained run: REPL, one --question, or --quick_test."""
     from .infer.generate import EXIT_WORDS
 
-    bot = _bot(
+    bot = load_bot(
         run,
         model_path,
         max_new_tokens=max_new_tokens,
@@ -230,6 +185,13 @@ def chat(
         _show_answer(bot, question)
     if quick_test:
         qs = bot.gen.quick_test_questions
+        if not qs:
+            fail(
+                ValueError(
+                    f"{run or model_path}: its config has no quick-test questions; set "
+                    "`generation.quick_test_questions` in the config you train with, or ask with --question."
+                )
+            )
         answers = [_show_answer(bot, q) for q in qs]
         refused = sum(a.abstained for a in answers)
         stopped = sum(a.stopped for a in answers if not a.abstained)
@@ -238,7 +200,8 @@ def chat(
             + (f"; {refused} question(s) refused as outside the knowledge base" if refused else "")
         )
     if interactive or (question is None and not quick_test):
-        typer.echo("민법 부동산·전세 상담 챗봇입니다. 종료: quit / exit / 종료 / 나가기")
+        banner = bot.gen.chat_banner or f"kotune chat: {Path(run or model_path).resolve().name}"
+        typer.echo(f"{banner} 종료: quit / exit / 종료 / 나가기")
         while True:
             try:
                 q = input("\n질문> ").strip()
@@ -269,10 +232,10 @@ def ask(
     from .runfolder import check_output_file
 
     # Every input is checked before the model loads (which takes seconds to minutes).
-    _run(read_question_lines, questions)
-    _run(check_output_file, output, Path(run), inputs=(questions,))
-    bot = _bot(run, None, max_new_tokens=max_new_tokens, greedy=greedy)
-    stats = _run(ask_file, bot, questions, output, batch_size)
+    guarded(read_question_lines, questions)
+    guarded(check_output_file, output, Path(run), inputs=(questions,))
+    bot = load_bot(run, None, max_new_tokens=max_new_tokens, greedy=greedy)
+    stats = guarded(ask_file, bot, questions, output, batch_size)
     typer.echo(
         f"wrote {output}: {stats['questions']} answers, {stats['stopped_at_eos']} ended with EOS, "
         f"{stats['mean_seconds']:.2f}s per answer"
@@ -294,7 +257,7 @@ def predict(
     column."""
     from .predict import predict_file
 
-    summary = _run(predict_file, run, input, output, batch_size)
+    summary = guarded(predict_file, run, input, output, batch_size)
     rows = summary.pop("rows")
     if output is None:
         for r in rows:
@@ -328,7 +291,7 @@ def validate(
             duplicates="keep",
         )
     except DataError as e:
-        _fail(e)
+        fail(e)
     typer.echo(report.summary())
     for msg in report.problems + report.duplicates:
         typer.echo(f"  - {msg}")
@@ -340,9 +303,9 @@ def validate(
         from .model import load_tokenizer, resolve_model
         from .prompt import encode_all, length_stats
 
-        tok = _run(
+        tok = guarded(
             load_tokenizer,
-            _run(resolve_model, cfg.model.name, cfg.model.cache_dir),
+            guarded(resolve_model, cfg.model.name, cfg.model.cache_dir),
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
         )
@@ -368,26 +331,8 @@ def merge(
     """Merge the LoRA adapter into the base model and save it (safetensors)."""
     from .model import merge_run
 
-    out = _run(merge_run, run, output)
+    out = guarded(merge_run, run, output)
     typer.echo(f"merged model written to {out}")
-
-
-DEFAULT_OUT_OF_SCOPE = "data/civil_law_out_of_scope.jsonl"
-EXAMPLES_HELP = (
-    "Example questions for retrieval: a Q&A training file (e.g. data/civil_law_qa.csv), a file of "
-    '{"question", "citations"} lines (data/civil_law_questions.jsonl) or a run\'s retrieval_examples.jsonl. '
-    "Repeat to use several."
-)
-
-
-def _retriever(kb_dir: Optional[Path], examples: Optional[List[Path]], out_of_scope: Optional[List[Path]] = None):
-    from .prepare import out_of_scope_questions
-    from .retrieval import Retriever, load_examples_file
-    from .statutes import DEFAULT_KB, load_kb
-
-    pairs = [p for f in examples for p in _run(load_examples_file, f)] if examples else None
-    oos = _run(out_of_scope_questions, [str(f) for f in out_of_scope]) if out_of_scope else None
-    return _run(Retriever, _run(load_kb, kb_dir or DEFAULT_KB), examples=pairs, out_of_scope=oos)
 
 
 @app.command()
@@ -405,136 +350,8 @@ def export(
     """Export base + merged LoRA as one GGUF file for llama.cpp (generation.backend: llamacpp)."""
     from .infer.gguf_export import export_gguf
 
-    out = _run(export_gguf, run, output, weight_type)
+    out = guarded(export_gguf, run, output, weight_type)
     typer.echo(f"GGUF written to {out}")
-
-
-@app.command()
-def retrieve(
-    question: str = typer.Argument(..., help="A question, as a user would ask it."),
-    k: int = typer.Option(5, "--k", min=1, help="How many articles to show."),
-    method: str = typer.Option(
-        "hybrid",
-        "--method",
-        help="bm25 (Kiwi morphemes), dense (multilingual-e5-small), examples (votes of similar example questions plus "
-        "the article classifiers) or hybrid (reciprocal-rank fusion of all).",
-    ),
-    kb: Optional[Path] = typer.Option(
-        None, "--kb", help="Statute knowledge-base folder (default: the KB shipped with kotune, src/kotune/kb)."
-    ),
-    examples: Optional[List[Path]] = typer.Option(None, "--examples", help=EXAMPLES_HELP),
-):
-    """Show the statute articles retrieved for a question."""
-    retriever = _retriever(kb, examples)
-    for rank, hit in enumerate(_run(retriever.search, question, k, method), start=1):
-        where = ", ".join(f"{m} #{r}" for m, r in hit.ranks.items())
-        typer.echo(f"{rank}. {hit.article.cite}({hit.article.title})  [{where}]")
-        typer.echo(f"   {hit.article.paragraphs[0][:120]}")
-
-
-@app.command(name="eval")
-def evaluate(
-    run: Optional[str] = typer.Argument(None, help="Run folder (omit with --retrieval_only)."),
-    questions: Path = typer.Option(
-        Path("data/civil_law_dev.jsonl"), "--questions", help="Dev set JSONL with gold citations and key facts."
-    ),
-    output: Optional[Path] = typer.Option(
-        None, "--output", help="Write the report (summary and per-question rows) as JSON."
-    ),
-    retrieval_only: bool = typer.Option(
-        False, "--retrieval_only", help="Baseline: answer with the top-1 retrieved article's summary."
-    ),
-    examples: Optional[List[Path]] = typer.Option(None, "--examples", help="With --retrieval_only: " + EXAMPLES_HELP),
-    method: str = typer.Option(
-        "hybrid", "--method", help="With --retrieval_only: the retrieval method (bm25, dense, examples, hybrid)."
-    ),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
-    batch_size: int = typer.Option(8, "--batch_size", min=1),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max_new_tokens"),
-    context_contrast: Optional[float] = typer.Option(
-        None,
-        "--context_contrast",
-        min=0,
-        max=5,
-        help="Override the run's generation.context_contrast (context-aware decoding weight; 0: off).",
-    ),
-    out_of_scope: Optional[Path] = typer.Option(
-        None,
-        "--out_of_scope",
-        help='Also answer these questions, which no KB article answers (JSONL `{"question"}` '
-        "lines), and report how often the system abstained and how often it cited an article anyway. "
-        f"Default: {DEFAULT_OUT_OF_SCOPE} when it exists; `--out_of_scope none` to skip.",
-    ),
-    abstain_examples: Optional[List[Path]] = typer.Option(
-        None,
-        "--abstain_examples",
-        help="With --retrieval_only: out-of-scope example questions (as "
-        "`retrieval.out_of_scope_examples`) that let the baseline abstain as the chatbot does. Repeat to use several.",
-    ),
-):
-    """Score answers on a dev set: citation hit/precision/recall, key facts, ROUGE-L, stop rate, latency, abstentions
-    (and, on out-of-scope questions, how often the system abstained or cited anyway)."""
-    from .data import read_question_lines
-    from .evaluate import evaluate_answers, load_dev, markdown_table, out_of_scope_summary, retrieval_only_answers
-    from .statutes import DEFAULT_KB, load_kb
-
-    items = _run(load_dev, questions)[:limit]
-    if out_of_scope is None and Path(DEFAULT_OUT_OF_SCOPE).is_file():
-        out_of_scope = Path(DEFAULT_OUT_OF_SCOPE)
-    oos = _run(read_question_lines, out_of_scope)[:limit] if out_of_scope and str(out_of_scope) != "none" else []
-    if output:  # the report is written after every answer: a bad path must fail now, not then
-        from .runfolder import check_output_file
-
-        _run(check_output_file, output, Path(run) if run else None, inputs=(questions,))
-    qs = [i["question"] for i in items]
-    kb = _run(load_kb, DEFAULT_KB)
-    oos_qs = [r["question"] for r in oos]
-    if retrieval_only:
-        retriever = _retriever(None, examples, abstain_examples)
-        name, answers = "retrieval-only", _run(retrieval_only_answers, retriever, qs, method)
-        oos_answers = _run(retrieval_only_answers, retriever, oos_qs, method)
-    else:
-        if not run:
-            _fail(ValueError("give a run folder, or --retrieval_only."))
-        bot = _bot(run, None, greedy=True, max_new_tokens=max_new_tokens, context_contrast=context_contrast)
-        kb = bot.kb or kb
-        name, answers = Path(run).name, _run(bot.answer_batch, qs, batch_size=batch_size)
-        oos_answers = _run(bot.answer_batch, oos_qs, batch_size=batch_size)
-    try:
-        from .retrieval import Morphemes
-
-        tokenize = Morphemes()
-    except ImportError:
-        tokenize = None
-    summary, rows = evaluate_answers(items, answers, kb, tokenize)
-    report = {"system": name, "questions": str(questions), "summary": summary, "rows": rows}
-    if oos:
-        o = out_of_scope_summary(oos_answers)
-        summary.update(out_of_scope_abstain_rate=o["abstain_rate"], out_of_scope_cited_rate=o["cited_rate"])
-        report.update(
-            out_of_scope=str(out_of_scope),
-            out_of_scope_summary=o,
-            out_of_scope_rows=[
-                {
-                    "id": r.get("id"),
-                    "question": r["question"],
-                    "answer": a.text,
-                    "abstained": a.abstained,
-                    "scope": a.scope,
-                }
-                for r, a in zip(oos, oos_answers)
-            ],
-        )
-    typer.echo(markdown_table({name: summary}))
-    if oos:
-        typer.echo(
-            f"out of scope ({out_of_scope}, {len(oos)} questions): abstained {o['abstain_rate']:.3f}, "
-            f"cited an article anyway {o['cited_rate']:.3f}"
-        )
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-        typer.echo(f"report written to {output}")
 
 
 @app.command()
@@ -567,38 +384,14 @@ def serve(
     try:
         from .serve import Limits, create_app, run_server
     except ImportError as e:
-        _fail(e)
+        fail(e)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without an API key: anyone who can reach it can use it.", err=True)
-    app_ = _run(
+    app_ = guarded(
         create_app, run, api_key=api_key, limits=Limits(max_tokens=max_tokens_limit, max_queue=max_queue), greedy=greedy
     )
     typer.echo(f"serving {app_.state.model_id} on http://{host}:{port}/ (API: /v1, requests answered one at a time)")
     run_server(app_, host=host, port=port)
-
-
-kb_app = typer.Typer(no_args_is_help=True, help="Statute knowledge base: import official text.")
-app.add_typer(kb_app, name="kb")
-
-
-@kb_app.command("import")
-def kb_import(
-    files: List[Path] = typer.Argument(..., help="law.go.kr lawService exports (XML or JSON), one law each."),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Folder for the imported KB (use a new folder, then point --kb at it)."
-    ),
-    keep_keywords_from: Optional[Path] = typer.Option(
-        None, "--keep_keywords_from", help="Existing KB folder whose keywords are kept for the same articles."
-    ),
-):
-    """Import official statute text exported from the law.go.kr Open API."""
-    from .kb_import import import_law_file
-
-    for f in files:
-        n, skipped = _run(import_law_file, f, out, keep_keywords_from)
-        typer.echo(f"{f}: {n} articles written to {out}")
-        for msg in skipped:
-            typer.echo(f"  skipped: {msg}")
 
 
 @app.command(name="config")
@@ -633,6 +426,8 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     app(args=_normalise_argv(sys.argv[1:]), prog_name="kotune")
 
+
+register_legal(app)
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """Everything before the first optimizer step: load and split the data, load the
-tokenizer, add retrieved context, encode and check one sample; the dry-run report.
+tokenizer, add each row's grounding context (retrieved articles), encode and check one sample; the dry-run report.
 
 Shared by `kotune train --dry_run` and training itself.
 """
@@ -7,11 +7,12 @@ Shared by `kotune train --dry_run` and training itself.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .config import KotuneConfig, input_column, target_column
+from .config import ConfigError, KotuneConfig, input_column, target_column
 from .data import DataError, load_examples
+from .grounding import for_training
 from .prompt import check_encoded, length_stats, render_sample
 from .tasks import encode, label_names, render_item
 
@@ -20,6 +21,13 @@ def load_split(cfg: KotuneConfig):
     """Training and evaluation examples with every problem counted in the log."""
     d = cfg.data
     task = cfg.model.task
+    if d.train_file is None and d.dataset_name is None:
+        raise ConfigError(
+            [
+                "`data.train_file` or `data.dataset_name`: set one of them to the training data, e.g. "
+                "`--set data.train_file=data/civil_law_qa.csv`."
+            ]
+        )
     common = dict(
         encoding=d.encoding,
         question_column=input_column(d, task),
@@ -91,8 +99,7 @@ class Prepared:
     long_rows: list[str]  # rows over data.max_length, as messages naming the file and row
     stats: dict  # token-length percentiles of the training rows
     labels: list[str] | None = None  # text-classification label names, in id order
-    retrieval_examples: list = field(default_factory=list)  # (question, citations) pairs the run keeps for retrieval
-    out_of_scope: list[str] = field(default_factory=list)  # questions the run's abstention learns from
+    grounding: Any = None  # grounding.TrainingGrounding of a grounded run: it saves its files into the run folder
 
 
 def prepare(cfg: KotuneConfig) -> Prepared:
@@ -103,17 +110,8 @@ def prepare(cfg: KotuneConfig) -> Prepared:
     resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tok = load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     d, task = cfg.data, cfg.model.task
-    train_ctx = eval_ctx = None
-    examples, out_of_scope = [], []
-    if cfg.retrieval.enabled:
-        from .retrieval import example_pairs
-        from .statutes import DEFAULT_KB, load_kb
-
-        kb = load_kb(cfg.retrieval.kb_dir or DEFAULT_KB)
-        examples = example_pairs(train_ex) if cfg.retrieval.example_questions else []
-        examples += extra_examples(cfg.retrieval.extra_examples, kb)
-        out_of_scope = out_of_scope_questions(cfg.retrieval.out_of_scope_examples)
-        train_ctx, eval_ctx = grounding_contexts(cfg, kb, train_ex, eval_ex, examples)
+    grounding = for_training(cfg.retrieval, train_ex, eval_ex, cfg.training.seed)
+    train_ctx, eval_ctx = (grounding.train_contexts, grounding.eval_contexts) if grounding else (None, None)
     labels = label2id = None
     if task == "text-classification":
         labels = label_names(train_ex)
@@ -148,68 +146,8 @@ def prepare(cfg: KotuneConfig) -> Prepared:
         long_rows=long_rows,
         stats=stats,
         labels=labels,
-        retrieval_examples=examples,
-        out_of_scope=out_of_scope,
+        grounding=grounding,
     )
-
-
-def out_of_scope_questions(files: list[str]) -> list[str]:
-    """The questions of `retrieval.out_of_scope_examples`, every problem reported at once."""
-    from .data import read_question_lines
-
-    questions, problems = [], []
-    for f in files:
-        try:
-            questions += [r["question"].strip() for r in read_question_lines(f)]
-        except (DataError, ValueError) as e:
-            problems.append(f"retrieval.out_of_scope_examples: {e}")
-    if problems:
-        raise DataError(problems + ["fix the file, or remove it from `retrieval.out_of_scope_examples`."])
-    return questions
-
-
-def extra_examples(files: list[str], kb: dict) -> list:
-    """The example questions of `retrieval.extra_examples`, every problem reported at once."""
-    from .retrieval import load_examples_file
-    from .statutes import format_cite
-
-    pairs, problems = [], []
-    for f in files:
-        try:
-            got = load_examples_file(f)
-        except (FileNotFoundError, ValueError) as e:
-            problems.append(f"retrieval.extra_examples: {e}")
-            continue
-        for i, (q, cites) in enumerate(got, start=1):
-            missing = [format_cite(*c) for c in cites if c not in kb]
-            if not cites:
-                problems.append(
-                    f'{f}: example {i} ({q[:30]}…) cites no article; add its citations, e.g. ["민법 제281조"].'
-                )
-            elif missing:
-                problems.append(
-                    f"{f}: example {i} ({q[:30]}…) cites {', '.join(missing)}, which the knowledge base does not have."
-                )
-        pairs += got
-    if problems:
-        raise DataError(problems + ["fix the example file, or remove it from `retrieval.extra_examples`."])
-    return pairs
-
-
-def grounding_contexts(cfg: KotuneConfig, kb: dict, train_ex, eval_ex, examples):
-    """Retrieved statute context for every row; `examples` are the retriever's example questions."""
-    from .retrieval import Retriever, training_contexts
-
-    r = cfg.retrieval
-    retriever = Retriever(kb, examples=examples)
-    out, problems = [], []
-    for rows in (train_ex, eval_ex):
-        ctx, bad = training_contexts(retriever, kb, rows, r.k, r.snippet_chars, cfg.training.seed, r.method)
-        out.append(ctx)
-        problems += bad
-    if problems:
-        raise DataError(problems + ["fix the citation, or add the article to the knowledge base (`retrieval.kb_dir`)."])
-    return out[0], out[1]
 
 
 def dry_run_report(cfg: KotuneConfig, prep: Prepared) -> str:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from .errors import OutputError
 
-# A run's config, its weights (a LoRA adapter or a full fine-tune), and a grounded run's questions its scope
-# classifier learns to refuse.
+# A run's config and its weights (a LoRA adapter or a full fine-tune).
 CONFIG, ADAPTER, FULL_MODEL = "config.yaml", "adapter", "model"
-OUT_OF_SCOPE_FILE = "retrieval_out_of_scope.jsonl"
+# What a grounded run keeps for answering (the grounding writes and reads them): the KB it was trained with, the
+# example questions its retrieval learns from, and the questions its scope classifier learns to refuse.
+KB_FOLDER, EXAMPLES_FILE, OUT_OF_SCOPE_FILE = "statutes", "retrieval_examples.jsonl", "retrieval_out_of_scope.jsonl"
 # Checkpoints: `checkpoints/step-NNNNNNN/` holding the trainable tensors and the optimizer/RNG state
 # (train/checkpoint.py writes them); a folder lacking either file is not a checkpoint.
 CKPT_PREFIX, CKPT_WEIGHTS, CKPT_STATE = "step-", "trainable.safetensors", "state.pt"
@@ -52,8 +53,8 @@ ARTIFACTS = (
     "loss.png",
     "labels.json",
     "NOTICE",
-    "statutes",
-    "retrieval_examples.jsonl",
+    KB_FOLDER,
+    EXAMPLES_FILE,
     OUT_OF_SCOPE_FILE,
     "tensorboard",
     "tokenizer.json",

@@ -16,7 +16,6 @@ from .load import (
     target_column,
 )
 from .sections import (
-    DEFAULT_QUICK_TEST,
     DEFAULT_TEMPLATE,
     SECTIONS,
     TASK_ALIASES,
@@ -32,7 +31,6 @@ from .sections import (
 )
 
 __all__ = [
-    "DEFAULT_QUICK_TEST",
     "DEFAULT_TEMPLATE",
     "FLAG_KEYS",
     "PLACEHOLDERS",

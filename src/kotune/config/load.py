@@ -229,8 +229,6 @@ def _semantic_problems(cfg: KotuneConfig) -> list[str]:
             "`generation.context_contrast` needs `generation.backend: torch` (llama.cpp runs one prompt per answer); "
             "set it to 0 to use llama.cpp."
         )
-    if cfg.data.train_file is None and cfg.data.dataset_name is None:
-        out.append("`data.train_file` or `data.dataset_name`: one of them must be set.")
     task = cfg.model.task
     if task != "causal-lm" and cfg.retrieval.enabled:
         out.append(f"`retrieval.enabled` works with `model.task: causal-lm` only (task is `{task}`).")

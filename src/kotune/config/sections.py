@@ -15,13 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_TEMPLATE = "질문: {question}\n답변: {answer}"
-DEFAULT_QUICK_TEST = [
-    "전세권이란 무엇인가요?",
-    "전입신고를 하면 대항력은 언제부터 생기나요?",
-    "집주인이 계약 만료 때 보증금을 안 돌려주면 어떻게 해야 하나요?",
-    "계약금만 낸 상태에서 계약을 해제할 수 있나요?",
-    "지상권 존속기간을 정하지 않으면 어떻게 되나요?",
-]
 
 
 class _Section(BaseModel):
@@ -43,7 +36,7 @@ class ModelSection(_Section):
         "(`Text2Text Generation`, `sequence-classification`, `text-generation`) are accepted.",
     )
     output_dir: str = Field(
-        "runs/civil_law", description="Run folder: config, adapter, tokenizer, metrics, logs and checkpoints go here."
+        "runs/default", description="Run folder: config, adapter, tokenizer, metrics, logs and checkpoints go here."
     )
     cache_dir: str | None = Field(
         None,
@@ -74,7 +67,7 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     train_file: str | None = Field(
-        "data/civil_law_qa.csv",
+        None,
         description="Training data: a CSV (`question,answer[,category,difficulty]`), a JSONL file "
         "(`question/answer`, alpaca `instruction/input/output`, or chat `messages`), or a `save_to_disk` folder.",
     )
@@ -317,7 +310,12 @@ class GenerationSection(_Section):
         "legal advice).",
     )
     quick_test_questions: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_QUICK_TEST), description="Questions asked by `kotune chat --quick_test`."
+        default_factory=list, description="Questions asked by `kotune chat --quick_test` (the recipe's own set)."
+    )
+    chat_banner: str | None = Field(
+        None,
+        description="The line `kotune chat` opens its interactive session with (what the chatbot is for). Unset: the "
+        "run folder's name.",
     )
     backend: Literal["torch", "llamacpp"] = Field(
         "torch",
@@ -351,8 +349,8 @@ class RetrievalSection(_Section):
     )
     kb_dir: str | None = Field(
         None,
-        description="Statute knowledge-base folder (`*.jsonl`). Unset: the KB shipped with kotune (`src/kotune/kb`, "
-        "installed as package data). Training copies it into the run folder.",
+        description="Statute knowledge-base folder (`*.jsonl`). Unset: the KB shipped with kotune "
+        "(`src/kotune/legal/kb`, installed as package data). Training copies it into the run folder.",
     )
     method: Literal["bm25", "dense", "examples", "hybrid"] = Field(
         "hybrid",
@@ -405,10 +403,12 @@ class RetrievalSection(_Section):
         description="While the model writes `(근거: …)`, let it cite only the retrieved articles (and paragraphs they "
         "have): a rule on the decoder, so no citation can be invented or come from outside the context.",
     )
-    citation_policy: Literal["mark", "drop", "off"] = Field(
-        "mark",
+    citation_policy: Literal["mark", "drop", "off"] | None = Field(
+        None,
         description="Citations of articles that do not exist or were not retrieved: `mark` them in the answer, `drop` "
-        "them, or leave them (`off`).",
+        "them, or leave them (`off`). Unset: `mark` in a grounded run (`enabled`), `off` otherwise; an "
+        "ungrounded run that cites statutes (the ungrounded civil-law recipes) sets `mark` to have its "
+        "citations checked against the shipped KB.",
     )
     out_of_scope_examples: list[str] = Field(
         default_factory=list,

@@ -87,46 +87,35 @@ class HangulSafeStreamer:
 
 
 class Chatbot:
-    def __init__(self, model, tokenizer, template: str, generation, retrieval=None, kb=None, retriever=None):
+    """Answers questions with a model and tokenizer; `grounding` (kotune/grounding.py), when the run has one, supplies
+    each prompt's context, the text an answer starts with, a decoding rule and the checks of the answer."""
+
+    def __init__(self, model, tokenizer, template: str, generation, grounding=None):
         self.model, self.tok, self.template, self.gen = model, tokenizer, template, generation
-        self.retrieval, self.kb, self.retriever = retrieval, kb, retriever
+        self.grounding = grounding
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
         from ..config import apply_overrides
+        from ..grounding import for_run
         from .fastgen import load_engine  # the engine named by generation.backend/precision (or an override)
 
         model, tok, cfg = load_engine(run_dir, **overrides)
         # validated: a flag may not set what YAML may not
         gen = apply_overrides(cfg.generation, "generation", overrides)
-        from ..statutes import DEFAULT_KB, load_kb
-
         if gen.context_contrast and not cfg.retrieval.enabled:
             raise ValueError(
                 f"{run_dir} answers without retrieved articles, so there is nothing to contrast: "
                 "`context_contrast` works with grounded runs (`retrieval.enabled: true`) only."
             )
-        if not cfg.retrieval.enabled:
-            # No retrieval, but the citations a model writes are still checked against the shipped statutes: an
-            # article the KB lacks is flagged (retrieval.citation_policy), one it has is listed under the answer.
-            return cls(model, tok, cfg.data.template, gen, cfg.retrieval, load_kb(DEFAULT_KB))
-        from ..retrieval import Retriever, load_examples_file
+        return cls(model, tok, cfg.data.template, gen, for_run(run_dir, cfg.retrieval))
 
-        kb = load_kb(Path(run_dir) / "statutes")
-        ex_file = Path(run_dir) / "retrieval_examples.jsonl"
-        examples = load_examples_file(ex_file) if ex_file.is_file() else None
-        from ..runfolder import OUT_OF_SCOPE_FILE
-
-        oos_file = Path(run_dir) / OUT_OF_SCOPE_FILE
-        oos = [r["question"] for r in read_question_lines(oos_file)] if oos_file.is_file() else None
-        retriever = Retriever(kb, examples=examples, out_of_scope=oos, abstain_in_scope=cfg.retrieval.abstain_in_scope)
-        return cls(model, tok, cfg.data.template, gen, cfg.retrieval, kb, retriever)
+    @property
+    def grounded(self) -> bool:
+        return self.grounding is not None and self.grounding.grounded
 
     def context_for(self, question: str) -> list:
-        if self.retriever is None:
-            return []
-        r = self.retrieval
-        return [h.article for h in self.retriever.search(question, k=r.answer_k or r.k, method=r.method)]
+        return self.grounding.sources(question) if self.grounded else []
 
     def check_question(self, question: str) -> str:
         """The question, stripped; a clear error for one that cannot be answered at all."""
@@ -141,34 +130,12 @@ class Chatbot:
         return q
 
     def refusal_for(self, question: str) -> tuple[str | None, float | None]:
-        """(the message to give instead of an answer, or None; the scope score). Only grounded runs refuse: an
-        ungrounded model has no knowledge base to be outside of."""
-        if self.retriever is None:
-            return None, None
-        from ..grounded import ABSTAIN_MESSAGE, refusal
-
-        score = self.retriever.scope(question)
-        text = refusal(question, score is None or score >= self.retriever.calibration.threshold)
-        if text == ABSTAIN_MESSAGE and self.retrieval.abstain_message:
-            text = self.retrieval.abstain_message
-        return text, score
+        """(the message to give instead of an answer, or None; the scope score)."""
+        return self.grounding.refusal(question) if self.grounding is not None else (None, None)
 
     def rule_for(self, question: str, context: list) -> str:
-        """The rule a grounded answer starts with: its one article's paragraphs relevant to the question. With
-        several articles in the prompt the model picks one, which is only known once it has cited it: no rule."""
-        if self.retriever is None or len(context) != 1:
-            return ""
-        from ..grounded import rule_line
-
-        return rule_line(context[0], self.retriever.excerpt(context[0], question.strip(), self.retrieval.rule_chars))
-
-    def _gate(self, question: str, context: list, rule: str, on_text=None):
-        """The checks on a grounded answer's application: its quantities' sources are the articles and the question,
-        and `rule` (from `rule_for`) is the one shown above it."""
-        from ..grounded import SentenceGate, quantities
-
-        allowed = quantities(question).union(*(quantities(a.summary) for a in context))
-        return SentenceGate(allowed, on_text, rule=rule)
+        """The text a grounded answer starts with (its article's rule), or ""."""
+        return self.grounding.lead(question, context) if self.grounded else ""
 
     def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
         g = self.gen
@@ -191,27 +158,23 @@ class Chatbot:
         return kw
 
     def excerpt(self, article, question: str) -> str:
-        """What to show of a cited article under the answer: in a grounded run the paragraphs its prompt showed
-        (the most relevant to the question), else the whole KB summary."""
-        if self.retriever is None:
-            return article.summary
-        return self.retriever.excerpt(article, question.strip(), self.retrieval.snippet_chars)
+        """What to show of a cited source under the answer."""
+        return self.grounding.excerpt(article, question) if self.grounding is not None else article.summary
 
     def prompt_ids(self, question: str, context: list | None = None) -> list[int]:
-        text = ""
-        if context:
-            text = self.retriever.format_context(context, question.strip(), self.retrieval.snippet_chars)
+        text = self.grounding.context_text(context, question) if context else ""
         prompt, _ = split_template(self.template, question.strip(), context=text)
         return encode_prompt(self.tok, prompt)
 
     def _processors(self, contexts: list[list], prompt_len: int) -> dict:
-        from .constrain import CitationConstraint, RepeatGuard
+        from .constrain import RepeatGuard
 
         procs = []
-        if self.gen.repeat_guard:  # first: a citation's own rule must have the last word
+        if self.gen.repeat_guard:  # first: the grounding's rule (which citations) must have the last word
             procs.append(RepeatGuard(self.tok, self.gen.repeat_guard, prompt_len))
-        if self.retriever is not None and self.retrieval.constrain_citations:
-            procs.append(CitationConstraint(self.tok, contexts, prompt_len))
+        rule = self.grounding.logits_processor(self.tok, contexts, prompt_len) if self.grounded else None
+        if rule is not None:
+            procs.append(rule)
         if not procs:
             return {}
         from transformers import LogitsProcessorList
@@ -222,7 +185,7 @@ class Chatbot:
         """Context-aware decoding (`generation.context_contrast`): each prompt's twin without the articles,
         left-padded, for the engine to contrast against."""
         w = self.gen.context_contrast
-        if not w or self.retriever is None:
+        if not w or not self.grounded:
             return {}
         if not getattr(self.model, "supports_contrast", False):
             raise ValueError(
@@ -259,7 +222,7 @@ class Chatbot:
         rule = self.rule_for(question, context)
         if on_text and rule:
             on_text(rule)
-            gate = self._gate(question, context, rule, _after_blank_line(on_text))
+            gate = self.grounding.gate(question, context, rule, _after_blank_line(on_text))
             on_text = gate.feed
         ids = torch.tensor([self.prompt_ids(question, context)], device=self.model.device)
         streamer = HangulSafeStreamer(self.tok, on_text) if on_text else None
@@ -328,7 +291,7 @@ class Chatbot:
         raw, dropped = text, []
         rule = self.rule_for(question, context or []) if rule is None else rule
         if rule:  # the rule in the KB's words, then the model's application with unsupported quantities removed
-            gate = self._gate(question, context, rule)
+            gate = self.grounding.gate(question, context, rule)
             gate.feed(text)
             text, dropped = (rule + "\n\n" + gate.close(complete=stopped)).strip(), gate.dropped
         answer = Answer(
@@ -343,14 +306,8 @@ class Chatbot:
             dropped=dropped,
             rule=rule,
         )
-        if self.kb is not None:
-            from ..retrieval import apply_citation_policy, check_citations
-
-            check = check_citations(text, self.kb, context if self.retriever is not None else None)
-            answer.citations = check.valid
-            answer.flagged = check.invented + check.out_of_context
-            if self.retrieval.citation_policy != "off":
-                answer.text = apply_citation_policy(text, check, self.retrieval.citation_policy)
+        if self.grounding is not None:
+            answer.text, answer.citations, answer.flagged = self.grounding.check(text, context or [])
         return answer
 
 
@@ -375,7 +332,7 @@ def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: 
         for rec, a in zip(records, answers):
             # "rule": the part of the answer that is the KB's text (grounded runs); the rest is the model's
             out = {**rec, "answer": a.text, "stopped": a.stopped, "abstained": a.abstained, "rule": a.rule or None}
-            if bot.kb is not None:
+            if bot.grounding is not None:
                 out["citations"] = a.citation_records()
                 out["flagged_citations"] = a.flagged
             f.write(json.dumps(out, ensure_ascii=False) + "\n")

@@ -22,7 +22,6 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..statutes import DEFAULT_KB, find_citations, format_cite, load_kb
 from .schemas import UNSUPPORTED, APIError, ChatRequest, Limits
 from .worker import Job, QueueFull, Worker
 
@@ -30,26 +29,12 @@ STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 5.0  # an SSE comment while a request waits in the queue, so proxies and clients keep the connection
 
 
-def citation_extras(answer, kb: dict | None, checked: bool) -> dict:
-    """The extra response fields: checked citations, flagged ones, and the articles put in the prompt.
-
-    A bot loaded from a run folder checks citations itself (infer/generate.py): against the KB and the retrieved
-    articles in a grounded run, against the shipped KB in an ungrounded one. For a bot built without a KB
-    only existence in the shipped KB is checked here: found articles are listed so a reader can open them,
-    the others are flagged.
-    """
-    if checked:
-        citations, flagged = [a.record() for a in answer.citations], list(answer.flagged)
-    else:
-        citations, flagged = [], []
-        for key in find_citations(answer.text):
-            if kb and key in kb:
-                citations.append(kb[key].record())
-            else:
-                flagged.append(format_cite(*key))
+def citation_extras(answer) -> dict:
+    """The extra response fields: the cited sources that hold, flagged citations, and the sources put in the prompt
+    (the bot's grounding checked them; a run without one has none)."""
     return {
-        "citations": citations,
-        "flagged_citations": flagged,
+        "citations": answer.citation_records(),
+        "flagged_citations": list(answer.flagged),
         "retrieved": [a.record() for a in answer.context],
         "abstained": answer.abstained,
         "rule": answer.rule or None,
@@ -77,8 +62,6 @@ def create_app(
         model_id = model_id or Path(bot_or_run).resolve().name
     model_id = model_id or "kotune"
     limits = limits or Limits()
-    grounded, checked = bot.retriever is not None, bot.kb is not None
-    kb = bot.kb if checked else load_kb(DEFAULT_KB)
     worker = Worker(bot, max_queue=limits.max_queue)
     created = int(time.time())
 
@@ -135,9 +118,13 @@ def create_app(
 
     @v1.get("/statutes/{law}/{article}")
     async def statute(law: str, article: str):
-        if not kb or (law, article) not in kb:
-            raise APIError(404, f"{format_cite(law, article)} is not in the statute knowledge base.", "not_found_error")
-        return kb[(law, article)].record()
+        record = bot.grounding.lookup(law, article) if bot.grounding is not None else None
+        if record is None:
+            num, _, branch = article.partition("의")
+            cite = f"{law} 제{num}조" + (f"의{branch}" if branch else "")
+            where = "the statute knowledge base" if bot.grounding is not None else "this run (it has no knowledge base)"
+            raise APIError(404, f"{cite} is not in {where}.", "not_found_error")
+        return record
 
     def job_for(req: ChatRequest) -> Job:
         if req.model != model_id:
@@ -231,7 +218,7 @@ def create_app(
                     }
                 ],
                 "usage": usage(answer, prompt_tokens),
-                **citation_extras(answer, kb, checked),
+                **citation_extras(answer),
             }
 
         loop = asyncio.get_running_loop()
@@ -281,7 +268,7 @@ def create_app(
                             {},
                             "stop" if answer.stopped else "length",
                             checked_content=answer.text,
-                            **citation_extras(answer, kb, checked),
+                            **citation_extras(answer),
                         )
                     )
                     if include_usage:
@@ -310,7 +297,7 @@ def create_app(
         return {
             "status": "ok",
             "model": model_id,
-            "grounded": grounded,
+            "grounded": bot.grounded,
             "auth": api_key is not None,
             "notice": bot.gen.notice,
             "pending": worker.pending,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -491,21 +490,8 @@ def _finish(cfg, model, tok, prep, out: Path, metrics, log_path, state: dict | N
     if prep.resolved.notice:
         for folder in {out, weights}:
             (folder / "NOTICE").write_text(prep.resolved.notice, encoding="utf-8")
-    if cfg.retrieval.enabled:  # the run folder answers from the exact KB it was trained with
-        from ..statutes import DEFAULT_KB
-
-        shutil.copytree(cfg.retrieval.kb_dir or DEFAULT_KB, out / "statutes", dirs_exist_ok=True)
-        if prep.retrieval_examples:
-            from ..retrieval import save_examples
-
-            save_examples(prep.retrieval_examples, out / "retrieval_examples.jsonl")
-        if prep.out_of_scope:
-            from ..runfolder import OUT_OF_SCOPE_FILE
-
-            (out / OUT_OF_SCOPE_FILE).write_text(
-                "".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in prep.out_of_scope),
-                encoding="utf-8",
-            )
+    if prep.grounding is not None:  # the run folder answers from the exact sources it was trained with
+        prep.grounding.save(out)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     log.info(
         "run folder ready: %s (%s, tokenizer, config.yaml, metrics.jsonl, loss.png%s)",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import read_question_lines
+from ..data import read_question_lines
 from .statutes import find_citations, format_cite
 
 
@@ -147,8 +147,8 @@ def retrieval_only_answers(retriever, questions: list[str], method: str = "hybri
     retriever has out-of-scope examples."""
     import time
 
-    from .grounded import refusal
-    from .infer.generate import Answer
+    from ..infer.generate import Answer
+    from .answer import refusal
 
     out = []
     for q in questions:

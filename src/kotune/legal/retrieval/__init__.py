@@ -12,8 +12,6 @@ strongest signals on the dev set (docs/retrieval.md).
 
 The index (morphemes and vectors of every article and example) is cached under
 `<cache>/retrieval/<hash of the texts>/`, so it is built once per KB version.
-Also checks the citations in a generated answer against the KB and the
-articles that were retrieved for it.
 """
 
 from __future__ import annotations
@@ -24,8 +22,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..statutes import Article, find_citations, format_cite
+from ..statutes import Article, find_citations
 from .classify import WordFeatures, train_classifier
+from .context import context_line, excerpt
 
 # Content-bearing Kiwi tags: nouns, verb/adjective stems, roots, foreign words, numbers.
 _KEEP = ("NN", "NP", "NR", "VV", "VA", "XR", "SL", "SN", "MAG")
@@ -119,7 +118,7 @@ class Retriever:
         """`out_of_scope`: questions with no basis in the KB; with them (and examples) the retriever also scores
         whether a question is in scope (`scope`), abstaining below a threshold calibrated so that at most
         `abstain_in_scope` of the in-scope examples would be abstained (scope.py)."""
-        from ..config import cache_root
+        from ...config import cache_root
 
         root = Path(cache_dir) if cache_dir else cache_root() / "retrieval"
         self._queries: dict[str, tuple] = {}  # question -> (morphemes, e5 vector): search and scope share them
@@ -257,7 +256,7 @@ class Retriever:
 
     def format_context(self, articles: list[Article], question: str, snippet_chars: int) -> str:
         """The prompt's context for `question`: long summaries show the paragraphs most relevant to it."""
-        return "\n".join(_context_line(a, self.excerpt(a, question, snippet_chars)) for a in articles)
+        return "\n".join(context_line(a, self.excerpt(a, question, snippet_chars)) for a in articles)
 
     def excerpt(self, article: Article, question: str, snippet_chars: int) -> str:
         """`article`'s summary as the prompt shows it for `question`: whole, or its paragraphs most relevant to the
@@ -330,167 +329,3 @@ def retrieval_metrics(retriever: Retriever, items: list[dict], method: str, ks=(
         rr += 1.0 / first if first else 0.0
     n = max(len(items), 1)
     return {**{f"recall@{k}": hits[k] / n for k in ks}, "mrr": rr / n, "questions": len(items)}
-
-
-@dataclass
-class CitationCheck:
-    valid: list[Article]  # exist and were in the retrieved context
-    invented: list[str]  # cite an article the KB does not have
-    out_of_context: list[str]  # exist, but were not among the retrieved articles
-
-
-def check_citations(
-    answer: str, kb: dict[tuple[str, str], Article], context: list[Article] | None = None
-) -> CitationCheck:
-    allowed = {a.key for a in context} if context is not None else None
-    valid, invented, outside = [], [], []
-    for law, art in find_citations(answer):
-        cite = format_cite(law, art)
-        if (law, art) not in kb:
-            invented.append(cite)
-        elif allowed is not None and (law, art) not in allowed:
-            outside.append(cite)
-        else:
-            valid.append(kb[(law, art)])
-    return CitationCheck(valid, invented, outside)
-
-
-def apply_citation_policy(answer: str, check: CitationCheck, policy: str = "mark") -> str:
-    """`mark`: flag bad citations in place; `drop`: remove them from the text."""
-    import re
-
-    out = answer
-    for cite in check.invented + check.out_of_context:
-        flag = "지식 베이스에 없는 조문" if cite in check.invented else "검색된 조문 밖"
-        pattern = re.escape(cite).replace(r"\ ", r"\s*") + r"(?!\d|의\d)"
-        out = re.sub(pattern, "" if policy == "drop" else f"{cite}[확인 필요: {flag}]", out)
-    if policy == "drop":
-        out = re.sub(r"\(근거:\s*[,\s]*\)", "", out)
-        out = re.sub(r",\s*,", ",", out).replace("(근거: ,", "(근거:").replace(", )", ")")
-    return out.strip()
-
-
-def format_context(articles: list[Article], snippet_chars: int, rankings: list[list[int]] | None = None) -> str:
-    """One line per article: citation, title and its summary, cut to `snippet_chars`. `rankings`: for each
-    article, its paragraph indices most relevant first (`Retriever.paragraph_ranking`); a long summary then
-    shows the most relevant paragraphs that fit, in their own order, instead of its start."""
-    return "\n".join(
-        _context_line(a, excerpt(a, snippet_chars, None if rankings is None else rankings[n]))
-        for n, a in enumerate(articles)
-    )
-
-
-def _context_line(a: Article, text: str) -> str:
-    return f"- {a.cite}({a.title}): {text}"
-
-
-def excerpt(a: Article, snippet_chars: int, ranking: list[int] | None = None) -> str:
-    """`a`'s summary cut to `snippet_chars`: its best-ranked paragraphs that fit (`ranking`), else its start."""
-    text = a.summary
-    if len(text) <= snippet_chars:
-        return text
-    return (
-        _pick_paragraphs(a.paragraphs, ranking, snippet_chars)
-        if ranking is not None
-        else text[:snippet_chars].rstrip() + "…"
-    )
-
-
-def _pick_paragraphs(paragraphs: tuple[str, ...], ranking: list[int], budget: int) -> str:
-    """The best-ranked paragraphs that fit in `budget` characters (always the first of them; the `…` marks between
-    paragraphs left out are not counted), in document order."""
-    chosen: list[int] = []
-    used = 0
-    for i in ranking:
-        if not chosen or used + 1 + len(paragraphs[i]) <= budget:
-            chosen.append(i)
-            used += len(paragraphs[i]) + (1 if used else 0)
-    if len(chosen) == 1 and used > budget:
-        return paragraphs[chosen[0]][:budget].rstrip() + "…"
-    chosen.sort()
-    parts = [paragraphs[chosen[0]]]
-    for prev, i in zip(chosen, chosen[1:]):
-        parts.append(("… " if i > prev + 1 else "") + paragraphs[i])
-    return " ".join(parts)
-
-
-def example_pairs(rows) -> list[tuple[str, list[tuple[str, str]]]]:
-    """(question, cited articles) of Q&A examples (anything with `.question` and `.answer`)."""
-    return [(ex.question, find_citations(ex.answer)) for ex in rows]
-
-
-def save_examples(pairs, path: Path) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for q, cites in pairs:
-            f.write(
-                json.dumps({"question": q, "citations": [format_cite(*c) for c in cites]}, ensure_ascii=False) + "\n"
-            )
-
-
-def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]]]]:
-    """A run folder's `retrieval_examples.jsonl` (`{"question", "citations": [...]}` lines), or any
-    Q&A training file (CSV/JSONL) kotune reads, whose answers' citations are used."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: example-question file not found. Give the training Q&A file "
-            "(e.g. data/civil_law_qa.csv) or a run's retrieval_examples.jsonl."
-        )
-    first = ""
-    if path.suffix == ".jsonl" and path.is_file():
-        from ..data import read_text
-
-        # Decoded as every data file is (UTF-8, with or without BOM, cp949, UTF-16), so a file saved in another
-        # encoding gets the data reader's clear message rather than a UnicodeDecodeError here.
-        first = read_text(path, None)[0].split("\n", 1)[0]
-    if '"citations"' not in first:
-        from ..data import load_examples
-
-        rows, _ = load_examples(path, bad_rows="skip", duplicates="keep")
-        return example_pairs(rows)
-    from ..data import read_question_lines
-
-    pairs = []
-    for r in read_question_lines(path, ("question", "citations")):
-        cites = r["citations"]
-        if not isinstance(cites, list) or not all(isinstance(c, str) for c in cites):
-            raise ValueError(
-                f'{path}: record {r["id"]}: "citations" must be a list of strings such as ["민법 제281조"].'
-            )
-        pairs.append((r["question"], find_citations(" ".join(cites))))
-    return pairs
-
-
-def training_contexts(
-    retriever: Retriever, kb: dict, examples, k: int, snippet_chars: int, seed: int, method: str = "hybrid"
-) -> tuple[list[str], list[str]]:
-    """Context for each training row, as chat would build it: the top-k retrieved articles in
-    retrieval order (the row's own question left out of the example votes). Where retrieval misses
-    the cited (gold) article, it takes the place of the lowest distractor at a random position, so
-    the model learns both that the first article is often right and to read the others. A row citing
-    k or more articles sees exactly those, in its citation order.
-    Returns (contexts, problems) — a problem is a row citing an article the KB lacks."""
-    import random
-
-    contexts, problems = [], []
-    for i, ex in enumerate(examples):
-        gold_keys = find_citations(ex.answer)
-        missing = [format_cite(*g) for g in gold_keys if g not in kb]
-        if missing:
-            problems.append(f"{ex.source}: cites {', '.join(missing)}, which the knowledge base does not have.")
-        gold = [kb[g] for g in gold_keys if g in kb]
-        if len(gold) >= k:  # no room for a distractor: the context is the cited articles, and no search is needed
-            contexts.append(retriever.format_context(gold, ex.question, snippet_chars))
-            continue
-        width = max(k, len(gold))
-        chosen = [h.article for h in retriever.search(ex.question, k=width, method=method, skip_example=ex.question)]
-        rng = random.Random(seed * 100003 + i)
-        for art in gold:
-            if art in chosen:
-                continue
-            distractors = [j for j, a in enumerate(chosen) if a not in gold]
-            if len(chosen) >= width and distractors:
-                chosen.pop(distractors[-1])
-            chosen.insert(rng.randrange(len(chosen) + 1), art)
-        contexts.append(retriever.format_context(chosen, ex.question, snippet_chars))
-    return contexts, problems

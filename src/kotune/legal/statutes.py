@@ -1,6 +1,6 @@
 """The shipped statute knowledge base and citation parsing.
 
-Records live in `src/kotune/kb/*.jsonl` (package data, so an installed kotune has them), one article per line:
+Records live in `src/kotune/legal/kb/*.jsonl` (package data, so an installed kotune has them), one article per line:
 `{"law", "article" ("3의2" form), "title", "paragraphs", "keywords"}`.
 Citations are written `법령명 제N조` or `법령명 제N조의M`.
 """
