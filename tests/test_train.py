@@ -188,11 +188,11 @@ def test_max_batch_tokens_splits_a_step_without_changing_its_loss(tiny_gemma, qa
     """Splitting the long batches lowers peak memory only: every row still counts, and the step's loss (and so its
     gradient, test_gradient_accumulation_equals_large_batch) is normalised by the step's trained tokens. (Gemma: no
     dropout in the base model, whose random masks would differ with the batch shapes.)"""
-    from kotune.train import loop
+    from kotune.train import steps
 
     parts = []
-    real = loop.split_by_tokens
-    monkeypatch.setattr(loop, "split_by_tokens", lambda *a: parts.append(real(*a)) or parts[-1])
+    real = steps.split_by_tokens
+    monkeypatch.setattr(steps, "split_by_tokens", lambda *a: parts.append(real(*a)) or parts[-1])
     common = dict(training={"max_steps": 1, "logging_steps": 1}, lora={"dropout": 0})  # no random masks to differ
     whole = train(tiny_config(tiny_gemma, qa_csv, tmp_path / "whole", data={"batch_size": 8}, **common))
     split = train(

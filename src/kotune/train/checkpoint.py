@@ -14,10 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainError
 from ..runfolder import CKPT_STATE as STATE
 from ..runfolder import CKPT_WEIGHTS as WEIGHTS
 from ..runfolder import checkpoint_dir, list_checkpoints
+from . import distributed as dd
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict, state: dict, keep: int) -> Path:
@@ -96,3 +97,38 @@ def load_intact(path: Path, warn) -> tuple[Path, dict, dict]:
         + "\n".join(f"  - {b}" for b in broken)
         + "\nStart over with `--overwrite` (the broken run is kept until the new one finishes)."
     )
+
+
+def restore_training_state(start: tuple, params: dict, opt, early, d, device: str) -> tuple[int, list]:
+    """Load a checkpoint (path, weights, state) into the trainable tensors, optimizer, RNGs and early stopping;
+    returns (step, the epoch's loss accumulator)."""
+    import torch
+
+    start_ckpt, weights, state = start
+    missing = set(params) - set(weights)
+    if missing:
+        raise TrainError(f"{start_ckpt} does not match this model/LoRA config (missing {sorted(missing)[:3]}…).")
+    dd.copy_into(params, weights)
+    dd.load_optimizer_state(opt, state["optimizer"])
+    rngs = state.get("rng_cpu_ranks") or [state["rng_cpu"]]
+    torch.set_rng_state(rngs[d.rank] if len(rngs) == d.world else state["rng_cpu"])
+    if device.startswith("cuda") and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    early.restore(state.get("early"))
+    return int(state["step"]), list(state.get("epoch_acc") or [0.0, 0])
+
+
+def save_training_state(root: Path, at: int, params: dict, opt, state: dict, keep: int | None, device: str, d) -> Path:
+    """Write checkpoint `at` (trainable tensors, optimizer, RNGs and `state`); every process takes part."""
+    import torch
+
+    # Collectives first: every process takes part (gathering FSDP / ZeRO shards, RNG states).
+    weights, opt_state, rngs = dd.unsharded(params), dd.optimizer_state(opt), dd.gather(torch.get_rng_state(), d)
+    path = None
+    if d.main:
+        state = {**state, "optimizer": opt_state, "rng_cpu": rngs[0], "rng_cpu_ranks": rngs}
+        if device.startswith("cuda"):
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        path = save_checkpoint(root, at, weights, state, keep)
+    dd.barrier(d)
+    return path or checkpoint_dir(root, at)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ..config import KotuneConfig
 from ..memory import apply_cap, choose_precision, cpu_threads, memory_line, memory_stats, release_cache
-from ..prepare import Prepared, dry_run_report, epoch_batches, prepare, split_by_tokens
-from ..tasks import classification_metrics, collate, confusion, count, item_length
+from ..prepare import Prepared, dry_run_report, prepare
+from ..tasks import count, item_length
 from . import checkpoint as ckpt
 from . import distributed as dd
 from .early import EarlyStop
@@ -34,61 +34,7 @@ from .logs import (
     setup_logging,
     tensorboard,
 )
-
-# ---------------------------------------------------------------- model pieces
-
-
-def accumulate_gradients(
-    model,
-    batches: list[dict],
-    device: str,
-    autocast,
-    task: str = "causal-lm",
-    n_total: int | None = None,
-    *,
-    weights: list[float] | None = None,
-    world: int = 1,
-) -> tuple[float, int, int]:
-    """Backward over the micro-batches of one optimizer step; `model` is what
-    `distributed.wrap` returns (forward(batch) -> the task's loss sum).
-
-    Each micro-batch's loss sum is divided by the trained-unit count of the whole step
-    (`n_total`: of the global step across processes), so the gradient is the same as for
-    one big batch however the rows are split, padded or spread over processes. DDP, FSDP
-    and ZeRO average gradients over the `world` processes, hence the factor `world`.
-    A batch of weight 0 is a filler: this process's slice was empty, but it must still
-    take part in the engine's collectives. Gradients are synchronised in the backward of
-    the last micro-batch only. Returns (loss sum, trained units, non-pad tokens) of the real batches."""
-    weights = weights or [1.0] * len(batches)
-    local = sum(count(task, b) for b, w in zip(batches, weights) if w)
-    n_tok = n_total if n_total is not None else local
-    total, real = 0.0, 0
-    for i, (b, w) in enumerate(zip(batches, weights)):
-        b = {k: v.to(device) for k, v in b.items()}
-        with dd.no_sync(model, sync=i == len(batches) - 1):
-            with autocast():
-                s = model(b)[0]
-            dd.backward(model, s * (w * world) / max(n_tok, 1))
-        if w:
-            total += float(s.detach())
-            real += int(b["attention_mask"].sum())
-    return total, local, real
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def trainable_state(model) -> dict:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
+from .steps import BatchPlan, accumulate_gradients, evaluate_loss, lr_factor, trainable_state
 
 # ---------------------------------------------------------------- entry point
 
@@ -283,7 +229,7 @@ def _loop(
     t = cfg.training
     bs, ga = cfg.data.batch_size, mc.gradient_accumulation_steps
     lengths = [item_length(e) for e in train_set]
-    n_batches = math.ceil(len(train_set) / bs)
+    n_batches = math.ceil(len(train_set) / bs)  # = plan.n_batches
     total = t.max_steps or max(1, math.ceil(math.ceil(t.epochs * n_batches) / ga))
     warmup = t.warmup_steps or int(t.warmup_ratio * total)
     opt = torch.optim.AdamW(params.values(), lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -298,92 +244,18 @@ def _loop(
 
     step = 0
     if start is not None:
-        start_ckpt, weights, state = start
-        missing = set(params) - set(weights)
-        if missing:
-            raise TrainError(f"{start_ckpt} does not match this model/LoRA config (missing {sorted(missing)[:3]}…).")
-        dd.copy_into(params, weights)
-        dd.load_optimizer_state(opt, state["optimizer"])
-        rngs = state.get("rng_cpu_ranks") or [state["rng_cpu"]]
-        torch.set_rng_state(rngs[d.rank] if len(rngs) == d.world else state["rng_cpu"])
-        if device.startswith("cuda") and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        early.restore(state.get("early"))
-        epoch_acc = list(state.get("epoch_acc") or epoch_acc)
-        step = int(state["step"])
-        log.info("resumed from %s at step %d of %d", start_ckpt, step, total)
+        step, epoch_acc = ckpt.restore_training_state(start, params, opt, early, d, device)
+        log.info("resumed from %s at step %d of %d", start[0], step, total)
 
     metrics = MetricsLog(out / "metrics.jsonl", truncate_after=step) if d.main else None
     tb = tensorboard(out) if cfg.logging.tensorboard and d.main else None
     dev_type = device.split(":")[0]
     autocast = (lambda: torch.autocast(dev_type, dtype=getattr(torch, amp))) if amp else nullcontext
-    pad = tok.pad_token_id
-    cache: dict[int, list[list[int]]] = {}
+    write = metrics.write if metrics is not None else (lambda rec: None)
+    plan = BatchPlan(
+        train_set, lengths, bs, t.seed, cfg.data.group_by_length, cfg.data.max_batch_tokens, tok.pad_token_id, d
+    )
     n_labels = len(prep.labels or [])
-
-    def write(rec: dict) -> None:
-        if metrics is not None:
-            metrics.write(rec)
-
-    def micro_batches(m: int) -> list[tuple[dict, float]]:
-        """This process's share of global micro-batch m, with its weight: 0 for a one-row filler when the slice
-        is empty (the engines' collectives need every process). One process alone splits a batch over
-        `data.max_batch_tokens` into smaller ones; several must run the same number of micro-batches."""
-        epoch, k = divmod(m, n_batches)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = epoch_batches(lengths, bs, t.seed, epoch, cfg.data.group_by_length)
-        rows = dd.shard(cache[epoch][k], d)
-        if not rows:
-            return [(collate([train_set[i] for i in cache[epoch][k][:1]], pad), 0.0)]
-        parts = split_by_tokens(rows, lengths, cfg.data.max_batch_tokens) if d.world == 1 else [rows]
-        return [(collate([train_set[i] for i in part], pad), 1.0) for part in parts]
-
-    def evaluate() -> dict | None:
-        if not eval_set:
-            return None
-        model.eval()
-        tot, n = 0.0, 0
-        cm = torch.zeros((n_labels, n_labels), dtype=torch.long)
-        order = sorted(range(len(eval_set)), key=lambda i: item_length(eval_set[i]))
-        with torch.no_grad(), autocast():
-            for k in range(0, len(order), bs):
-                rows = dd.shard(order[k : k + bs], d)
-                # Under FSDP and ZeRO-3 every forward gathers parameters, so a process with no rows runs a filler.
-                b = {
-                    kk: v.to(device) for kk, v in collate([eval_set[i] for i in rows or order[k : k + 1]], pad).items()
-                }
-                s, c, preds = runner(b)
-                if not rows:
-                    continue
-                tot, n = tot + float(s), n + c
-                if preds is not None:
-                    cm += confusion(preds, b["labels"], n_labels)
-        model.train()
-        tot, n = dd.all_sum([tot, float(n)], d)
-        res = {"eval_loss": tot / max(n, 1)}
-        if n_labels:
-            res.update(classification_metrics(dd.all_sum_tensor(cm, d)))
-        return res
-
-    def save(at: int) -> Path | None:
-        # Collectives first: every process takes part (gathering FSDP / ZeRO shards, RNG states).
-        weights, opt_state, rngs = dd.unsharded(params), dd.optimizer_state(opt), dd.gather(torch.get_rng_state(), d)
-        path = None
-        if d.main:
-            state = {
-                "step": at,
-                "optimizer": opt_state,
-                "rng_cpu": rngs[0],
-                "rng_cpu_ranks": rngs,
-                "early": early.state(),
-                "epoch_acc": epoch_acc,
-            }
-            if device.startswith("cuda"):
-                state["rng_cuda"] = torch.cuda.get_rng_state()
-            path = ckpt.save_checkpoint(out / "checkpoints", at, weights, state, t.save_total_limit)
-        dd.barrier(d)
-        return path or ckpt.checkpoint_dir(out / "checkpoints", at)
 
     stop = StopFlag()
     model.train()
@@ -394,7 +266,7 @@ def _loop(
     try:
         with stop:
             while step < total and not early.stopped:
-                batches, weights = zip(*(b for m in range(step * ga, (step + 1) * ga) for b in micro_batches(m)))
+                batches, weights = zip(*(b for m in range(step * ga, (step + 1) * ga) for b in plan.micro_batches(m)))
                 n_global = dd.all_sum([float(sum(count(task, b) for b, w in zip(batches, weights) if w))], d)[0]
                 loss_s, n_tok, n_real = accumulate_gradients(
                     runner,
@@ -445,7 +317,7 @@ def _loop(
                 crossed_epoch = int(step * ga / n_batches) > int((step - 1) * ga / n_batches)
                 ev = None
                 if (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and crossed_epoch) or step == total:
-                    ev = evaluate()
+                    ev = evaluate_loss(model, runner, eval_set, bs, tok.pad_token_id, n_labels, device, autocast, d)
                     if ev is not None:
                         write({"step": step, "epoch": round(epoch, 3), **ev})
                         log.info("step %d: %s", step, format_eval(ev))
@@ -459,11 +331,14 @@ def _loop(
                     epoch_acc = [0.0, 0]
                     if mc.optimize_memory_usage:
                         release_cache(device)
-                if step % t.save_steps == 0 or step == total or early.stopped:
-                    save(step)
-                if dd.any_true(stop.requested, d):
-                    path = save(step)
-                    raise Interrupted(path)
+                interrupted = dd.any_true(stop.requested, d)
+                if step % t.save_steps == 0 or step == total or early.stopped or interrupted:
+                    state = {"step": step, "early": early.state(), "epoch_acc": epoch_acc}
+                    path = ckpt.save_training_state(
+                        out / "checkpoints", step, params, opt, state, t.save_total_limit, device, d
+                    )
+                    if interrupted:
+                        raise Interrupted(path)
     finally:
         bar.close()
         if tb:
