@@ -16,7 +16,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import cache_root
 from .errors import ModelError
+from .memory import cuda_has_bf16, quantization_problem
+from .runfolder import check_merge_output, require_run
 
 log = logging.getLogger("kotune")
 # PEFT still calls the old name; the warning is noise for users.
@@ -121,7 +124,6 @@ def _convert_gguf(gguf_path: Path, target: Path, notice: str | None = None) -> N
 
 
 def resolve_model(name: str, cache_dir: str | None = None) -> ResolvedModel:
-    from .config import cache_root
 
     preset = PRESETS.get(name)
     models = cache_root(cache_dir) / "models"
@@ -257,8 +259,6 @@ def load_base_model(
     import transformers
     from transformers.utils import logging as hf_logging
 
-    from .memory import quantization_problem
-
     hf_logging.disable_progress_bar()  # kotune prints its own progress; per-tensor bars are noise
     auto = getattr(transformers, AUTO_CLASSES[task])
     kwargs = dict(
@@ -302,8 +302,6 @@ def load_base_model(
 def _bnb_config(quantization: str):
     import torch
     from transformers import BitsAndBytesConfig
-
-    from .memory import cuda_has_bf16
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -407,8 +405,6 @@ def load_run(run_dir: str | Path, *, merge: bool = True, dtype: str | None = Non
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .runfolder import require_run
-
     run = Path(run_dir)
     cfg = cfg or require_run(run)
     full = (run / "model" / "config.json").is_file()
@@ -464,7 +460,6 @@ def run_labels(run: Path) -> list[str]:
 def merge_run(run_dir: str | Path, output: str | Path) -> Path:
     """Write base + adapter as one safetensors model folder (with tokenizer and notice). The folder is written
     beside its final name and renamed into place, so a failure leaves no half-written model."""
-    from .runfolder import check_merge_output, require_run
 
     run, out = Path(run_dir), Path(output)
     cfg = require_run(run)

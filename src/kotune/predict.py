@@ -14,6 +14,10 @@ from pathlib import Path
 
 from .config import input_column, target_column
 from .data import DataError, read_text
+from .errors import ModelError
+from .model import load_run, run_labels
+from .runfolder import check_output_file, require_run
+from .tasks import _pad, classification_metrics, confusion
 
 
 def read_inputs(path: str | Path, text_col: str, encoding: str | None = None) -> list[dict]:
@@ -50,8 +54,6 @@ def read_inputs(path: str | Path, text_col: str, encoding: str | None = None) ->
 def predict_records(model, tok, cfg, texts: list[str], labels: list[str] | None, batch_size: int = 16) -> list[dict]:
     import torch
 
-    from .tasks import _pad
-
     device = next(model.parameters()).device
     out = []
     for k in range(0, len(texts), batch_size):
@@ -80,9 +82,6 @@ def predict_file(
     run: str | Path, input_path: str | Path, output: str | Path | None = None, batch_size: int = 16
 ) -> dict:
     """Predict every record of `input_path`; write JSONL to `output` (or return the records)."""
-    from .errors import ModelError
-    from .model import load_run, run_labels
-    from .runfolder import require_run
 
     cfg = require_run(run, "config")
     task = cfg.model.task
@@ -94,8 +93,6 @@ def predict_file(
     text_col, gold_col = input_column(cfg.data, task), target_column(cfg.data, task)
     records = read_inputs(input_path, text_col, cfg.data.encoding)  # before the model loads: a bad file fails at once
     if output is not None:
-        from .runfolder import check_output_file
-
         check_output_file(Path(output), Path(run), inputs=(Path(input_path),))
     model, tok, cfg = load_run(run)
     labels = run_labels(Path(run)) if task == "text-classification" else None
@@ -107,8 +104,6 @@ def predict_file(
         summary["scored"] = len(scored)
         if labels is not None:
             import torch
-
-            from .tasks import classification_metrics, confusion
 
             index = {n: i for i, n in enumerate(labels)}
             known = [r for r in scored if str(r[gold_col]).strip() in index]

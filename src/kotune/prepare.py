@@ -13,6 +13,7 @@ from typing import Any
 from .config import ConfigError, KotuneConfig, input_column, target_column
 from .data import DataError, load_examples
 from .grounding import for_training
+from .model import load_tokenizer, resolve_model
 from .prompt import check_encoded, length_stats, render_sample
 from .tasks import encode, label_names, render_item
 
@@ -104,7 +105,6 @@ class Prepared:
 
 def prepare(cfg: KotuneConfig) -> Prepared:
     """Load data and tokenizer, encode, and check one sample. Shared by dry-run and training."""
-    from .model import load_tokenizer, resolve_model
 
     train_ex, eval_ex, reports = load_split(cfg)
     resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)

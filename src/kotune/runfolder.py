@@ -15,7 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from .config import load_config
+from .errors import ModelError, OutputError
 
 # A run's config and its weights (a LoRA adapter or a full fine-tune).
 CONFIG, ADAPTER, FULL_MODEL = "config.yaml", "adapter", "model"
@@ -93,8 +94,6 @@ def require_run(run: str | Path, needs: str = "weights"):
     """The config of the run in `run`, or a clear error saying what the folder lacks. `needs`: "config" (the folder
     only has to be a run: predict reads the task first), "weights" (a LoRA adapter or a full fine-tune: chat, merge)
     or "adapter" (a LoRA adapter: GGUF export merges it into the base GGUF)."""
-    from .config import load_config
-    from .errors import ModelError
 
     run = Path(run)
     if not (run / CONFIG).is_file():

@@ -18,7 +18,11 @@ import logging
 import warnings
 from pathlib import Path
 
-from ..memory import cpu_threads
+from ..errors import ModelError
+from ..memory import cpu_has_bf16, cpu_threads, cuda_has_bf16
+from ..model import load_run
+from ..runfolder import require_run
+from .llamacpp import load_llamacpp
 from .sampling import next_tokens
 
 log = logging.getLogger("kotune")
@@ -32,10 +36,7 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision != "auto":
         return precision
     if device == "cuda":
-        from ..memory import cuda_has_bf16
-
         return "bfloat16" if cuda_has_bf16() else "float32"
-    from ..memory import cpu_has_bf16
 
     return "bfloat16" if cpu_has_bf16() else "float32"
 
@@ -267,8 +268,6 @@ def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None 
     """(FastGenerator, tokenizer, config) for a run folder: adapter merged, weights cast. `cfg`: as in `load_run`."""
     import torch
 
-    from ..model import load_run
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = resolve_precision(precision, device)
     # Loading the base straight in bf16 halves peak RSS; the adapter delta is added in fp32
@@ -286,8 +285,6 @@ def load_fast(run_dir: str | Path, precision: str = "auto", threads: int | None 
 def load_engine(run_dir: str | Path, backend: str | None = None, precision: str | None = None, **_ignored):
     """(engine, tokenizer, config): the backend named in the run's `generation.backend`
     (or the override) — `torch` (this module) or `llamacpp` (a GGUF export run by llama.cpp)."""
-    from ..errors import ModelError
-    from ..runfolder import require_run
 
     run = Path(run_dir)
     cfg = require_run(run)
@@ -297,8 +294,6 @@ def load_engine(run_dir: str | Path, backend: str | None = None, precision: str 
     backend = backend or g.backend
     precision = precision or g.precision
     if backend == "llamacpp":
-        from .llamacpp import load_llamacpp
-
         return load_llamacpp(run, gguf_file=g.gguf_file, threads=g.num_threads, cfg=cfg)
     if backend != "torch":
         raise ValueError(f"unknown generation backend {backend!r}; use `torch` or `llamacpp`.")

@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..data import read_question_lines
+from ..config import apply_overrides
+from ..data import DataError, read_question_lines
+from ..grounding import for_run
 from ..prompt import encode_prompt, split_template
+from .constrain import RepeatGuard
+from .fastgen import load_engine  # the engine named by generation.backend/precision or an override
 
 EXIT_WORDS = {"quit", "exit", "종료", "나가기", "q"}
 
@@ -96,9 +100,6 @@ class Chatbot:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
-        from ..config import apply_overrides
-        from ..grounding import for_run
-        from .fastgen import load_engine  # the engine named by generation.backend/precision (or an override)
 
         model, tok, cfg = load_engine(run_dir, **overrides)
         # validated: a flag may not set what YAML may not
@@ -167,7 +168,6 @@ class Chatbot:
         return encode_prompt(self.tok, prompt)
 
     def _processors(self, contexts: list[list], prompt_len: int) -> dict:
-        from .constrain import RepeatGuard
 
         procs = []
         if self.gen.repeat_guard:  # first: the grounding's rule (which citations) must have the last word
@@ -314,8 +314,6 @@ class Chatbot:
 def ask_file(bot: Chatbot, questions_path: Path, output_path: Path, batch_size: int = 8) -> dict:
     """`{"id","question"}` lines in, the same lines plus `"answer"` out."""
     import json
-
-    from ..data import DataError
 
     records = read_question_lines(questions_path)
     problems = []

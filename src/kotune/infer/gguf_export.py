@@ -15,7 +15,10 @@ import logging
 import os
 from pathlib import Path
 
+from ..config import cache_root, load_config
 from ..errors import ExportError
+from ..model import PRESETS, check_run_files, resolve_model
+from ..runfolder import check_writable, refuse_inside_run, require_run
 
 log = logging.getLogger("kotune")
 
@@ -24,8 +27,6 @@ WEIGHT_TYPES = ("q8_0", "f16", "f32")
 
 def base_gguf(model_name: str, cache_dir: str | None = None) -> Path | None:
     """The GGUF file a run's base model was converted from, or None if it was not a GGUF."""
-    from ..config import cache_root
-    from ..model import PRESETS
 
     preset = PRESETS.get(model_name)
     if preset is not None and preset.source == "embedded":
@@ -133,9 +134,6 @@ def adapted_weights(run_dir: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from ..config import load_config
-    from ..model import check_run_files, resolve_model
-
     cfg = load_config(run_dir / "config.yaml")
     check_run_files(run_dir)
     acfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
@@ -165,8 +163,6 @@ def adapted_weights(run_dir: Path) -> dict:
 
 def export_gguf(run_dir: str | Path, output: str | Path | None = None, weight_type: str = "q8_0") -> Path:
     """Write `<run>/model-<type>.gguf` (or `output`): the run's merged model for llama.cpp."""
-    from ..model import check_run_files
-    from ..runfolder import check_writable, refuse_inside_run, require_run
 
     run = Path(run_dir)
     cfg = require_run(run, "adapter")

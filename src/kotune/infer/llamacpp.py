@@ -15,6 +15,11 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+from ..memory import cpu_threads
+from ..runfolder import require_run
+from .gguf_export import export_gguf
+from .sampling import next_tokens
+
 log = logging.getLogger("kotune")
 
 INSTALL_HINT = "the llama.cpp backend needs the extra: pip install 'kotune[llamacpp]' (builds llama-cpp-python)"
@@ -32,7 +37,6 @@ class LlamaCppGenerator:
     """`generate(input_ids, …)` over a llama.cpp model; batches run row by row."""
 
     def __init__(self, gguf_path: str | Path, n_ctx: int = 2048, threads: int | None = None):
-        from ..memory import cpu_threads
 
         Llama = import_llama()
         self.path = Path(gguf_path)
@@ -69,8 +73,6 @@ class LlamaCppGenerator:
                 scores[idx] = np.where(v < 0, v * repetition_penalty, v / repetition_penalty)
             return int(scores.argmax())
         import torch
-
-        from .sampling import next_tokens
 
         procs = [lambda _seen, sc: constrain(sc)] if constrain is not None else None
         return int(
@@ -176,8 +178,6 @@ def load_llamacpp(
     """(LlamaCppGenerator, tokenizer, config): exports the run to GGUF on first use. `cfg`: as in `model.load_run`."""
     from transformers import AutoTokenizer
 
-    from ..runfolder import require_run
-
     import_llama()  # fail before a minute of export when the extra is missing
     run = Path(run_dir)
     cfg = cfg or require_run(run)
@@ -187,7 +187,6 @@ def load_llamacpp(
             raise FileNotFoundError(
                 f"{path}: GGUF file not found (generation.gguf_file). Export one with `kotune export {run}`."
             )
-        from .gguf_export import export_gguf
 
         log.info("exporting %s to %s for llama.cpp (once)", run, path)
         export_gguf(run, path, "q8_0")

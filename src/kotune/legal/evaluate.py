@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import read_question_lines
+from ..infer.generate import Answer
+from .answer import refusal
 from .statutes import find_citations, format_cite
 
 
@@ -146,9 +148,6 @@ def retrieval_only_answers(retriever, questions: list[str], method: str = "hybri
     """Baseline: the top-1 article's summary, cited, as the answer; the same refusals as the chatbot's when the
     retriever has out-of-scope examples."""
     import time
-
-    from ..infer.generate import Answer
-    from .answer import refusal
 
     out = []
     for q in questions:

@@ -18,6 +18,9 @@ from ..errors import DataError
 from ..runfolder import EXAMPLES_FILE, KB_FOLDER, OUT_OF_SCOPE_FILE
 from .answer import ABSTAIN_MESSAGE, SentenceGate, quantities, refusal, rule_line
 from .citations import apply_citation_policy, check_citations
+from .constrain import CitationConstraint
+from .retrieval import Retriever
+from .retrieval.examples import example_pairs, load_examples_file, save_examples, training_contexts
 from .statutes import DEFAULT_KB, format_cite, load_kb
 
 
@@ -39,8 +42,6 @@ class StatuteGrounding:
     def from_run(cls, run_dir: Path, settings) -> "StatuteGrounding":
         if not settings.enabled:
             return cls(load_kb(DEFAULT_KB), settings)
-        from .retrieval import Retriever
-        from .retrieval.examples import load_examples_file
 
         ex_file, oos_file = run_dir / EXAMPLES_FILE, run_dir / OUT_OF_SCOPE_FILE
         kb = load_kb(run_dir / KB_FOLDER)
@@ -83,7 +84,6 @@ class StatuteGrounding:
     def logits_processor(self, tokenizer, sources: list[list], prompt_len: int):
         if self.retriever is None or not self.settings.constrain_citations:
             return None
-        from .constrain import CitationConstraint
 
         return CitationConstraint(tokenizer, sources, prompt_len)
 
@@ -123,7 +123,6 @@ class StatuteTraining:
     questions abstention learns from, and every row's context. Every problem in them is reported at once."""
 
     def __init__(self, settings, train_rows: list, eval_rows: list, seed: int):
-        from .retrieval.examples import example_pairs
 
         self.kb_dir = Path(settings.kb_dir or DEFAULT_KB)
         self.kb = load_kb(self.kb_dir)
@@ -136,7 +135,6 @@ class StatuteTraining:
 
     def save(self, run_dir: Path) -> None:
         """The run folder answers from the exact KB, examples and out-of-scope questions it was trained with."""
-        from .retrieval.examples import save_examples
 
         shutil.copytree(self.kb_dir, run_dir / KB_FOLDER, dirs_exist_ok=True)
         if self.examples:
@@ -163,7 +161,6 @@ def out_of_scope_questions(files: list[str]) -> list[str]:
 
 def extra_examples(files: list[str], kb: dict) -> list:
     """The example questions of `retrieval.extra_examples`, every problem reported at once."""
-    from .retrieval.examples import load_examples_file
 
     pairs, problems = [], []
     for f in files:
@@ -190,8 +187,6 @@ def extra_examples(files: list[str], kb: dict) -> list:
 
 def _contexts(settings, kb: dict, train_rows, eval_rows, examples, seed: int) -> tuple[list[str], list[str]]:
     """Retrieved statute context for every row; `examples` are the retriever's example questions."""
-    from .retrieval import Retriever
-    from .retrieval.examples import training_contexts
 
     retriever = Retriever(kb, examples=examples)
     out, problems = [], []

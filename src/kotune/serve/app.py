@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..infer.generate import Chatbot
 from .schemas import UNSUPPORTED, APIError, ChatRequest, Limits
 from .worker import Job, QueueFull, Worker
 
@@ -54,7 +55,6 @@ def create_app(
 ) -> FastAPI:
     """`bot_or_run`: a `Chatbot`, or a run folder to load one from (with `generation_overrides`). The routes below
     find the bot, its worker and the server's settings in `app.state`."""
-    from ..infer.generate import Chatbot
 
     if isinstance(bot_or_run, Chatbot):
         bot = bot_or_run

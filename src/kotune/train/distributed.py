@@ -29,6 +29,11 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..tasks import loss_sum
+from . import deepspeed_zero as dz
+from .deepspeed_zero import copy_into as zero_copy_into
+from .deepspeed_zero import gathered
+
 log = logging.getLogger("kotune")
 _TRUE = ("1", "true", "yes")
 
@@ -91,8 +96,6 @@ def engine_problem(d: Dist, quantization: str) -> str | None:
             f"pass --num_processes 2 (or more), or train one process without the {asked} config (plain `kotune train`)."
         )
     if d.engine == "deepspeed":
-        from . import deepspeed_zero as dz
-
         if quantization != "none":
             return (
                 "DeepSpeed with model.quantization (bitsandbytes) is not supported (never tested): "
@@ -184,8 +187,6 @@ def shard(items: list, d: Dist) -> list:
 def task_loss(task: str, model):
     """The module DDP / FSDP wrap: forward(batch) -> (loss sum, trained units, predictions or None)."""
     import torch
-
-    from ..tasks import loss_sum
 
     class TaskLoss(torch.nn.Module):
         def __init__(self):
@@ -280,7 +281,6 @@ def deepspeed_initialize(runner, model, opt, params: dict, d: Dist, device: str,
     """(engine, its optimizer) under DeepSpeed; (runner, opt) unchanged otherwise."""
     if d.engine != "deepspeed":
         return runner, opt
-    from . import deepspeed_zero as dz
 
     return dz.initialize(runner, model, opt, params, d.rank, d.world, device, **kw)
 
@@ -344,8 +344,6 @@ def unsharded(tensors: dict) -> dict:
     import torch
 
     if _zero3(tensors.values()):
-        from .deepspeed_zero import gathered
-
         return gathered(tensors)
     if not any(_is_dtensor(v) for v in tensors.values()):
         return tensors
@@ -363,8 +361,6 @@ def copy_into(params: dict, weights: dict) -> None:
 
     if _zero(params.values()):
         import torch.distributed as dist
-
-        from .deepspeed_zero import copy_into as zero_copy_into
 
         return zero_copy_into(params, weights, dist.get_rank())
 

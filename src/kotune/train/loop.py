@@ -16,9 +16,21 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from .. import runfolder
 from ..config import KotuneConfig
-from ..memory import apply_cap, choose_precision, cpu_threads, memory_line, memory_stats, release_cache
+from ..errors import ModelError
+from ..memory import (
+    apply_cap,
+    choose_precision,
+    cpu_threads,
+    memory_line,
+    memory_stats,
+    quantization_problem,
+    release_cache,
+)
+from ..model import add_lora, default_targets, load_base_model
 from ..prepare import Prepared, dry_run_report, prepare
+from ..runfolder import holds_run
 from ..tasks import count, item_length
 from . import checkpoint as ckpt
 from . import distributed as dd
@@ -34,6 +46,7 @@ from .logs import (
     setup_logging,
     tensorboard,
 )
+from .report import MetricsLog, plot_losses
 from .steps import BatchPlan, accumulate_gradients, evaluate_loss, lr_factor, trainable_state
 
 # ---------------------------------------------------------------- entry point
@@ -46,8 +59,6 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
     writes the run folder, the log and the progress bar."""
     out = Path(cfg.model.output_dir)
     if dry_run:
-        from ..runfolder import holds_run
-
         setup_logging(None, cfg.logging.level, cfg.logging.format)
         report = dry_run_report(cfg, prepare(cfg))
         held = None if resume else holds_run(out)
@@ -57,9 +68,6 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
         return report
 
     import torch
-
-    from ..errors import ModelError
-    from ..memory import quantization_problem
 
     problem = quantization_problem(cfg.model.quantization, torch.cuda.is_available())
     if problem:
@@ -80,8 +88,6 @@ def train(cfg: KotuneConfig, *, resume: str | None = None, overwrite: bool = Fal
 
 def _train(cfg: KotuneConfig, out: Path, d: dd.Dist, device: str, resume: str | None, overwrite: bool) -> Path:
     import torch
-
-    from .. import runfolder
 
     held = None if resume else runfolder.holds_run(out)
     if held and not overwrite:
@@ -143,8 +149,6 @@ def _build_model(cfg: KotuneConfig, prep: Prepared, device: str):
     """Base model with the task's head, then LoRA (or everything trainable for a full fine-tune)."""
     import torch
 
-    from ..model import add_lora, default_targets, load_base_model
-
     task, mc, lc = cfg.model.task, cfg.memory, cfg.lora
     torch.manual_seed(cfg.training.seed)  # a new classification head is initialised while loading
     model = load_base_model(
@@ -199,8 +203,6 @@ def _loop(
     device: str,
 ) -> Path:
     import torch
-
-    from .report import MetricsLog
 
     task, tok, train_set, eval_set = cfg.model.task, prep.tokenizer, prep.train, prep.eval
     mc = cfg.memory
@@ -354,7 +356,6 @@ def _loop(
 
 
 def _finish(cfg, model, tok, prep, out: Path, metrics, log_path, state: dict | None = None) -> None:
-    from .report import plot_losses
 
     weights = out / ("adapter" if cfg.lora.enabled else "model")
     model.save_pretrained(str(weights), safe_serialization=True, **({"state_dict": state} if state is not None else {}))

@@ -22,9 +22,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...config import cache_root
 from ..statutes import Article, find_citations
 from .classify import WordFeatures, train_classifier
 from .context import context_line, excerpt
+from .scope import Calibration, ScopeModel, calibrate
 
 # Content-bearing Kiwi tags: nouns, verb/adjective stems, roots, foreign words, numbers.
 _KEEP = ("NN", "NP", "NR", "VV", "VA", "XR", "SL", "SN", "MAG")
@@ -118,7 +120,6 @@ class Retriever:
         """`out_of_scope`: questions with no basis in the KB; with them (and examples) the retriever also scores
         whether a question is in scope (`scope`), abstaining below a threshold calibrated so that at most
         `abstain_in_scope` of the in-scope examples would be abstained (scope.py)."""
-        from ...config import cache_root
 
         root = Path(cache_dir) if cache_dir else cache_root() / "retrieval"
         self._queries: dict[str, tuple] = {}  # question -> (morphemes, e5 vector): search and scope share them
@@ -149,8 +150,6 @@ class Retriever:
     def _scope(self, questions: list[str], rate: float, root: Path) -> None:
         """The in-scope classifier and its calibrated threshold (cached beside the index: 5 folds take seconds)."""
         import numpy as np
-
-        from .scope import Calibration, ScopeModel, calibrate
 
         oos = _Index(questions, self.morph, root, query_side=True)
         vectors = np.concatenate([self.ex_index.vectors, oos.vectors])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...data import load_examples, read_question_lines, read_text
 from ..statutes import find_citations, format_cite
 
 
@@ -33,17 +34,12 @@ def load_examples_file(path: str | Path) -> list[tuple[str, list[tuple[str, str]
         )
     first = ""
     if path.suffix == ".jsonl" and path.is_file():
-        from ...data import read_text
-
         # Decoded as every data file is (UTF-8, with or without BOM, cp949, UTF-16), so a file saved in another
         # encoding gets the data reader's clear message rather than a UnicodeDecodeError here.
         first = read_text(path, None)[0].split("\n", 1)[0]
     if '"citations"' not in first:
-        from ...data import load_examples
-
         rows, _ = load_examples(path, bad_rows="skip", duplicates="keep")
         return example_pairs(rows)
-    from ...data import read_question_lines
 
     pairs = []
     for r in read_question_lines(path, ("question", "citations")):
