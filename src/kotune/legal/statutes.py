@@ -2,7 +2,8 @@
 
 Records live in `src/kotune/legal/kb/*.jsonl` (package data, so an installed kotune has them), one article per line:
 `{"law", "article" ("3의2" form), "title", "paragraphs", "keywords"}`.
-Citations are written `법령명 제N조` or `법령명 제N조의M`.
+Citations are written `법령명 제N조` or `법령명 제N조의M`; the laws are 민법, 주택임대차보호법 and 상가건물 임대차보호법
+(also recognised without its space).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-CITATION = re.compile(r"(민법|주택임대차보호법)\s*제\s*(\d+)\s*조(?:\s*의\s*(\d+))?")
+COMMERCIAL_LEASE = "상가건물 임대차보호법"
+CITATION = re.compile(r"(민법|주택임대차보호법|상가건물\s*임대차보호법)\s*제\s*(\d+)\s*조(?:\s*의\s*(\d+))?")
 DEFAULT_KB = Path(__file__).resolve().parent / "kb"
 
 
@@ -57,6 +59,7 @@ def find_citations(text: str) -> list[tuple[str, str]]:
     """Every `(law, article)` cited in `text`, in order, without repeats."""
     out: list[tuple[str, str]] = []
     for law, num, branch in CITATION.findall(text):
+        law = COMMERCIAL_LEASE if law.startswith("상가") else law  # written with or without its space
         key = (law, f"{num}의{branch}" if branch else num)
         if key not in out:
             out.append(key)
