@@ -383,3 +383,15 @@ def test_out_of_scope_and_non_korean_questions_are_refused_without_citations(abs
     report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert report["summary"]["abstain_rate"] == 0 and report["summary"]["citation_hit"] == 1
     assert report["out_of_scope_summary"] == {"questions": 2, "abstain_rate": 1.0, "cited_rate": 0.0}
+
+
+def test_which_runs_load_a_grounding():
+    """Grounded runs and runs that ask for citation checks get one; any other run gets none and loads no recipe."""
+    from kotune.config.sections import RetrievalSection
+    from kotune.grounding import citation_policy, for_training, wanted
+
+    assert citation_policy(RetrievalSection()) == "off" and not wanted(RetrievalSection())
+    assert citation_policy(RetrievalSection(enabled=True)) == "mark" and wanted(RetrievalSection(enabled=True))
+    assert citation_policy(RetrievalSection(enabled=True, citation_policy="off")) == "off"
+    assert wanted(RetrievalSection(citation_policy="mark")) and not wanted(RetrievalSection(citation_policy="off"))
+    assert for_training(RetrievalSection(citation_policy="mark"), [], [], 0) is None  # training needs retrieval
