@@ -190,3 +190,164 @@ def test_non_utf8_file_raises_value_error(tmp_path):
     path.write_bytes("<법령><기본정보><법령명_한글>민법</법령명_한글></기본정보></법령>".encode("euc-kr"))
     with pytest.raises(ValueError, match="euckr.xml.*UTF-8"):
         parse_law_file(path)
+
+
+# A whole invented law ("가상임대차특례법") in the full lawService shape: 편·장·절 headings, 의N articles, 항→호→목
+# (with 호가지번호 and 목 sub-items), deleted articles and 항, a moved-away article slot, 조문참고자료, several
+# 부칙단위 whose text has its own 제1조·제2조, 별표, 개정문 and 제개정이유. The JSON twin is the same law as type=JSON
+# shapes it (attributes as keys, single children as objects, 부칙내용·목내용 as lists of line lists).
+WHOLE_XML = LAWGOKR / "whole_law.xml"
+WHOLE_JSON = LAWGOKR / "whole_law.json"
+WHOLE_LAW = "가상임대차특례법"
+WHOLE_ARTICLES = [
+    *("1", "2", "3", "3의2", "4", "6", "6의2", "6의3", "7", "7의2", "9", "10", "11", "12"),
+    *("13", "14", "15", "16", "17", "18", "20", "21", "22"),
+]
+
+
+@pytest.fixture(scope="module")
+def whole() -> tuple[list[dict], list[str]]:
+    return parse_law_export(WHOLE_XML)
+
+
+def test_whole_law_fixture_is_a_whole_law():
+    # Guard the fixture itself: ≥ 25 조문단위 and every block a real response carries around the articles.
+    data = json.loads(WHOLE_JSON.read_text(encoding="utf-8"))["법령"]
+    assert set(data) >= {"법령키", "기본정보", "조문", "부칙", "별표", "개정문", "제개정이유"}
+    units = data["조문"]["조문단위"]
+    assert len(units) == 37
+    assert {u["조문여부"] for u in units} == {"조문", "전문"}
+    assert len(data["부칙"]["부칙단위"]) == 3
+
+
+def test_whole_law_xml_and_json_give_identical_records(whole):
+    assert parse_law_export(WHOLE_JSON) == whole
+
+
+def test_whole_law_article_count_and_order(whole):
+    records, skipped = whole
+    assert [r["article"] for r in records] == WHOLE_ARTICLES
+    assert {r["law"] for r in records} == {WHOLE_LAW}
+    assert len(skipped) == 37 - len(WHOLE_ARTICLES)
+    assert all(r["paragraphs"] and all(r["paragraphs"]) for r in records)
+
+
+def test_whole_law_branch_articles(whole):
+    arts = by_article(whole[0])
+    assert [a for a in arts if "의" in a] == ["3의2", "6의2", "6의3", "7의2"]
+    assert arts["6의2"]["title"] == "갱신 거절의 제한"
+    (moved,) = arts["7의2"]["paragraphs"]
+    assert moved == "빌려준 사람은 계약이 끝나면 가상주택을 돌려받는 것과 맞바꾸어 맡긴 돈을 돌려주어야 한다."
+
+
+def test_whole_law_supplementary_provisions_are_not_imported(whole):
+    # 부칙 has its own "제1조(시행일)", "제2조(…경과조치)", "제3조(다른 법률의 개정)":
+    # none may become or touch an article.
+    records, skipped = whole
+    arts = by_article(records)
+    assert (arts["1"]["title"], arts["2"]["title"], arts["3"]["title"]) == ("목적", "정의", "적용 범위")
+    titles = {r["title"] for r in records}
+    assert not titles & {"시행일", "적용례", "계약 갱신에 관한 경과조치", "다른 법률의 개정"}
+    text = " ".join(p for r in records for p in r["paragraphs"])
+    # Nor may 개정문, 제개정이유, 별표 or 조문참고자료.
+    needles = ("시행한다", "부칙", "가상주거법", "생략", "공포", "개정이유", "법제처")
+    needles += ("별표", "과태료 금액", "종전 제8조")
+    for needle in needles:
+        assert needle not in text, needle
+    assert not any("부칙" in s for s in skipped)
+
+
+def test_whole_law_deleted_and_empty_articles_are_reported(whole):
+    records, skipped = whole
+    for gone in ("5", "8", "10의2", "19"):
+        assert gone not in by_article(records)
+    deleted = [s for s in skipped if "deleted" in s]
+    assert [s.split(":")[0] for s in deleted] == [f"{WHOLE_LAW} 제5조", f"{WHOLE_LAW} 제10조의2", f"{WHOLE_LAW} 제19조"]
+    # 제8조 was moved to 제7조의2: only its number is left (the move note sits in 조문참고자료).
+    assert f"{WHOLE_LAW} 제8조: no text" in skipped
+
+
+def test_whole_law_headings_are_skipped(whole):
+    headings = [s for s in whole[1] if "heading" in s]
+    assert [h.removeprefix(f"{WHOLE_LAW} ").split(":")[0] for h in headings] == [
+        "제1편 총칙",
+        "제1장 통칙",
+        "제2편 임대차 특례",
+        "제1장 계약",
+        "제1절 계약의 체결",
+        "제2절 보증금 <개정 2020. 6. 9.>",
+        "제2장 분쟁의 조정",
+        "제3편 보칙과 벌칙",
+        "제1장 보칙",
+        "제2장 벌칙",
+    ]
+
+
+def test_whole_law_items_stay_in_their_paragraph_in_order(whole):
+    arts = by_article(whole[0])
+    first, *rest = arts["6"]["paragraphs"]
+    pieces = ["① 빌려준 사람은", "1. 빌린 사람이", "2. 빌려준 사람이", "가. 빌려준 사람 본인", "나. 건물을 고쳐"]
+    pieces += ["1) 계약을 맺을 때", "2) 건물이 낡아", "다. 다른 법령에", "3. 빌린 사람이 몰래"]
+    positions = [first.index(p) for p in pieces]
+    assert positions == sorted(positions)
+    assert first.startswith("① ") and first.endswith("다시 빌려준 경우")
+    # The next 항 starts its own paragraph; a deleted 항 keeps its number so ④ is not read as ③.
+    assert [p[:1] for p in rest] == ["②", "③", "④"]
+    assert rest[1] == "③ 삭제"
+    # 호 in a 항 without number or text continue the lead sentence, 호가지번호 "3의2." in its place.
+    (definitions,) = arts["2"]["paragraphs"]
+    order = ["다음과 같다.", "1. ", "2. ", "가. ", "나. ", "3. ", "3의2. ", "4. "]
+    assert [definitions.index(p) for p in order] == sorted(definitions.index(p) for p in order)
+    # 항번호 "① " with 항내용 "①이 법은" (no space) keeps its number once.
+    assert arts["3"]["paragraphs"][0].startswith("①이 법은")
+    assert arts["11"]["paragraphs"][1].endswith("가. 소재지 나. 빌린 부분이 일부인 경우 그 도면")
+
+
+def test_whole_law_bodies_without_paragraphs(whole):
+    arts = by_article(whole[0])
+    for article in ("1", "3의2", "6의3", "12", "16", "18", "22"):
+        (body,) = arts[article]["paragraphs"]
+        assert not body.startswith("제"), body  # the "제N조(제목)" header is removed
+        assert "(" + arts[article]["title"] + ")" not in body
+    assert arts["22"]["paragraphs"][0].endswith("과(科)한다.")
+
+
+def test_whole_law_notes_are_dropped(whole):
+    for r in whole[0]:
+        for p in r["paragraphs"]:
+            for note in ("<", ">", "[", "]", "개정", "신설", "이동", "전문개정"):
+                assert note not in p, (r["article"], p)
+    arts = by_article(whole[0])
+    assert arts["4"]["paragraphs"][1] == "② 계약서에는 맡긴 돈의 액수와 돌려줄 날을 적어야 한다."
+    assert arts["6의3"]["paragraphs"][0].endswith("3개월이 지나면 효력이 생긴다.")
+
+
+def test_whole_law_import_writes_a_loadable_kb(tmp_path):
+    n, skipped = import_law_file(WHOLE_JSON, tmp_path / "kb")
+    assert n == len(WHOLE_ARTICLES) and len(skipped) == 37 - n
+    kb = load_kb(tmp_path / "kb")
+    assert sorted(a for _, a in kb) == sorted(WHOLE_ARTICLES)
+    assert kb[(WHOLE_LAW, "6의2")].cite == "가상임대차특례법 제6조의2"
+    assert kb[(WHOLE_LAW, "10")].paragraphs[1].startswith("② 제1항에 따라")
+    assert (tmp_path / "kb" / f"{WHOLE_LAW}.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "제5조 삭제 <2025. 1. 1.>",
+        "제5조(옛 제목) 삭제 <2025. 1. 1.>",
+        "제5조 삭제 <2025. 1. 1.> [종전 제5조는 제6조로 이동 <2020. 6. 9.>]",
+        "삭제",
+    ],
+)
+@pytest.mark.parametrize("title", [None, "삭제"])
+def test_deleted_article_variants_are_skipped(tmp_path, content, title):
+    unit = {"조문번호": "5", "조문여부": "조문", "조문내용": content, **({"조문제목": title} if title else {})}
+    body = {"조문번호": "1", "조문여부": "조문", "조문제목": "목적", "조문내용": "제1조(목적) 본문이다."}
+    path = tmp_path / "law.json"
+    law = {"법령": {"기본정보": {"법령명_한글": "시험법"}, "조문": {"조문단위": [body, unit]}}}
+    path.write_text(json.dumps(law, ensure_ascii=False), encoding="utf-8")
+    records, skipped = parse_law_export(path)
+    assert [r["article"] for r in records] == ["1"]
+    assert skipped == [f"시험법 제5조: deleted ({content})"]

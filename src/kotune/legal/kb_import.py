@@ -151,7 +151,10 @@ def parse_law_export(path: str | Path) -> tuple[list[dict], list[str]]:
             skipped.append(f"{law} {content}: heading (조문여부 전문)")
             continue
         hangs = _as_list(unit.get("항"))
-        if _DELETED.fullmatch(lead) or (not title and not hangs and lead.startswith("삭제")):
+        # Judge deletion on the text without its notes too: "삭제 <2020. 6. 9.> [종전 제5조는 제6조로 이동 …]"
+        # with a 조문제목 (some exports title a deleted article "삭제") was imported as an article reading "삭제".
+        deleted = _DELETED.fullmatch(lead) or _DELETED.fullmatch(_clean(lead))
+        if deleted or (not title and not hangs and lead.startswith("삭제")):
             skipped.append(f"{where}: deleted ({content})")
             continue
         if not article or article in seen:
