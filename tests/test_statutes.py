@@ -118,15 +118,13 @@ def test_no_row_calls_an_unspecified_superficies_perpetual():
 
 
 DEV = ROOT / "data" / "civil_law_dev.jsonl"
+NEW_SCOPE = ROOT / "data" / "civil_law_dev_new_scope.jsonl"  # dev questions on the articles added by issue 22
 
 
-def _dev():
-    return _jsonl(DEV)
-
-
-def test_dev_set_shape_and_citations_exist(kb):
-    items = _dev()
-    assert len(items) >= 60 and len({i["id"] for i in items}) == len(items)
+@pytest.mark.parametrize("path,size", [(DEV, 60), (NEW_SCOPE, 40)], ids=["dev", "new_scope"])
+def test_dev_set_shape_and_citations_exist(kb, path, size):
+    items = _jsonl(path)
+    assert len(items) >= size and len({i["id"] for i in items}) == len(items)
     for i in items:
         assert set(i) == {"id", "question", "citations", "key_facts", "reference", "category"}, i["id"]
         assert all(c in i["reference"] for c in i["citations"]), i["id"]
@@ -213,7 +211,9 @@ def _questions_of(source: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("evaluation", [DEV, USERS, OUT_OF_SCOPE], ids=["dev", "users", "out_of_scope"])
+@pytest.mark.parametrize(
+    "evaluation", [DEV, NEW_SCOPE, USERS, OUT_OF_SCOPE], ids=["dev", "new_scope", "users", "out_of_scope"]
+)
 @pytest.mark.parametrize(
     "source", ["training CSV", "example questions", "long example questions", "out-of-scope examples"]
 )
@@ -256,7 +256,8 @@ def test_installed_package_ships_the_kb(tmp_path):
         pytest.skip(f"cannot build a wheel here: {done.stderr.strip()[-200:]}")
     assert done.returncode == 0, done.stderr
     names = zipfile.ZipFile(next(tmp_path.glob("kotune-*.whl"))).namelist()
-    assert {"kotune/legal/kb/minbeop.jsonl", "kotune/legal/kb/housing_lease.jsonl"} <= set(names)
+    kb_files = {"minbeop.jsonl", "housing_lease.jsonl", "commercial_lease.jsonl"}
+    assert {f"kotune/legal/kb/{f}" for f in kb_files} <= set(names)
 
 
 def test_a_summary_mentions_other_articles_in_statute_style_not_as_citations():

@@ -19,14 +19,14 @@ import re
 from typing import Callable
 
 ABSTAIN_MESSAGE = (
-    "이 질문은 이 상담 챗봇이 근거로 삼는 조문(민법의 부동산·임대차 관련 조문과 주택임대차보호법) 밖의 내용이라 "
-    "답변하지 않겠습니다. 잘못된 근거로 답하는 것보다 전문가에게 확인하시는 것이 안전합니다. "
-    "대한법률구조공단(국번 없이 132)의 무료 법률상담이나 변호사와 상담해 보세요."
+    "이 질문은 이 상담 챗봇이 근거로 삼는 조문(민법의 부동산·계약·임대차 관련 조문, 주택임대차보호법, "
+    "상가건물 임대차보호법) 밖의 내용이라 답변하지 않겠습니다. 잘못된 근거로 답하는 것보다 전문가에게 확인하시는 것이 "
+    "안전합니다. 대한법률구조공단(국번 없이 132)의 무료 법률상담이나 변호사와 상담해 보세요."
 )
 LANGUAGE_MESSAGE = (
-    "한국어로 질문해 주세요. 이 챗봇은 한국의 부동산·전세·임대차 관련 법(민법, 주택임대차보호법)에 대한 "
-    "한국어 질문에 답합니다. / Please ask in Korean: this chatbot answers Korean questions about Korean real-estate "
-    "and lease law."
+    "한국어로 질문해 주세요. 이 챗봇은 한국의 부동산·전세·임대차 관련 법(민법, 주택임대차보호법, "
+    "상가건물 임대차보호법)에 대한 한국어 질문에 답합니다. / Please ask in Korean: this chatbot answers Korean "
+    "questions about Korean real-estate and lease law."
 )
 
 _HANGUL = re.compile(r"[\uac00-\ud7a3\u3131-\u318e]")
