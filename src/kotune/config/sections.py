@@ -225,8 +225,8 @@ class MemorySection(_Section):
     )
     gradient_checkpointing: bool = Field(
         False,
-        description="Recompute activations in the backward pass: less memory, more time (first 40 steps of the "
-        "grounded recipe on CPU: peak RSS 11.2 -> 6.1 GiB, 21% slower; docs/benchmarks.md).",
+        description="Recompute activations in the backward pass: less memory, more time (measured on the "
+        "civil-law recipe in docs/benchmarks.md).",
     )
     optimize_memory_usage: bool = Field(
         False,
