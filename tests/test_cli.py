@@ -214,7 +214,12 @@ def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
     res = run("eval", "--retrieval_only", "--questions", dev, "--limit", "4")
     assert res.exit_code == 0, res.output
     assert "| retrieval-only |" in res.output
-    # The shipped grounded recipe's retrieval: both example files, example rankings only.
+    # The shipped grounded recipe's retrieval (example rankings only) over a slice of both example files: the
+    # whole files would embed ~4,600 questions, minutes on a cold cache, to test the same plumbing.
+    qa_lines = (ROOT / "data" / "civil_law_qa.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "qa.csv").write_text("".join(qa_lines[:121]), encoding="utf-8")
+    q_lines = (ROOT / "data" / "civil_law_questions.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "questions.jsonl").write_text("".join(q_lines[:300]), encoding="utf-8")
     res = run(
         "eval",
         "--retrieval_only",
@@ -225,9 +230,9 @@ def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
         "--method",
         "examples",
         "--examples",
-        ROOT / "data" / "civil_law_qa.csv",
+        tmp_path / "qa.csv",
         "--examples",
-        ROOT / "data" / "civil_law_questions.jsonl",
+        tmp_path / "questions.jsonl",
         "--output",
         tmp_path / "b.json",
     )
