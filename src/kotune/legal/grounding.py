@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..data import read_question_lines
 from ..errors import DataError
+from ..grounding import citation_policy
 from ..runfolder import EXAMPLES_FILE, KB_FOLDER, OUT_OF_SCOPE_FILE
 from .answer import ABSTAIN_MESSAGE, SentenceGate, quantities, refusal, rule_line
 from .citations import apply_citation_policy, check_citations
@@ -24,17 +25,13 @@ from .retrieval.examples import example_pairs, load_examples_file, save_examples
 from .statutes import DEFAULT_KB, format_cite, load_kb
 
 
-def _policy(settings) -> str:
-    return settings.citation_policy or ("mark" if settings.enabled else "off")
-
-
 class StatuteGrounding:
     """`settings`: the run's `retrieval` section; `retriever`: None when the run only checks citations."""
 
     def __init__(self, kb: dict, settings, retriever=None):
         self.kb, self.settings, self.retriever = kb, settings, retriever
         self.grounded = retriever is not None
-        self.citation_policy = _policy(settings)
+        self.citation_policy = citation_policy(settings)
         cal = getattr(retriever, "calibration", None)
         self.scope_threshold = cal.threshold if cal is not None else None
 
