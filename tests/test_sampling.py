@@ -58,3 +58,23 @@ def test_samples_follow_the_warped_distribution_and_never_a_removed_token():
             generator=torch.Generator().manual_seed(1),
         ),
     )  # a seed gives the same draw
+
+
+def _full_sort_nucleus(scores, top_p):
+    ordered, order = torch.sort(scores)
+    drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def test_top_p_without_top_k_keeps_what_a_full_sort_keeps():
+    # peaked rows take the top-1024 path; flat ones (the 1024 best hold less than top_p) fall back to the sort
+    torch.manual_seed(0)
+    seen = torch.zeros(3, 1, dtype=torch.long)
+    for vocab, scale, p in [(50000, 8.0, 0.9), (50000, 8.0, 0.5), (4096, 0.1, 0.9), (300, 3.0, 0.95)]:
+        for _ in range(5):
+            logits = torch.randn(3, vocab) * scale
+            got = warp_scores(logits, seen, do_sample=True, top_p=p)
+            want = _full_sort_nucleus(logits, p)
+            assert torch.equal(torch.isinf(got), torch.isinf(want))
+            assert torch.equal(got[~got.isinf()], want[~want.isinf()])

@@ -358,3 +358,75 @@ def test_load_bench_runs_without_errors(tiny_run, tmp_path):
     assert report["errors"] == 0 and report["requests"] >= 4
     assert report["ttft_s"]["p50"] <= report["latency_s"]["p50"] and report["tokens_per_s"] > 0
     assert json.loads(out.read_text(encoding="utf-8"))["requests"] == report["requests"]
+
+
+def test_requests_share_the_running_batch_and_each_answers_as_alone(bot):
+    from kotune.serve.worker import Job, Worker
+
+    expected = [bot.answer(q, max_new_tokens=16).text for q in QUESTIONS]
+    worker = Worker(bot, max_batch=4)
+    widest = []
+    jobs = [Job(q, 16, on_text=lambda _: widest.append(worker.active)) for q in QUESTIONS]
+    try:
+        futures = [worker.submit(j) for j in jobs]
+        got = [f.result(120)[0].text for f in futures]
+    finally:
+        worker.close()
+    assert got == expected
+    assert max(widest) == 4, "at most max_batch requests decode at once, and they did share the batch"
+    assert worker.stats.served == len(QUESTIONS) and worker.pending == 0
+
+
+def test_a_client_that_goes_away_frees_its_slot(bot):
+    from kotune.serve.worker import Cancelled, Job, Worker
+
+    worker = Worker(bot, max_batch=2)
+    leaving = Job(QUESTIONS[0], 24)
+    leaving.on_text = lambda _: leaving.cancel.set()  # gone after its first piece of text
+    staying = [Job(q, 16) for q in QUESTIONS[1:4]]
+    try:
+        futures = [worker.submit(j) for j in [leaving, *staying]]
+        with pytest.raises(Cancelled):
+            futures[0].result(120)
+        assert all(f.result(120)[0].new_tokens > 0 for f in futures[1:])  # the slot went to the next request
+    finally:
+        worker.close()
+    assert (worker.stats.cancelled, worker.stats.served, worker.active) == (1, 3, 0)
+
+
+def test_a_request_past_the_timeout_gets_504(bot):
+    from kotune.serve import Limits
+
+    client = TestClient(make_app(bot, limits=Limits(request_timeout_s=0.001)))
+    r = client.post("/v1/chat/completions", json=body(max_tokens=16))
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert "0.001 s" in r.json()["error"]["message"]
+    assert client.get("/health").json()["timed_out"] == 1
+
+
+def test_earlier_turns_are_the_conversation_the_question_is_read_in(bot):
+    from kotune.serve.app import conversation
+    from kotune.serve.schemas import Message
+
+    msgs = [
+        Message(role="system", content="법률 상담"),
+        Message(role="user", content="전세 계약이 끝났는데 보증금을 안 줘요"),
+        Message(role="assistant", content="임차권등기명령을 신청할 수 있습니다."),
+        Message(role="user", content="답이 없던 질문"),
+        Message(role="user", content="그럼 월세는요?"),
+    ]
+    history = conversation(msgs[:-1])
+    assert history == [("전세 계약이 끝났는데 보증금을 안 줘요", "임차권등기명령을 신청할 수 있습니다.")]
+    with_history = bot.tok.decode(bot.prompt_ids("그럼 월세는요?", [], history))
+    alone = bot.tok.decode(bot.prompt_ids("그럼 월세는요?"))
+    assert "보증금을 안 줘요" in with_history and "임차권등기명령" in with_history and with_history.endswith(alone)
+    assert "보증금" not in alone
+    # a budget of 0 tokens answers every message alone
+    from kotune.config import apply_overrides
+
+    bot_gen = bot.gen
+    try:
+        bot.gen = apply_overrides(bot_gen, "generation", {"history_tokens": 0})
+        assert bot.prompt_ids("그럼 월세는요?", [], history) == bot.prompt_ids("그럼 월세는요?")
+    finally:
+        bot.gen = bot_gen

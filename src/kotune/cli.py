@@ -122,12 +122,13 @@ def train(
         os._exit(0)
 
 
-def _show_answer(bot, question: str, echo_question: bool = True):
-    """Stream one answer, then its checked citations and how it ended."""
+def _show_answer(bot, question: str, echo_question: bool = True, history=()):
+    """Stream one answer (read after the conversation's earlier turns `history`), then its checked citations and
+    how it ended."""
     if echo_question:
         typer.echo(f"질문: {question}")
     typer.echo("답변: ", nl=False)
-    a = guarded(bot.answer, question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    a = guarded(bot.answer, question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), history=history)
     typer.echo("")
     if a.abstained:
         limit = bot.grounding.scope_threshold
@@ -168,7 +169,7 @@ def chat(
     greedy: Optional[bool] = typer.Option(None, "--greedy/--sample", help="Deterministic decoding, or sampling."),
 ):
     """Chat with a trained run: REPL, one --question, or --quick_test."""
-    from .infer.generate import EXIT_WORDS
+    from .infer.generate import EXIT_WORDS, RESET_WORDS
 
     bot = load_bot(
         run,
@@ -201,7 +202,8 @@ def chat(
         )
     if interactive or (question is None and not quick_test):
         banner = bot.gen.chat_banner or f"kotune chat: {Path(run or model_path).resolve().name}"
-        typer.echo(f"{banner} 종료: quit / exit / 종료 / 나가기")
+        typer.echo(f"{banner} 종료: quit / exit / 종료 / 나가기 · 새 대화: /reset")
+        history: list[tuple[str, str]] = []  # follow-ups ("그럼 월세는요?") are read after the earlier turns
         while True:
             try:
                 q = input("\n질문> ").strip()
@@ -210,11 +212,17 @@ def chat(
                 break
             if q.lower() in EXIT_WORDS:
                 break
+            if q.lower() in RESET_WORDS:
+                history.clear()
+                typer.echo("새 대화를 시작합니다 (앞선 질문과 답변은 잊었습니다).")
+                continue
             if q:
                 try:
-                    _show_answer(bot, q, echo_question=False)
+                    a = _show_answer(bot, q, echo_question=False, history=history)
                 except typer.Exit:  # a question that cannot be answered (too long): say why, keep the session
                     continue
+                if not a.abstained:  # a refused question is not part of the conversation
+                    history.append((q, a.text))
 
 
 @app.command()
@@ -376,6 +384,12 @@ def serve(
     max_queue: int = typer.Option(
         64, "--max_queue", min=1, help="Requests waiting or generating at once; more get HTTP 429."
     ),
+    max_batch: int = typer.Option(
+        8, "--max_batch", min=1, help="Requests decoded together (1: one at a time); the others wait in the queue."
+    ),
+    timeout: float = typer.Option(
+        300.0, "--timeout", min=0, help="Seconds a request may wait and generate before HTTP 504 (0: no limit)."
+    ),
     greedy: Optional[bool] = typer.Option(
         None, "--greedy/--sample", help="Default decoding (a request's temperature overrides it)."
     ),
@@ -387,10 +401,13 @@ def serve(
         fail(e)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without an API key: anyone who can reach it can use it.", err=True)
-    app_ = guarded(
-        create_app, run, api_key=api_key, limits=Limits(max_tokens=max_tokens_limit, max_queue=max_queue), greedy=greedy
+    limits = Limits(
+        max_tokens=max_tokens_limit, max_queue=max_queue, max_batch=max_batch, request_timeout_s=timeout or None
     )
-    typer.echo(f"serving {app_.state.model_id} on http://{host}:{port}/ (API: /v1, requests answered one at a time)")
+    app_ = guarded(create_app, run, api_key=api_key, limits=limits, greedy=greedy)
+    batch = app_.state.worker.max_batch
+    how = f"up to {batch} requests decoded together" if batch > 1 else "requests answered one at a time"
+    typer.echo(f"serving {app_.state.model_id} on http://{host}:{port}/ (API: /v1, {how})")
     run_server(app_, host=host, port=port)
 
 

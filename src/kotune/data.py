@@ -28,6 +28,10 @@ class Example:
     source: str  # "file:row" so any later problem can point back to the row
     category: str = ""
     difficulty: str = ""
+    # `data.format: chat`: the whole conversation, [{"role": "system"|"user"|"assistant", "content": str}, …]
+    # (a CSV or question/answer row is one user and one assistant turn); `question`/`answer` are then its last
+    # user and assistant turns. None with `format: plain`, where every user → assistant pair is its own row.
+    messages: list[dict] | None = None
 
 
 @dataclass
@@ -207,25 +211,86 @@ def json_records(path: Path, text: str, problems: list[str]) -> tuple[str, list[
     return "line", items
 
 
-def _jsonl_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport) -> list[dict]:
+def _jsonl_rows(path: Path, text: str, qcol: str, acol: str, report: DataReport, chat: bool = False) -> list[dict]:
     rows = []
     report.unit, items = json_records(path, text, report.problems)
     for i, obj in items:
         if not isinstance(obj, dict):
             report.problems.append(f"{path}: {report.unit} {i} is not a JSON object.")
             continue
-        rows.extend(_normalise_record(obj, f"{i}", qcol, acol, path, report, report.unit))
+        rows.extend(_normalise_record(obj, f"{i}", qcol, acol, path, report, report.unit, chat))
     return rows
 
 
-def _normalise_record(obj: dict, where: str, qcol: str, acol: str, path, report: DataReport, unit: str) -> list[dict]:
-    """Map the accepted record shapes onto question/answer rows."""
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_turns(msgs, where: str) -> tuple[list[dict] | None, list[str]]:
+    """A `messages` list checked for `data.format: chat`: (turns, problems). Turns are {role, content} with the
+    content stripped: an optional system message first, then user and assistant turns alternating, starting with a
+    user turn and ending with an assistant turn. `where` ("file: line 3") starts every problem."""
+    if not isinstance(msgs, list) or not msgs:
+        return None, [f"{where}: `messages` must be a non-empty list of {{role, content}}."]
+    turns, problems = [], []
+    for n, m in enumerate(msgs, start=1):
+        if not isinstance(m, dict):
+            problems.append(f"{where}: message {n} is not an object with `role` and `content`.")
+            continue
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            problems.append(f"{where}: message {n} has role {role!r}; the roles are system, user and assistant.")
+        if not isinstance(content, str):
+            problems.append(f"{where}: message {n} ({role}) has no text `content`.")
+        elif not content.strip():
+            problems.append(f"{where}: message {n} ({role}) has empty content; fill it in or delete the message.")
+        turns.append({"role": role, "content": content.strip() if isinstance(content, str) else ""})
+    if problems:
+        return None, problems
+    first = 1 if turns[0]["role"] == "system" else 0
+    roles = [t["role"] for t in turns]
+    if "system" in roles[first:]:
+        n = roles.index("system", first) + 1
+        return None, [f"{where}: message {n} is a system message; one may only come first."]
+    if "assistant" not in roles:
+        return None, [f"{where}: no assistant turn in `messages`, so nothing would be trained."]
+    if roles[first] != "user":
+        return None, [
+            f"{where}: message {first + 1} is an assistant turn with no user turn before it; a conversation starts "
+            "with a user turn (after an optional system message)."
+        ]
+    for n in range(first + 1, len(roles)):
+        if roles[n] == roles[n - 1]:
+            return None, [
+                f"{where}: messages {n} and {n + 1} are both {roles[n]} turns; user and assistant turns must "
+                "alternate (join them into one message)."
+            ]
+    if roles[-1] != "assistant":
+        return None, [
+            f"{where}: the last message ({len(roles)}) is a user turn that no assistant turn answers; end the "
+            "conversation with an assistant turn or remove it."
+        ]
+    return turns, []
+
+
+def _normalise_record(
+    obj: dict, where: str, qcol: str, acol: str, path, report: DataReport, unit: str, chat: bool = False
+) -> list[dict]:
+    """Map the accepted record shapes onto question/answer rows (with `chat`, a `messages` record is one row that
+    keeps its turns under `_messages`)."""
     if qcol in obj or acol in obj:
         return [{"_row": where, **obj}]
     if "instruction" in obj and "output" in obj:  # alpaca
         q = str(obj["instruction"]).strip()
         extra = str(obj.get("input") or "").strip()
         return [{"_row": where, qcol: f"{q}\n{extra}" if extra else q, acol: obj["output"]}]
+    if "messages" in obj and chat:
+        turns, problems = chat_turns(obj["messages"], f"{path}: {unit} {where}")
+        if turns is None:
+            report.problems.extend(problems)
+            return []
+        last = {t["role"]: t["content"] for t in turns}  # the last user and assistant turns
+        extra = {k: obj[k] for k in ("category", "difficulty") if k in obj}
+        return [{"_row": where, qcol: last["user"], acol: last["assistant"], "_messages": turns, **extra}]
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list):
@@ -254,7 +319,9 @@ def _normalise_record(obj: dict, where: str, qcol: str, acol: str, path, report:
     return []
 
 
-def _hf_rows(name: str, split: str, cache_dir: str | None, qcol: str, acol: str, report: DataReport) -> list[dict]:
+def _hf_rows(
+    name: str, split: str, cache_dir: str | None, qcol: str, acol: str, report: DataReport, chat: bool = False
+) -> list[dict]:
     try:
         import datasets
     except ImportError:
@@ -288,7 +355,7 @@ def _hf_rows(name: str, split: str, cache_dir: str | None, qcol: str, acol: str,
     rows = []
     report.unit = "record"
     for i, rec in enumerate(ds, start=1):
-        rows.extend(_normalise_record(dict(rec), str(i), qcol, acol, name, report, "record"))
+        rows.extend(_normalise_record(dict(rec), str(i), qcol, acol, name, report, "record", chat))
     return rows
 
 
@@ -303,13 +370,15 @@ def load_examples(
     answer_column: str = "answer",
     bad_rows: str = "error",
     duplicates: str = "drop",
+    chat: bool = False,
 ) -> tuple[list[Example], DataReport]:
     """Read and check one data source. Raises `DataError` listing every problem
-    that `bad_rows='error'` makes fatal; otherwise records them in the report."""
+    that `bad_rows='error'` makes fatal; otherwise records them in the report.
+    `chat` (`data.format: chat`): every example carries its conversation in `messages`."""
     qcol, acol = question_column, answer_column
     if dataset_name:
         report = DataReport(path=dataset_name)
-        rows = _hf_rows(dataset_name, dataset_split, dataset_cache_dir, qcol, acol, report)
+        rows = _hf_rows(dataset_name, dataset_split, dataset_cache_dir, qcol, acol, report, chat)
         origin = dataset_name
     else:
         p = Path(path)
@@ -323,13 +392,14 @@ def load_examples(
                 answer_column=acol,
                 bad_rows=bad_rows,
                 duplicates=duplicates,
+                chat=chat,
             )
         if not p.is_file():
             raise DataError([f"{p}: file not found. Check `data.train_file` (or `--csv_path`)."])
         text, report.encoding = read_text(p, encoding)
         suffix = p.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            rows = _jsonl_rows(p, text, qcol, acol, report)
+            rows = _jsonl_rows(p, text, qcol, acol, report, chat)
         elif suffix in (".csv", ".tsv", ".txt"):
             rows = _csv_rows(p, text, qcol, acol, report)
         else:
@@ -340,7 +410,7 @@ def load_examples(
     report.rows_read = len(rows) + len(report.problems)
     unit = report.unit
     examples: list[Example] = []
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple, str] = {}
     for r in rows:
         where = f"{origin}: {unit} {r['_row']}"
         q = r.get(qcol)
@@ -351,7 +421,10 @@ def load_examples(
         if empty:
             report.problems.append(f"{where}: empty {' and '.join(empty)}; fill it in or delete the row.")
             continue
-        key = (q, a)
+        messages = None
+        if chat:
+            messages = r.get("_messages") or [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        key = (q, a) if messages is None else tuple((t["role"], t["content"]) for t in messages)
         if key in seen:
             msg = f"{where}: duplicate of {seen[key]}"
             if duplicates == "error":
@@ -368,6 +441,7 @@ def load_examples(
                 source=f"{origin}:{r['_row']}",
                 category=str(r.get("category") or "").strip(),
                 difficulty=str(r.get("difficulty") or "").strip(),
+                messages=messages,
             )
         )
     if report.problems and bad_rows == "error":

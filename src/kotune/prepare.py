@@ -10,7 +10,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from .chat import chat_stop_ids, check_chat_encoded, require_chat_template
 from .config import ConfigError, KotuneConfig, input_column, target_column
+from .config.load import chat_template_text
 from .data import DataError, load_examples
 from .grounding import for_training
 from .model import load_tokenizer, resolve_model
@@ -35,6 +37,7 @@ def load_split(cfg: KotuneConfig):
         answer_column=target_column(d, task),
         bad_rows=d.bad_rows,
         duplicates=d.duplicates,
+        chat=d.format == "chat",
     )
     train_ex, rep = load_examples(
         d.train_file,
@@ -110,6 +113,13 @@ def prepare(cfg: KotuneConfig) -> Prepared:
     resolved = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tok = load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     d, task = cfg.data, cfg.model.task
+    chat = d.format == "chat"
+    if chat:
+        # The run folder saves this tokenizer (`save_pretrained` writes its chat template), so answering renders
+        # prompts with the template training used.
+        if d.chat_template:
+            tok.chat_template = chat_template_text(d.chat_template)
+        require_chat_template(tok, cfg.model.name)
     grounding = for_training(cfg.retrieval, train_ex, eval_ex, cfg.training.seed)
     train_ctx, eval_ctx = (grounding.train_contexts, grounding.eval_contexts) if grounding else (None, None)
     labels = label2id = None
@@ -123,7 +133,14 @@ def prepare(cfg: KotuneConfig) -> Prepared:
                 ]
             )
         label2id = {name: i for i, name in enumerate(labels)}
-    common = dict(template=d.template, max_length=d.max_length, too_long=d.too_long, label2id=label2id)
+    common = dict(
+        template=d.template,
+        max_length=d.max_length,
+        too_long=d.too_long,
+        label2id=label2id,
+        chat=chat,
+        system=d.system_prompt,
+    )
     train_enc, long_rows, errors, lengths = encode(task, tok, train_ex, contexts=train_ctx, **common)
     eval_enc, elong, eerrors, _ = encode(task, tok, eval_ex, contexts=eval_ctx, **common)
     errors += eerrors
@@ -134,7 +151,11 @@ def prepare(cfg: KotuneConfig) -> Prepared:
         raise DataError([r + "; raise `data.max_length` or shorten the row" for r in long_rows])
     if not train_enc:
         raise DataError([f"no training rows fit in max_length {d.max_length}; raise `data.max_length`."])
-    if task == "causal-lm":
+    if task == "causal-lm" and chat:
+        stops = chat_stop_ids(tok)
+        for enc in train_enc:
+            check_chat_encoded(enc, stops, tok.pad_token_id, tok)
+    elif task == "causal-lm":
         check_encoded(train_enc[0], tok.eos_token_id, tok.pad_token_id)
     stats = length_stats(lengths, d.max_length)
     return Prepared(
@@ -163,6 +184,10 @@ def dry_run_report(cfg: KotuneConfig, prep: Prepared) -> str:
     for r in prep.long_rows[:10]:
         lines.append(f"  too long: {r}")
     if cfg.model.task == "causal-lm":
+        if cfg.data.format == "chat":
+            tok = prep.tokenizer
+            stops = ", ".join(f"{tok.convert_ids_to_tokens(i)!r} (id {i})" for i in chat_stop_ids(tok))
+            lines.append(f"format: chat (the tokenizer's chat template); generation stops on {stops}")
         lines += [
             "",
             "# one training sample (⟦trained⟧ tokens; the rest is masked)",

@@ -85,8 +85,22 @@ def token_pieces(tokenizer, ids: list[int], trained: list[bool]) -> list[tuple[s
     return pieces
 
 
+def trained_spans(labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of trained labels: one per answer (per assistant turn in a chat sample)."""
+    spans: list[tuple[int, int]] = []
+    for i, lab in enumerate(labels):
+        if lab == IGNORE:
+            continue
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
 def render_sample(tokenizer, enc: Encoded) -> str:
-    """Human-readable view: prompt tokens in [ ], trained tokens inside ⟦ ⟧."""
+    """Human-readable view: prompt tokens in [ ], trained tokens inside ⟦ ⟧. A sample with several trained spans
+    (a multi-turn chat sample: one per assistant turn) also gets a line with all tokens in their order."""
     marks = [lab != IGNORE for lab in enc.labels]
     pieces = [(t.replace("\n", "\\n"), tr) for t, tr in token_pieces(tokenizer, enc.input_ids, marks)]
     prompt = "".join(f"[{p}]" for p, tr in pieces if not tr)
@@ -94,12 +108,22 @@ def render_sample(tokenizer, enc: Encoded) -> str:
     joined = (
         " (tokens that only together make one character are shown as one piece)" if len(pieces) < len(marks) else ""
     )
-    return (
+    spans = trained_spans(enc.labels)
+    last = enc.labels[spans[-1][1] - 1] if spans else IGNORE
+    if last == tokenizer.eos_token_id:
+        ends = f"last is EOS id {last}"
+    else:
+        ends = f"last is id {last} {tokenizer.convert_ids_to_tokens(last)!r}" if spans else "none"
+    text = (
         f"source: {enc.source}\n"
         f"text: {tokenizer.decode(enc.input_ids)!r}\n"
         f"prompt tokens (not trained, {len(enc.labels) - enc.n_trained}): {prompt}\n"
-        f"trained tokens ({enc.n_trained}, last is EOS id {enc.labels[-1]}): {trained}{joined}"
+        f"trained tokens ({enc.n_trained}, {ends}): {trained}{joined}"
     )
+    if len(spans) > 1:
+        ordered = "".join(f"⟦{p}⟧" if tr else f"[{p}]" for p, tr in pieces)
+        text += f"\nin order ({len(spans)} trained spans, one per assistant turn): {ordered}"
+    return text
 
 
 def length_stats(lengths: list[int], max_length: int) -> dict:

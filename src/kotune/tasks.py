@@ -1,7 +1,8 @@
 """What differs between the tasks: how rows become tensors, the loss of a batch and
 the evaluation metrics. The training loop (`train.py`) is the same for all three.
 
-- `causal-lm`: prompt + answer + EOS through a decoder; loss on answer tokens and EOS.
+- `causal-lm`: prompt + answer + EOS through a decoder; loss on answer tokens and EOS (`data.format: chat`: a
+  conversation through the tokenizer's chat template; loss on each assistant turn and its end-of-turn token).
 - `text-classification`: text → one label id; loss and count per row.
 - `text2text`: input → target through an encoder-decoder; loss on target tokens.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from .chat import encode_all_chat
 from .prompt import IGNORE, Encoded, encode_all
 from .prompt import collate as collate_causal
 
@@ -97,11 +99,17 @@ def encode(
     too_long: str,
     label2id: dict[str, int] | None = None,
     contexts: list[str] | None = None,
+    chat: bool = False,
+    system: str | None = None,
 ):
+    """Encode `examples` for `task`. `chat` (`data.format: chat`, causal-lm only): through the tokenizer's chat
+    template with the `system` prompt (`chat.encode_all_chat`) instead of `template`."""
     if task == "text-classification":
         return encode_classification(tokenizer, examples, label2id or {}, max_length, too_long)
     if task == "text2text":
         return encode_seq2seq(tokenizer, examples, max_length, too_long)
+    if chat:
+        return encode_all_chat(tokenizer, examples, max_length, too_long, contexts, system)
     return encode_all(tokenizer, examples, template, max_length, too_long, contexts)
 
 

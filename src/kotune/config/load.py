@@ -188,6 +188,12 @@ def apply_overrides(section: BaseModel, name: str, overrides: dict[str, Any]) ->
 
 
 def _semantic_problems(cfg: KotuneConfig) -> list[str]:
+    # `data.template` is not used with `format: chat`: its rules (and `{context}` for retrieval) do not apply there
+    plain = cfg.data.format == "plain"
+    return (_template_problems(cfg) if plain else []) + _chat_problems(cfg) + _other_problems(cfg)
+
+
+def _template_problems(cfg: KotuneConfig) -> list[str]:
     out = []
     t = cfg.data.template
     if "{question}" not in t or "{answer}" not in t:
@@ -219,6 +225,63 @@ def _semantic_problems(cfg: KotuneConfig) -> list[str]:
         )
     if not cfg.retrieval.enabled and "{context}" in t:
         out.append("`data.template` uses `{context}`: set `retrieval.enabled: true` (or remove `{context}`).")
+    return out
+
+
+def _chat_problems(cfg: KotuneConfig) -> list[str]:
+    """`data.format: chat` and the two options that only it uses."""
+    d, task, out = cfg.data, cfg.model.task, []
+    if d.format == "chat" and task != "causal-lm":
+        out.append(
+            f"`data.format: chat` works with `model.task: causal-lm` only (task is `{task}`): a chat template "
+            "renders a conversation for a decoder to continue. Use `data.format: plain` for this task."
+        )
+    for key in ("system_prompt", "chat_template"):
+        value = getattr(d, key)
+        if value is None:
+            continue
+        if d.format != "chat":
+            out.append(
+                f"`data.{key}` is used only with `data.format: chat` (the plain `data.template` has no system "
+                f"message or chat template): set `data.format: chat`, or unset `data.{key}`."
+            )
+        elif not value.strip():
+            out.append(f"`data.{key}` is empty: unset it instead.")
+    # A `chat_template` path is read when training starts (`chat_template_text`), not here: the run folder's saved
+    # config must load from anywhere, and its tokenizer already holds the template.
+    return out
+
+
+def chat_template_text(value: str) -> str:
+    """The Jinja text `data.chat_template` stands for: the value itself when it holds Jinja (`{{` or `{%`), else
+    the contents of the file it names (a path relative to the working directory, like `data.train_file`).
+    Raises `ConfigError` naming the option when the file is missing or holds no template."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value.strip()).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            [
+                f"`data.chat_template`: `{value.strip()}` is not a Jinja template (it has no `{{{{` or `{{%`) and no "
+                "such file exists. Give the template itself, or the path of a `.jinja`/`.txt` file holding one."
+            ]
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"`data.chat_template`: cannot read {path} as UTF-8 text ({e})."]) from None
+    if "{{" not in text and "{%" not in text:
+        raise ConfigError(
+            [
+                f"`data.chat_template`: {path} holds no Jinja template (no `{{{{` or `{{%` in it); give a chat "
+                "template file such as a model's `chat_template.jinja`."
+            ]
+        )
+    return text
+
+
+def _other_problems(cfg: KotuneConfig) -> list[str]:
+    out = []
     if cfg.generation.context_contrast and not cfg.retrieval.enabled:
         out.append(
             "`generation.context_contrast` contrasts the prompt with and without its retrieved articles: it needs "

@@ -69,7 +69,8 @@ class DataSection(_Section):
     train_file: str | None = Field(
         None,
         description="Training data: a CSV (`question,answer[,category,difficulty]`), a JSONL file "
-        "(`question/answer`, alpaca `instruction/input/output`, or chat `messages`), or a `save_to_disk` folder.",
+        "(`question/answer`, alpaca `instruction/input/output`, or chat `messages`: each user → assistant pair a row "
+        "with `format: plain`, the whole conversation one row with `format: chat`), or a `save_to_disk` folder.",
     )
     eval_file: str | None = Field(
         None,
@@ -99,10 +100,29 @@ class DataSection(_Section):
         "sorted and saved as `labels.json` in the run folder. `causal-lm`/`text2text`: when set, used instead of "
         "`answer_column`.",
     )
+    format: Literal["plain", "chat"] = Field(
+        "plain",
+        description="How a row becomes text. `plain`: through `data.template`. `chat`: through the tokenizer's own "
+        "chat template (`apply_chat_template`), in training and in answering, as instruction models (Qwen2.5-Instruct, "
+        "EXAONE, Gemma-it, Llama-3-Instruct) expect; chat `messages` keep all their turns and every assistant turn is "
+        "trained. `causal-lm` only. See docs/chat_templates.md.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="`format: chat` only: a system message put first in every conversation, in training and in "
+        "answering. A system message inside a data record replaces it for that record. Unset: none.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="`format: chat` only: a Jinja chat template, or the path of a `.jinja`/`.txt` file holding one, "
+        "used instead of the tokenizer's own (needed when the tokenizer has none). The run folder's tokenizer is saved "
+        "with it, so answering uses the same template. Unset: the tokenizer's template.",
+    )
     template: str = Field(
         DEFAULT_TEMPLATE,
         description="Prompt template with `{question}` and `{answer}`; `{answer}` must come last. "
-        "The tokenizer's EOS id is appended after the answer; never write `</s>` into the template.",
+        "The tokenizer's EOS id is appended after the answer; never write `</s>` into the template. "
+        "Not used with `format: chat`.",
     )
     max_length: int = Field(
         256,
@@ -312,6 +332,12 @@ class GenerationSection(_Section):
     quick_test_questions: list[str] = Field(
         default_factory=list, description="Questions asked by `kotune chat --quick_test` (the recipe's own set)."
     )
+    history_tokens: int = Field(
+        256,
+        ge=0,
+        description="Tokens of the conversation's earlier turns (question and answer, newest first) put before the "
+        "question in `chat` and `serve`; turns that do not fit are left out. 0: every message is answered alone.",
+    )
     chat_banner: str | None = Field(
         None,
         description="The line `kotune chat` opens its interactive session with (what the chatbot is for). Unset: the "
@@ -369,6 +395,13 @@ class RetrievalSection(_Section):
         '`{"question", "citations": ["민법 제281조"]}` lines (or Q&A files kotune reads), e.g. '
         "`data/civil_law_questions.jsonl`. They only guide retrieval (the model is not trained on them) "
         "and are kept in the run's `retrieval_examples.jsonl`; every article they cite must be in the KB.",
+    )
+    follow_up: Literal["off", "joined", "fused"] = Field(
+        "fused",
+        description="How a conversation's earlier questions take part in retrieval and the scope check of a new one. "
+        "`off`: the new question alone. `joined`: the previous question and the new one searched as one text. "
+        "`fused`: the rankings of the new question alone and of the joined text, fused by reciprocal rank "
+        "(docs/evaluation.md#follow-up-questions).",
     )
     k: int = Field(
         3,

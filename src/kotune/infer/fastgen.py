@@ -22,8 +22,9 @@ from ..errors import ModelError
 from ..memory import cpu_has_bf16, cpu_threads, cuda_has_bf16
 from ..model import load_run
 from ..runfolder import require_run
+from .batch import use_row_attention
 from .llamacpp import load_llamacpp
-from .sampling import next_tokens
+from .sampling import next_tokens, stop_ids
 
 log = logging.getLogger("kotune")
 
@@ -151,6 +152,7 @@ class FastGenerator:
 
         self.model = model
         self.config = model.config
+        use_row_attention(model)  # a request decodes the same alone or in a batch (batch.py)
         self._cache_arg: str | None = None
         self.precision = precision
         self.threads = threads
@@ -190,7 +192,7 @@ class FastGenerator:
         attention_mask=None,
         streamer=None,
         max_new_tokens: int = 256,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         repetition_penalty: float = 1.0,
         do_sample: bool = False,
@@ -216,7 +218,8 @@ class FastGenerator:
             attention_mask = torch.ones_like(input_ids)
         if streamer is not None and input_ids.shape[0] != 1:
             raise ValueError("streaming needs batch size 1")
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        stops = sorted(stop_ids(eos_token_id))
+        pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
         seq, mask = input_ids, attention_mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
@@ -250,8 +253,8 @@ class FastGenerator:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 if streamer is not None:
                     streamer.put(nxt.cpu())
-                if eos_token_id is not None:
-                    done |= nxt == eos_token_id
+                if stops:
+                    done |= torch.isin(nxt, torch.tensor(stops, device=nxt.device))
                 if bool(done.all()):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

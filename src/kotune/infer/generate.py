@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..chat import chat_prompt_ids, chat_stop_ids
 from ..config import apply_overrides
 from ..data import DataError, read_question_lines
 from ..grounding import for_run
@@ -20,6 +21,7 @@ from .constrain import RepeatGuard
 from .fastgen import load_engine  # the engine named by generation.backend/precision or an override
 
 EXIT_WORDS = {"quit", "exit", "종료", "나가기", "q"}
+RESET_WORDS = {"/reset", "/new", "/새대화"}
 
 
 @dataclass
@@ -40,6 +42,24 @@ class Answer:
 
     def citation_records(self) -> list[dict]:
         return [a.record() for a in self.citations]
+
+
+@dataclass(eq=False)
+class Plan:
+    """A question ready to decode (`Chatbot.plan`), or answered without decoding (`answer` set: a refusal)."""
+
+    question: str
+    t0: float
+    answer: Answer | None = None
+    prompt: list = field(default_factory=list)
+    context: list = field(default_factory=list)
+    score: float | None = None
+    rule: str = ""
+    gate: object = None
+    streamer: HangulSafeStreamer | None = None
+    kwargs: dict = field(default_factory=dict)  # model.generate's decoding arguments
+    processors: list | None = None
+    contrast: dict = field(default_factory=dict)
 
 
 def _refused(question: str, message: str, seconds: float, score: float | None) -> Answer:
@@ -78,6 +98,12 @@ class HangulSafeStreamer:
         self.ids.extend(int(x) for x in value.reshape(-1).tolist())
         self._flush(final=False)
 
+    def token(self, token_id: int) -> None:
+        """One new token, for a caller that decodes itself (the batch decoder) rather than through `generate`."""
+        self.prompt_seen = True
+        self.ids.append(int(token_id))
+        self._flush(final=False)
+
     def end(self) -> None:
         self._flush(final=True)
 
@@ -94,9 +120,14 @@ class Chatbot:
     """Answers questions with a model and tokenizer; `grounding` (kotune/grounding.py), when the run has one, supplies
     each prompt's context, the text an answer starts with, a decoding rule and the checks of the answer."""
 
-    def __init__(self, model, tokenizer, template: str, generation, grounding=None):
+    def __init__(self, model, tokenizer, template: str, generation, grounding=None, chat: bool = False, system=None):
+        """`chat`: answer in the tokenizer's own chat template (`data.format: chat`), after `system` if given;
+        otherwise through `template` (`data.template`)."""
         self.model, self.tok, self.template, self.gen = model, tokenizer, template, generation
         self.grounding = grounding
+        self.chat, self.system = chat, system
+        # a chat template closes an assistant turn with its own token (<|im_end|>, <end_of_turn>), trained to stop on
+        self.stop_ids = chat_stop_ids(tokenizer) if chat else [tokenizer.eos_token_id]
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **overrides) -> "Chatbot":
@@ -109,14 +140,17 @@ class Chatbot:
                 f"{run_dir} answers without retrieved articles, so there is nothing to contrast: "
                 "`context_contrast` works with grounded runs (`retrieval.enabled: true`) only."
             )
-        return cls(model, tok, cfg.data.template, gen, for_run(run_dir, cfg.retrieval))
+        chat = cfg.data.format == "chat"
+        grounding = for_run(run_dir, cfg.retrieval)
+        return cls(model, tok, cfg.data.template, gen, grounding, chat=chat, system=cfg.data.system_prompt)
 
     @property
     def grounded(self) -> bool:
         return self.grounding is not None and self.grounding.grounded
 
-    def context_for(self, question: str) -> list:
-        return self.grounding.sources(question) if self.grounded else []
+    def context_for(self, question: str, asked=()) -> list:
+        """The sources for `question`; `asked`: the conversation's earlier questions, oldest first."""
+        return self.grounding.sources(question, list(asked)) if self.grounded else []
 
     def check_question(self, question: str) -> str:
         """The question, stripped; a clear error for one that cannot be answered at all."""
@@ -130,16 +164,16 @@ class Chatbot:
             )
         return q
 
-    def refusal_for(self, question: str) -> tuple[str | None, float | None]:
+    def refusal_for(self, question: str, asked=()) -> tuple[str | None, float | None]:
         """(the message to give instead of an answer, or None; the scope score)."""
-        return self.grounding.refusal(question) if self.grounding is not None else (None, None)
+        return self.grounding.refusal(question, list(asked)) if self.grounding is not None else (None, None)
 
     def rule_for(self, question: str, context: list) -> str:
         """The text a grounded answer starts with (its article's rule), or ""."""
         return self.grounding.lead(question, context) if self.grounded else ""
 
-    def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None) -> dict:
-        g = self.gen
+    def _kwargs(self, prompt_len: int, max_new_tokens: int | None = None, gen=None) -> dict:
+        g = gen or self.gen
         limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
             self.model.config, "n_positions", None
         )
@@ -148,7 +182,7 @@ class Chatbot:
             new = max(1, min(new, limit - prompt_len))
         kw = dict(
             max_new_tokens=new,
-            eos_token_id=self.tok.eos_token_id,
+            eos_token_id=self.stop_ids if len(self.stop_ids) > 1 else self.stop_ids[0],
             pad_token_id=self.tok.pad_token_id,
             repetition_penalty=g.repetition_penalty,
         )
@@ -162,16 +196,45 @@ class Chatbot:
         """What to show of a cited source under the answer."""
         return self.grounding.excerpt(article, question) if self.grounding is not None else article.summary
 
-    def prompt_ids(self, question: str, context: list | None = None) -> list[int]:
+    def prompt_ids(self, question: str, context: list | None = None, history=()) -> list[int]:
+        """The prompt for `question` with its sources `context`, after the earlier turns of the conversation
+        (`history`: (question, answer) pairs, oldest first) that fit in `generation.history_tokens`."""
         text = self.grounding.context_text(context, question) if context else ""
+        if self.chat:
+            return chat_prompt_ids(self.tok, question, text, self._recent(history), self.system)
         prompt, _ = split_template(self.template, question.strip(), context=text)
-        return encode_prompt(self.tok, prompt)
+        ids = encode_prompt(self.tok, prompt)
+        earlier = self._history_text(history)
+        if not earlier:
+            return ids
+        # one string, so a BOS token is added once, at the very start
+        return encode_prompt(self.tok, earlier + prompt)
 
-    def _processors(self, contexts: list[list], prompt_len: int) -> dict:
+    def _recent(self, history) -> list[tuple[str, str]]:
+        """The latest earlier turns whose question and answer fit, together, in `generation.history_tokens`."""
+        budget, kept, used = self.gen.history_tokens, [], 0
+        for q, a in reversed(list(history or ()) if budget > 0 else []):
+            n = len(self.tok(q.strip() + "\n" + a.strip(), add_special_tokens=False)["input_ids"])
+            if used + n > budget:
+                break
+            kept.append((q, a))
+            used += n
+        return kept[::-1]
 
+    def _history_text(self, history) -> str:
+        """The earlier turns as the template renders them (without sources), each closed by EOS as in training."""
+        eos = self.tok.eos_token or ""
+        turns = []
+        for q, a in self._recent(history):
+            prompt, answer = split_template(self.template, q.strip(), a.strip(), context="")
+            turns.append(prompt + answer + eos)
+        return "".join(turns)
+
+    def _processors(self, contexts: list[list], prompt_len: int, gen=None) -> dict:
+        guard = (gen or self.gen).repeat_guard
         procs = []
-        if self.gen.repeat_guard:  # first: the grounding's rule (which citations) must have the last word
-            procs.append(RepeatGuard(self.tok, self.gen.repeat_guard, prompt_len))
+        if guard:  # first: the grounding's rule (which citations) must have the last word
+            procs.append(RepeatGuard(self.tok, guard, prompt_len))
         rule = self.grounding.logits_processor(self.tok, contexts, prompt_len) if self.grounded else None
         if rule is not None:
             procs.append(rule)
@@ -181,10 +244,10 @@ class Chatbot:
 
         return {"logits_processor": LogitsProcessorList(procs)}
 
-    def _contrast(self, questions: list[str]) -> dict:
+    def _contrast(self, questions: list[str], gen=None) -> dict:
         """Context-aware decoding (`generation.context_contrast`): each prompt's twin without the articles,
         left-padded, for the engine to contrast against."""
-        w = self.gen.context_contrast
+        w = (gen or self.gen).context_contrast
         if not w or not self.grounded:
             return {}
         if not getattr(self.model, "supports_contrast", False):
@@ -205,40 +268,82 @@ class Chatbot:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
         return ids, mask
 
-    def answer(
-        self, question: str, on_text: Callable[[str], None] | None = None, max_new_tokens: int | None = None
-    ) -> Answer:
-        import torch
-
+    def plan(
+        self,
+        question: str,
+        on_text: Callable[[str], None] | None = None,
+        max_new_tokens: int | None = None,
+        history=(),
+        gen=None,
+    ) -> "Plan":
+        """Everything before decoding: the refusal (then `plan.answer` is final), the sources, the rule the answer
+        starts with (streamed at once), the prompt, and the decoding settings. `history`: earlier (question, answer)
+        turns; `gen`: this request's generation settings (default the bot's)."""
+        gen = gen or self.gen
         question = self.check_question(question)
         t0 = time.perf_counter()
-        refused, score = self.refusal_for(question)
+        asked = [q for q, _ in history]
+        refused, score = self.refusal_for(question, asked)
         if refused is not None:
             if on_text:
                 on_text(refused)
-            return _refused(question, refused, time.perf_counter() - t0, score)
-        context = self.context_for(question)
+            return Plan(question, t0, answer=_refused(question, refused, time.perf_counter() - t0, score))
+        context = self.context_for(question, asked)
         gate = None
         rule = self.rule_for(question, context)
         if on_text and rule:
             on_text(rule)
             gate = self.grounding.gate(question, context, rule, _after_blank_line(on_text))
             on_text = gate.feed
-        ids = torch.tensor([self.prompt_ids(question, context)], device=self.model.device)
-        streamer = HangulSafeStreamer(self.tok, on_text) if on_text else None
+        ids = self.prompt_ids(question, context, history)
+        return Plan(
+            question,
+            t0,
+            prompt=ids,
+            context=context,
+            score=score,
+            rule=rule,
+            gate=gate,
+            streamer=HangulSafeStreamer(self.tok, on_text) if on_text else None,
+            kwargs=self._kwargs(len(ids), max_new_tokens, gen),
+            processors=self._processors([context], len(ids), gen).get("logits_processor"),
+            contrast=self._contrast([question], gen),
+        )
+
+    def finish(self, plan: "Plan", new: list[int]) -> Answer:
+        """The Answer for the tokens `new` generated for `plan`."""
+        if plan.streamer is not None:
+            plan.streamer.end()
+        if plan.gate is not None:  # the gate holds the last sentence until it knows it ended
+            plan.gate.close(complete=any(t in self.stop_ids for t in new))
+        return self._answer(plan.question, new, time.perf_counter() - plan.t0, plan.context, plan.score, plan.rule)
+
+    def answer(
+        self,
+        question: str,
+        on_text: Callable[[str], None] | None = None,
+        max_new_tokens: int | None = None,
+        history=(),
+        gen=None,
+    ) -> Answer:
+        import torch
+
+        plan = self.plan(question, on_text, max_new_tokens, history, gen)
+        if plan.answer is not None:
+            return plan.answer
+        ids = torch.tensor([plan.prompt], device=self.model.device)
+        streamer = plan.streamer
+        plan.streamer = None  # generate() ends it
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 streamer=streamer,
-                **self._kwargs(ids.shape[1], max_new_tokens),
-                **self._processors([context], ids.shape[1]),
-                **self._contrast([question]),
+                **plan.kwargs,
+                **({"logits_processor": plan.processors} if plan.processors else {}),
+                **plan.contrast,
             )
-        new = out[0, ids.shape[1] :].tolist()
-        if gate is not None:  # the gate holds the last sentence until it knows it ended
-            gate.close(complete=self.tok.eos_token_id in new)
-        return self._answer(question, new, time.perf_counter() - t0, context, score, rule)
+        return self.finish(plan, out[0, ids.shape[1] :].tolist())
 
     def answer_batch(self, questions: list[str], batch_size: int = 8) -> list[Answer]:
         """Left-padded batches; each answer is cut at its own EOS."""
@@ -283,10 +388,10 @@ class Chatbot:
         rule: str | None = None,
     ) -> Answer:
         """The Answer for generated ids `new`; `rule`: `rule_for(question, context)` when the caller has it."""
-        eos = self.tok.eos_token_id
-        stopped = eos in new
+        end = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
+        stopped = end is not None
         if stopped:
-            new = new[: new.index(eos) + 1]
+            new = new[: end + 1]
         text = self.tok.decode(new, skip_special_tokens=True).strip()
         raw, dropped = text, []
         rule = self.rule_for(question, context or []) if rule is None else rule

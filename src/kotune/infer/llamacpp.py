@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from ..memory import cpu_threads
 from ..runfolder import require_run
 from .gguf_export import export_gguf
-from .sampling import next_tokens
+from .sampling import next_tokens, stop_ids
 
 log = logging.getLogger("kotune")
 
@@ -86,9 +86,7 @@ class LlamaCppGenerator:
             )[0]
         )
 
-    def _one(
-        self, prompt: list[int], streamer, max_new_tokens: int, eos: int | None, procs=None, padded=None, **warp
-    ) -> list[int]:
+    def _one(self, prompt: list[int], streamer, max_new_tokens: int, eos, procs=None, padded=None, **warp) -> list[int]:
         # kotune's own logits processing over llama.cpp's logits: llama.cpp's sampler would
         # penalise repeats of generated tokens only, `generate` (and the torch engine) of the prompt too.
         self.llm.reset()
@@ -114,7 +112,7 @@ class LlamaCppGenerator:
                 import torch
 
                 streamer.put(torch.tensor([tok]))
-            if tok == eos or len(new) >= max_new_tokens:
+            if tok in stop_ids(eos) or len(new) >= max_new_tokens:
                 return new
             seen.append(tok)
             self.llm.eval([tok])
@@ -128,7 +126,7 @@ class LlamaCppGenerator:
         attention_mask=None,
         streamer=None,
         max_new_tokens: int = 256,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         repetition_penalty: float = 1.0,
         do_sample: bool = False,
@@ -144,7 +142,7 @@ class LlamaCppGenerator:
             attention_mask = torch.ones_like(input_ids)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        pad = pad_token_id if pad_token_id is not None else (min(stop_ids(eos_token_id), default=0))
         rows = []
         for b, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
             prompt = [t for t, m in zip(ids, mask) if m]

@@ -5,6 +5,13 @@ processors in `generate`'s order."""
 from __future__ import annotations
 
 
+def stop_ids(eos_token_id) -> frozenset:
+    """`eos_token_id` as `generate` takes it (an id, a list of ids, or None) as a set."""
+    if eos_token_id is None:
+        return frozenset()
+    return frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+
+
 def warp_scores(
     logits,
     seen,
@@ -43,8 +50,12 @@ def warp_scores(
         if bool((torch.isfinite(scores).sum(-1) == k).all()):
             candidates = ids
     if top_p is not None and top_p < 1.0:
+        if not top_k:  # (top-k with a tie at the k-th score sorts the whole row, as the test of ties expects)
+            fast = _nucleus_among_top(scores, top_p)
+            if fast is not None:
+                return fast
         # Tokens top-k removed have probability 0 and sort first, so they change no cumulative sum: sorting only the
-        # candidates gives the same drops. 262k-entry sorts cost ~12 ms a token on 2 cores; 50 cost nothing.
+        # candidates gives the same drops.
         row = scores if candidates is None else scores.gather(1, candidates)
         sorted_scores, order = torch.sort(row, descending=False)
         drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
@@ -54,6 +65,28 @@ def warp_scores(
             drop = torch.zeros_like(scores, dtype=torch.bool).scatter(1, candidates, drop)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
+
+
+def _nucleus_among_top(scores, top_p: float, k: int = 1024):
+    """Top-p without top-k, without sorting the vocabulary (a 262k-entry sort costs ~12 ms a token on 2 cores): when
+    the k most likely tokens already hold more than `top_p` of the probability, every other token is dropped anyway,
+    and the drops among the k follow from their probabilities plus the mass outside them. None when they do not
+    (a flat distribution): then the caller sorts the whole row."""
+    import torch
+
+    k = min(k, scores.shape[-1])
+    top, ids = torch.topk(scores, k)  # descending
+    logp = top - torch.logsumexp(scores, -1, keepdim=True)
+    probs = logp.exp()
+    mass = probs.sum(-1, keepdim=True)
+    if not bool((mass > top_p).all()):
+        return None
+    # ascending cumulative probability over the whole vocabulary, as the full sort computes it
+    cum = (1 - mass) + probs.flip(-1).cumsum(-1)
+    drop = (cum <= (1 - top_p)).flip(-1)
+    drop[:, 0] = False  # the most likely token always stays
+    kept = top.masked_fill(drop, float("-inf"))
+    return torch.full_like(scores, float("-inf")).scatter(1, ids, kept)
 
 
 def next_tokens(logits, seen, *, do_sample: bool = False, generator=None, logits_processor=None, **warp):

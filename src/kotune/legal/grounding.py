@@ -51,11 +51,27 @@ class StatuteGrounding:
         return cls(kb, settings, retriever)
 
     # 1. context for a prompt
-    def sources(self, question: str) -> list:
+    def joined(self, question: str, asked=()) -> str | None:
+        """The text a follow-up is also read as (the previous question, then it), or None: no earlier question, or
+        `retrieval.follow_up: off`."""
+        if not asked or self.settings.follow_up == "off":
+            return None
+        return f"{asked[-1].strip()}\n{question.strip()}"
+
+    def sources(self, question: str, asked=()) -> list:
         if self.retriever is None:
             return []
         s = self.settings
-        return [h.article for h in self.retriever.search(question, k=s.answer_k or s.k, method=s.method)]
+        k = s.answer_k or s.k
+        joined = self.joined(question, asked)
+        if joined is None or s.follow_up == "joined":
+            return [h.article for h in self.retriever.search(joined or question, k=k, method=s.method)]
+        # fused: an article that ranks well for the follow-up alone or read with the previous question
+        ranked: dict = {}
+        for text in (question, joined):
+            for rank, h in enumerate(self.retriever.search(text, k=max(20, k), method=s.method), start=1):
+                ranked[h.article.key] = (ranked.get(h.article.key, (0.0, h.article))[0] + 1.0 / (60 + rank), h.article)
+        return [a for _, a in sorted(ranked.values(), key=lambda x: -x[0])[:k]]
 
     def context_text(self, sources: list, question: str) -> str:
         if not sources:
@@ -85,9 +101,11 @@ class StatuteGrounding:
         return CitationConstraint(tokenizer, sources, prompt_len)
 
     # 3. checks of the answer
-    def refusal(self, question: str) -> tuple[str | None, float | None]:
+    def refusal(self, question: str, asked=()) -> tuple[str | None, float | None]:
         """(the message to give instead of an answer, or None; the scope score). Only grounded runs refuse: an
-        ungrounded model has no knowledge base to be outside of."""
+        ungrounded model has no knowledge base to be outside of. A follow-up is judged alone, not with the earlier
+        questions (`asked`): read with an in-scope question before it, most out-of-scope questions would pass
+        (docs/evaluation.md#follow-up-questions), and a wrong answer is worse than none."""
         if self.retriever is None:
             return None, None
         score = self.retriever.scope(question)

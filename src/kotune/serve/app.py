@@ -1,9 +1,8 @@
 """The FastAPI app: OpenAI-compatible chat completions, models, health, statutes, and the chat page.
 
-Requests are queued and answered one at a time by `Worker` (see worker.py).
-Only the last user message is answered (and used for retrieval): the models
-are trained on single question → answer pairs, so earlier turns are accepted
-for compatibility and ignored.
+Requests wait in a bounded queue and are decoded together in a running batch by `Worker` (see worker.py). The last
+user message is the question; the earlier user/assistant turns are the conversation it is read in (retrieval reads a
+follow-up with the previous question, and the prompt carries the turns that fit `generation.history_tokens`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..infer.generate import Chatbot
 from .schemas import UNSUPPORTED, APIError, ChatRequest, Limits
-from .worker import Job, QueueFull, Worker
+from .worker import Job, QueueFull, TimedOut, Worker
 
 STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 5.0  # an SSE comment while a request waits in the queue, so proxies and clients keep the connection
@@ -63,7 +62,8 @@ def create_app(
         model_id = model_id or Path(bot_or_run).resolve().name
     limits = limits or Limits()
     app = FastAPI(title="kotune", version="1", lifespan=_lifespan, docs_url="/docs", redoc_url=None)
-    app.state.bot, app.state.worker, app.state.limits = bot, Worker(bot, max_queue=limits.max_queue), limits
+    worker = Worker(bot, max_queue=limits.max_queue, max_batch=limits.max_batch, timeout_s=limits.request_timeout_s)
+    app.state.bot, app.state.worker, app.state.limits = bot, worker, limits
     app.state.model_id, app.state.api_key, app.state.created = model_id or "kotune", api_key, int(time.time())
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
@@ -191,11 +191,25 @@ def job_for(req: ChatRequest, bot, model_id: str, limits: Limits) -> Job:
             code="max_tokens_too_large",
         )
     overrides = {}
+    history = conversation(req.messages[:-1])
     if req.temperature is not None:
         overrides = {"greedy": True} if req.temperature == 0 else {"greedy": False, "temperature": req.temperature}
     if req.top_p is not None:
         overrides["top_p"] = req.top_p
-    return Job(last.text().strip(), max_tokens, overrides)
+    return Job(last.text().strip(), max_tokens, overrides, history=history)
+
+
+def conversation(messages) -> list[tuple[str, str]]:
+    """(question, answer) pairs of the earlier turns: each user message with the assistant message after it.
+    System and tool messages, and a user message left unanswered, are not part of it."""
+    pairs, pending = [], None
+    for m in messages:
+        if m.role == "user":
+            pending = m.text().strip() or None
+        elif m.role == "assistant" and pending is not None:
+            pairs.append((pending, m.text().strip()))
+            pending = None
+    return pairs
 
 
 def _submit(worker: Worker, job: Job):
@@ -225,6 +239,8 @@ async def chat_completions(request: Request, req: ChatRequest):
         except asyncio.CancelledError:
             job.cancel.set()
             raise
+        except TimedOut:
+            raise APIError(504, timeout_message(state.limits), "server_error", code="timeout") from None
         return {
             **head,
             "object": "chat.completion",
@@ -253,7 +269,7 @@ async def chat_completions(request: Request, req: ChatRequest):
     fut.add_done_callback(lambda _: hand_over(None))
     include_usage = bool((req.stream_options or {}).get("include_usage"))
     return StreamingResponse(
-        _events(job, fut, pieces, head, include_usage),
+        _events(job, fut, pieces, head, include_usage, state.limits),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -268,7 +284,14 @@ def _chunk(head: dict, delta: dict, finish_reason=None, **extra) -> dict:
     }
 
 
-async def _events(job: Job, fut, pieces: asyncio.Queue, head: dict, include_usage: bool):
+def timeout_message(limits: Limits) -> str:
+    return (
+        f"the request took longer than this server's limit of {limits.request_timeout_s:g} s "
+        "(waiting and generating); retry, or ask for fewer tokens"
+    )
+
+
+async def _events(job: Job, fut, pieces: asyncio.Queue, head: dict, include_usage: bool, limits: Limits):
     """The SSE stream of one answer: its pieces as they come (`None` ends them), then the checked answer."""
     try:
         yield _sse(_chunk(head, {"role": "assistant", "content": ""}))
@@ -282,8 +305,12 @@ async def _events(job: Job, fut, pieces: asyncio.Queue, head: dict, include_usag
                 break
             yield _sse(_chunk(head, {"content": piece}))
         if fut.cancelled() or fut.exception() is not None:
-            reason = "the server is shutting down" if fut.cancelled() else f"generation failed: {fut.exception()}"
-            yield _sse(APIError(500, reason, "server_error").body())
+            err = None if fut.cancelled() else fut.exception()
+            if isinstance(err, TimedOut):
+                yield _sse(APIError(504, timeout_message(limits), "server_error", code="timeout").body())
+            else:
+                reason = "the server is shutting down" if err is None else f"generation failed: {err}"
+                yield _sse(APIError(500, reason, "server_error").body())
         else:
             answer, prompt_tokens = fut.result()
             # the streamed text is the raw generation; `checked_content` is it after the citation policy
@@ -310,9 +337,12 @@ async def health(request: Request):
         "auth": state.api_key is not None,
         "notice": state.bot.gen.notice,
         "pending": state.worker.pending,
+        "active": state.worker.active,
+        "max_batch": state.worker.max_batch,
         "served": s.served,
         "cancelled": s.cancelled,
         "failed": s.failed,
+        "timed_out": s.timed_out,
     }
 
 

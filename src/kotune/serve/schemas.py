@@ -64,3 +64,9 @@ class Limits(BaseModel):
     max_message_chars: int = Field(4000, ge=1, description="Longest message, in characters.")
     max_messages: int = Field(100, ge=1, description="Most messages in one request.")
     max_queue: int = Field(64, ge=1, description="Requests waiting or generating at once; more get HTTP 429.")
+    max_batch: int = Field(
+        8, ge=1, description="Requests decoded together in the running batch; the others wait in the queue."
+    )
+    request_timeout_s: float | None = Field(
+        300.0, gt=0, description="Longest a request may wait and generate, in seconds; then HTTP 504 (None: no limit)."
+    )

@@ -1,5 +1,6 @@
 // Chat page for `kotune serve`: plain JS, no build step, nothing loaded from outside this server.
-// The conversation lives in `conversation` (page memory only) and is sent whole; the server answers the last question.
+// The conversation lives in `conversation` (page memory only) and is sent whole: the server answers the last question
+// in the light of the earlier turns. "새 대화" empties it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -160,6 +161,14 @@ $("question").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("ask").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => busy?.abort());
+$("reset").addEventListener("click", () => {
+  busy?.abort();
+  conversation.length = 0;
+  const empty = el("p", "empty", "새 대화입니다. 전세·임대차에 관해 궁금한 점을 물어보세요.");
+  empty.id = "empty";
+  $("log").replaceChildren(empty);
+  $("question").focus();
+});
 
 (async () => {
   try {

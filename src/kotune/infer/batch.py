@@ -1,0 +1,261 @@
+"""Continuous batching for the torch engine: sequences join and leave a running batch between decode steps.
+
+Decoding on a CPU reads every weight once per step whatever the batch, so eight sequences cost little more per step
+than one. Each sequence is prefilled alone (its prompt's KV cache, batch 1), then merged into the running batch's
+cache by left-padding the shorter side; a finished or cancelled sequence is dropped from the batch dimension and
+columns that only padding still uses are trimmed. Every sequence keeps its own sampling settings, logits processors
+(stop rules, citation constraint), token budget and stop ids, and hands each new token to its own callback.
+
+Only Hugging Face's dynamic caches (full and sliding-window layers) are merged; `supports_batching` says whether a
+model's cache is one of them, so the server falls back to one request at a time for anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .sampling import next_tokens
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's decoding state. `on_token(id)` is called with each new token (it may raise to cancel)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset = frozenset()
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    logits_processor: list = field(default_factory=list)
+    on_token: Callable[[int], None] | None = None
+    generator: object = None  # a torch.Generator for this request's sampling, or None for the global one
+    new: list[int] = field(default_factory=list)
+    finished: bool = False
+    error: BaseException | None = None  # what `on_token` raised, which ended this sequence
+
+    @property
+    def stopped(self) -> bool:
+        """Ended on a stop id (not on the token budget)."""
+        return bool(self.new) and self.new[-1] in self.stop_ids
+
+
+def _layers(cache) -> list | None:
+    """The cache's layers if every one is a plain dynamic layer (full or sliding window) we know how to merge."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return None
+    return layers
+
+
+def _kept(layer, width: int) -> int:
+    """How many positions a layer keeps for a frame `width` wide: all of them, or a sliding window's last w-1."""
+    window = getattr(layer, "sliding_window", None)
+    return width if window is None else min(width, window - 1)
+
+
+def _left_pad(t, n: int):
+    import torch
+
+    if n <= 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
+
+
+class BatchDecoder:
+    """The running batch of one model (a `FastGenerator`). Not thread-safe: one thread calls `add` and `step`."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.seqs: list[Sequence] = []
+        self.cache = None
+        self.mask = None  # [batch, frame]: 1 where a row has a real token
+        self.last = None  # [batch]: each row's newest token, the next step's input
+        self.pos = None  # [batch]: each row's next position id
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def _pick(self, logits_row, seq: Sequence) -> int:
+        import torch
+
+        seen = torch.tensor([seq.prompt + seq.new], device=logits_row.device)
+        return int(
+            next_tokens(
+                logits_row[None],
+                seen,
+                do_sample=seq.do_sample,
+                generator=seq.generator,
+                logits_processor=seq.logits_processor,
+                repetition_penalty=seq.repetition_penalty,
+                temperature=seq.temperature,
+                top_k=seq.top_k,
+                top_p=seq.top_p,
+            )[0]
+        )
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        seq.new.append(token)
+        if token in seq.stop_ids or len(seq.new) >= seq.max_new_tokens:
+            seq.finished = True
+        if seq.on_token is not None:
+            seq.on_token(token)
+
+    def add(self, seq: Sequence) -> None:
+        """Prefill `seq`'s prompt alone, pick its first token, and merge it into the batch. Raises what `on_token`
+        raises (the sequence is then not added)."""
+        import torch
+
+        device = self.engine.device
+        ids = torch.tensor([seq.prompt], device=device)
+        with torch.inference_mode():
+            logits, cache = self.engine._forward(
+                ids, torch.ones_like(ids), torch.arange(len(seq.prompt), device=device)[None], None
+            )
+            token = self._pick(logits[0], seq)
+        self._emit(seq, token)
+        if seq.finished:
+            return
+        if _layers(cache) is None:
+            raise TypeError(f"cannot batch a {type(cache).__name__}: only dynamic caches are merged")
+        row_mask = torch.ones(1, len(seq.prompt), dtype=torch.long, device=device)
+        last = torch.tensor([token], device=device)
+        pos = torch.tensor([len(seq.prompt)], device=device)
+        if not self.seqs:
+            self.cache, self.mask, self.last, self.pos = cache, row_mask, last, pos
+        else:
+            self._merge(cache, row_mask)
+            self.last = torch.cat([self.last, last])
+            self.pos = torch.cat([self.pos, pos])
+        self.seqs.append(seq)
+
+    def _merge(self, cache, row_mask) -> None:
+        import torch
+
+        old, new = self.mask.shape[1], row_mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            # each side holds the last _kept(frame) positions of its own frame; after padding, of the common one
+            keep = _kept(mine, width)
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                setattr(mine, name, torch.cat([_left_pad(a, keep - a.shape[2]), _left_pad(b, keep - b.shape[2])]))
+            if hasattr(mine, "cumulative_length"):
+                mine.cumulative_length = width
+        pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], dim=1) if n > 0 else m  # noqa: E731
+        self.mask = torch.cat([pad(self.mask, width - old), pad(row_mask, width - new)])
+
+    def drop(self, keep: list[int]) -> None:
+        """Keep only the rows `keep` (indices into `seqs`), then trim columns no remaining row uses."""
+        import torch
+
+        if len(keep) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.last = self.pos = None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.last, self.pos = self.mask[idx], self.last[idx], self.pos[idx]
+        used = self.mask.any(0).nonzero()
+        unused = int(used[0]) if len(used) else 0  # leading columns that are padding in every remaining row
+        width = self.mask.shape[1] - unused
+        self.mask = self.mask[:, unused:]
+        for layer in self.cache.layers:
+            keys, values = layer.keys[idx], layer.values[idx]
+            keep_n = _kept(layer, width)
+            if keys.shape[2] > keep_n:
+                keys, values = keys[:, :, -keep_n:], values[:, :, -keep_n:]
+            layer.keys, layer.values = keys, values
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = width
+
+    def remove(self, seqs) -> None:
+        gone = {id(s) for s in seqs}
+        self.drop([i for i, s in enumerate(self.seqs) if id(s) not in gone])
+
+    def step(self) -> list[Sequence]:
+        """One decode step for every row; returns the sequences that finished (and left the batch). A row whose
+        `on_token` raised is dropped and returned too, with the exception in `seq.error`."""
+        import torch
+
+        if not self.seqs:
+            return []
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        with torch.inference_mode():
+            logits, self.cache = self.engine._forward(self.last[:, None], self.mask, self.pos[:, None], self.cache)
+            tokens = [self._pick(logits[i], s) for i, s in enumerate(self.seqs)]
+        self.last = torch.tensor(tokens, device=self.last.device)
+        self.pos = self.pos + 1
+        done = []
+        for seq, token in zip(self.seqs, tokens):
+            try:
+                self._emit(seq, token)
+            except Exception as e:  # the request's own callback (a cancelled client): only that row ends
+                seq.error, seq.finished = e, True
+            if seq.finished:
+                done.append(seq)
+        if done:
+            self.remove(done)
+        return done
+
+
+ROW_ATTENTION = "kotune_rows"
+
+
+def _row_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, except in a decode step (one query per row) of a masked batch: there each row attends to its own
+    contiguous span of keys with no mask, exactly as it would alone. Attention over a left-padded frame is not
+    bit-identical to attention over the row's keys alone (the kernel blocks the keys differently), and with
+    bf16 weights that is enough to change a greedy token now and then."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    valid = valid[:, 0, -1, :].expand(query.shape[0], -1)
+    outs = []
+    for i in range(query.shape[0]):
+        cols = valid[i].nonzero()[:, 0]
+        start, end = int(cols[0]), int(cols[-1]) + 1
+        if end - start != len(cols):  # not one span (no such mask is built here): the masked kernel for this row
+            out, _ = sdpa_attention_forward(
+                module, query[i : i + 1], key[i : i + 1], value[i : i + 1], attention_mask[i : i + 1], **kwargs
+            )
+        else:
+            k, v = key[i : i + 1, :, start:end], value[i : i + 1, :, start:end]
+            out, _ = sdpa_attention_forward(module, query[i : i + 1], k, v, None, **kwargs)
+        outs.append(out)
+    return torch.cat(outs), None
+
+
+def use_row_attention(model) -> bool:
+    """Switch an SDPA model to `_row_attention` (same results alone, bit-identical rows in a batch). Models on
+    another attention implementation are left as they are; returns whether it switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(ROW_ATTENTION, _row_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ROW_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ROW_ATTENTION)
+    return True
+
+
+def supports_batching(engine) -> bool:
+    """Can this engine's model decode a running batch (torch engine, a dynamic cache)?"""
+    import torch
+
+    if not hasattr(engine, "_forward"):
+        return False
+    ids = torch.zeros(1, 2, dtype=torch.long, device=engine.device)
+    with torch.inference_mode():
+        _, cache = engine._forward(ids, torch.ones_like(ids), torch.arange(2, device=engine.device)[None], None)
+    return _layers(cache) is not None
