@@ -360,3 +360,18 @@ def test_chat_format_trains_and_saves_the_template(bare_model, tmp_path):
     saved = AutoTokenizer.from_pretrained(out)
     assert saved.chat_template == CHATML
     assert chat_stop_ids(saved) == [saved.eos_token_id, saved.convert_tokens_to_ids("<|im_end|>")]
+    # answering reads the run folder alone: the chat prompt, stopping on <|im_end|>, through both decoders
+    from kotune.infer.generate import Chatbot
+    from kotune.serve.worker import Job, Worker
+
+    bot = Chatbot.from_run(out, greedy=True, max_new_tokens=12)
+    assert bot.chat and bot.stop_ids == chat_stop_ids(saved)
+    history = [("첫 질문", "첫 답변")]
+    assert bot.prompt_ids("두 번째 질문", [], history) == chat_prompt_ids(saved, "두 번째 질문", history=history)
+    alone = bot.answer("두 번째 질문", history=history)
+    worker = Worker(bot, max_batch=2)
+    try:
+        batched = worker.submit(Job("두 번째 질문", history=history)).result(60)[0]
+    finally:
+        worker.close()
+    assert batched.text == alone.text and batched.new_tokens == alone.new_tokens
