@@ -1,13 +1,18 @@
 """Load test for `kotune serve`: N concurrent streaming clients for a bounded time.
 
-    .venv/bin/python bench/load_server.py --run runs/civil_law [--clients 32] [--duration 60] [--max-tokens 64]
+    .venv/bin/python bench/load_server.py --run runs/civil_law [--clients 1 8 32] [--duration 60] [--max-tokens 64]
+        [--max-batch 8]
     .venv/bin/python bench/load_server.py --url http://127.0.0.1:8000 [--api-key KEY]
 
 With --run the server is started in this process (uvicorn in a thread, loopback, a free port); with --url
 an already running server is used (loopback addresses only). Each client sends a streaming chat request,
 reads it to the end, and sends the next one until --duration has passed; requests under way then finish.
-Time to first token (TTFT) is measured to the first non-empty content piece, so it includes the time a
-request waits in the server's queue. Prints a markdown table and writes the figures as JSON (--output).
+Several --clients values run one after another against the same server (one process, the same model), so their
+figures compare: `--clients 1 8` gives the single stream beside 8 at once. Time to first token (TTFT) is measured to
+the first non-empty content piece, so it includes the time a request waits in the server's queue. A grounded answer
+streams its article's rule before the model writes: `TTFT model` is the time to the first piece after it (the first
+piece the model generated; the same as TTFT for answers without a rule). Prints a markdown table and writes the
+figures as JSON (--output), with the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ async def one_request(client, url: str, model: str, question: str, max_tokens: i
         "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
-    ttft, tokens, done = None, 0, False
+    ttft, tokens, done, pieces, rule = None, 0, False, [], False
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=payload, headers=headers) as r:
             if r.status_code != 200:
@@ -68,15 +73,18 @@ async def one_request(client, url: str, model: str, question: str, max_tokens: i
                     return {"error": event["error"].get("message", "error event")}
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
+                rule = rule or bool(event.get("rule"))
                 for choice in event.get("choices", []):
-                    if ttft is None and choice["delta"].get("content"):
-                        ttft = time.perf_counter() - t0
+                    if choice["delta"].get("content"):
+                        pieces.append(time.perf_counter() - t0)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
     if not done:
         return {"error": "stream ended without [DONE]"}
     total = time.perf_counter() - t0
-    return {"ttft": ttft if ttft is not None else total, "latency": total, "tokens": tokens}
+    ttft = pieces[0] if pieces else total
+    model_first = pieces[1] if rule and len(pieces) > 1 else (total if rule else ttft)
+    return {"ttft": ttft, "ttft_model": model_first, "latency": total, "tokens": tokens}
 
 
 async def run_load(url: str, model: str, clients: int, duration: float, max_tokens: int, api_key: str | None) -> dict:
@@ -103,6 +111,7 @@ async def run_load(url: str, model: str, clients: int, duration: float, max_toke
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft, lat = [r["ttft"] for r in ok], [r["latency"] for r in ok]
+    ttft_model = [r["ttft_model"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
     return {
         "url": url,
@@ -115,6 +124,7 @@ async def run_load(url: str, model: str, clients: int, duration: float, max_toke
         "errors": len(errors),
         "error_samples": errors[:5],
         "ttft_s": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
+        "ttft_model_s": {"p50": percentile(ttft_model, 50), "p95": percentile(ttft_model, 95)},
         "latency_s": {"p50": percentile(lat, 50), "p95": percentile(lat, 95)},
         "requests_per_s": len(ok) / wall if wall else 0.0,
         "completion_tokens": tokens,
@@ -128,12 +138,13 @@ def table(r: dict) -> str:
 
     return "\n".join(
         [
-            "| clients | duration (s) | max_tokens | requests | errors | TTFT p50 (s) | TTFT p95 (s) | latency p50 (s) "
-            "| latency p95 (s) | requests/s | tokens/s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| clients | duration (s) | max_tokens | requests | errors | TTFT p50 (s) | TTFT p95 (s) | TTFT model p50 (s) "
+            "| TTFT model p95 (s) | latency p50 (s) | latency p95 (s) | requests/s | tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {r['clients']} | {r['wall_s']:.0f} | {r['max_tokens']} | {r['requests']} | {r['errors']} | "
-            f"{f(r['ttft_s']['p50'])} | "
-            f"{f(r['ttft_s']['p95'])} | {f(r['latency_s']['p50'])} | {f(r['latency_s']['p95'])} | "
+            f"{f(r['ttft_s']['p50'])} | {f(r['ttft_s']['p95'])} | "
+            f"{f(r['ttft_model_s']['p50'])} | {f(r['ttft_model_s']['p95'])} | "
+            f"{f(r['latency_s']['p50'])} | {f(r['latency_s']['p95'])} | "
             f"{r['requests_per_s']:.2f} | "
             f"{r['tokens_per_s']:.1f} |",
         ]
@@ -145,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     target = ap.add_mutually_exclusive_group(required=True)
     target.add_argument("--run", help="Run folder: start a server for it in this process.")
     target.add_argument("--url", help="Base URL of a running server on this machine, e.g. http://127.0.0.1:8000")
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--clients", type=int, nargs="+", default=[32], help="One or more client counts, run in turn.")
+    ap.add_argument("--max-batch", type=int, default=8, help="The server's max_batch (1: one request at a time).")
     ap.add_argument("--duration", type=float, default=60.0, help="Seconds during which clients start new requests.")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--api-key", default=None)
@@ -157,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.run:
         from kotune.serve import Limits, create_app, running_server
 
-        app = create_app(args.run, api_key=args.api_key, limits=Limits(max_queue=args.clients + 8))
+        limits = Limits(max_queue=max(args.clients) + 8, max_batch=args.max_batch, request_timeout_s=None)
+        app = create_app(args.run, api_key=args.api_key, limits=limits)
         server = running_server(app)
         model = app.state.model_id
     else:
@@ -166,12 +179,25 @@ def main(argv: list[str] | None = None) -> dict:
         server = nullcontext((args.url.rstrip("/"), None))
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = httpx.get(f"{args.url.rstrip('/')}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    import resource
+
+    reports = []
     with server as (url, _):
-        report = asyncio.run(run_load(url, model, args.clients, args.duration, args.max_tokens, args.api_key))
-    report["run"] = args.run
-    print(table(report))
-    if report["errors"]:
-        print("errors:", *report["error_samples"], sep="\n  ")
+        for clients in args.clients:
+            report = asyncio.run(run_load(url, model, clients, args.duration, args.max_tokens, args.api_key))
+            report["run"], report["max_batch"] = args.run, args.max_batch
+            report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            print(table(report), flush=True)
+            if report["errors"]:
+                print("errors:", *report["error_samples"], sep="\n  ")
+            reports.append(report)
+    if len(reports) > 1:
+        one = next((r for r in reports if r["clients"] == 1), None)
+        for r in reports:
+            if one and one["tokens_per_s"]:
+                r["x_single_stream"] = round(r["tokens_per_s"] / one["tokens_per_s"], 2)
+                print(f"{r['clients']} clients: {r['x_single_stream']}x the single stream's tokens/s")
+    report = reports[0] if len(reports) == 1 else {"runs": reports}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")

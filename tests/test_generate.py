@@ -116,3 +116,28 @@ def test_context_contrast_runs_each_prompt_beside_its_articles_free_twin(tiny_gp
     bot.model = NoContrast()
     with pytest.raises(ValueError, match="context_contrast.*torch"):
         bot.answer(qs[0])
+
+
+def test_chat_repl_reads_follow_ups_in_the_conversation_until_reset(tiny_run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kotune.cli import app
+    from kotune.infer.generate import Chatbot
+
+    seen = []
+    prompt_ids = Chatbot.prompt_ids
+
+    def spy(self, question, context=None, history=()):
+        seen.append((question, [q for q, _ in history]))
+        return prompt_ids(self, question, context, history)
+
+    monkeypatch.setattr(Chatbot, "prompt_ids", spy)
+    said = "전세 계약이 끝났는데 보증금을 안 줘요\n그럼 월세는요?\n/reset\n그럼 월세는요?\n종료\n"
+    res = CliRunner().invoke(app, ["chat", str(tiny_run), "--max_new_tokens", "4"], input=said)
+    assert res.exit_code == 0, res.output
+    assert "/reset" in res.output and "새 대화를 시작합니다" in res.output
+    assert seen == [
+        ("전세 계약이 끝났는데 보증금을 안 줘요", []),
+        ("그럼 월세는요?", ["전세 계약이 끝났는데 보증금을 안 줘요"]),
+        ("그럼 월세는요?", []),  # after /reset the conversation starts over
+    ]

@@ -268,3 +268,21 @@ def test_a_summary_mentions_other_articles_in_statute_style_not_as_citations():
 
     for key, art in load_kb().items():
         assert set(find_citations(art.summary)) <= {key}, art.cite
+
+
+FOLLOWUPS = ROOT / "data" / "civil_law_followups.jsonl"  # two-turn dev cases: the second turn needs the first
+
+
+def test_followup_set_shape_and_citations_exist(kb):
+    items = _jsonl(FOLLOWUPS)
+    assert len(items) >= 30 and len({i["id"] for i in items}) == len(items)
+    for i in items:
+        assert set(i) == {"id", "turns", "first_citations", "citations", "alone", "reference", "category"}, i["id"]
+        assert len(i["turns"]) == 2 and all(t.strip() for t in i["turns"]), i["id"]
+        for field in ("first_citations", "citations"):
+            cites = [c for text in i[field] for c in find_citations(text)]
+            assert cites and len(cites) == len(i[field]) and all(c in kb for c in cites), (i["id"], field)
+        assert all(c in i["reference"] for c in i["citations"]), i["id"]
+    # most follow-ups move to another article: the first turn's retrieval would not answer them
+    moved = sum(not set(i["citations"]) & set(i["first_citations"]) for i in items)
+    assert moved >= 0.7 * len(items)
