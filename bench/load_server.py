@@ -138,8 +138,8 @@ def table(r: dict) -> str:
 
     return "\n".join(
         [
-            "| clients | duration (s) | max_tokens | requests | errors | TTFT p50 (s) | TTFT p95 (s) | TTFT model p50 (s) "
-            "| TTFT model p95 (s) | latency p50 (s) | latency p95 (s) | requests/s | tokens/s |",
+            "| clients | duration (s) | max_tokens | requests | errors | TTFT p50 (s) | TTFT p95 (s) "
+            "| TTFT model p50 (s) | TTFT model p95 (s) | latency p50 (s) | latency p95 (s) | requests/s | tokens/s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {r['clients']} | {r['wall_s']:.0f} | {r['max_tokens']} | {r['requests']} | {r['errors']} | "
             f"{f(r['ttft_s']['p50'])} | {f(r['ttft_s']['p95'])} | "
