@@ -3,11 +3,13 @@
 `tiny_gpt2`: GPT-2 with a byte-level BPE tokenizer trained here with KoGPT2's
 special tokens (`</s>` as bos/eos, `<pad>`, `<unk>`, `<mask>`).
 `tiny_gemma`: a two-layer Gemma 3 text model sharing that tokenizer.
+`kb_slice`: a fixed corner of the shipped statute KB (a `retrieval.kb_dir`) for the grounding tests.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -227,6 +229,64 @@ def topic_rows(n: int = 32) -> list[dict]:
 @pytest.fixture
 def topic_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "topics.csv", topic_rows())
+
+
+# A fixed corner of the shipped statute KB, for the tests about behaviour (retrieval, grounded training and answers,
+# abstention), not about the shipped KB itself: retrievers, article classifiers and scope calibration over all of it
+# cost seconds each, more as the KB grows, and what they retrieve would move with it. Whole chapters, so the slice does
+# not change as the KB grows elsewhere. The tests that check the shipped KB and data (test_statutes.py) use the real
+# files.
+KB_SLICE = (
+    ("민법", 303, 319),  # 전세권: qa_rows cite 303, the grounding tests 307 and 309
+    ("민법", 563, 568),  # 매매 총칙: qa_rows cite 565 (해약금)
+    ("민법", 618, 624),  # 임대차 (neighbours)
+    ("주택임대차보호법", 1, 10),  # qa_rows cite 3 and 3의2; 3의3 is a long article; the dev set's first questions
+    ("상가건물 임대차보호법", 1, 4),  # neighbours from the third law
+)
+KB_SLICE_NEEDS = [("민법", "303"), ("민법", "307"), ("민법", "309"), ("민법", "565")] + [
+    ("주택임대차보호법", a) for a in ("3", "3의2", "3의3")
+]
+
+
+def in_kb_slice(key: tuple[str, str]) -> bool:
+    law, article = key
+    return any(law == name and lo <= int(article.split("의")[0]) <= hi for name, lo, hi in KB_SLICE)
+
+
+@pytest.fixture(scope="session")
+def kb_slice(tmp_path_factory) -> Path:
+    """A KB folder (`retrieval.kb_dir`) holding the shipped articles of KB_SLICE (55 of them), copied line for line
+    from the shipped files."""
+    from kotune.legal.statutes import DEFAULT_KB, load_kb
+
+    folder = tmp_path_factory.mktemp("kb_slice")
+    for path in sorted(DEFAULT_KB.glob("*.jsonl")):
+        records = [(x, json.loads(x)) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        keep = [x + "\n" for x, r in records if in_kb_slice((r["law"], str(r["article"])))]
+        if keep:
+            (folder / path.name).write_text("".join(keep), encoding="utf-8")
+    kb = load_kb(folder)
+    missing = [k for k in KB_SLICE_NEEDS if k not in kb]
+    assert not missing, f"the shipped KB lost articles the tests need: {missing}"
+    assert 40 <= len(kb) <= 80, len(kb)  # a slice: a few dozen articles, not the whole KB
+    return folder
+
+
+def kb_slice_examples(source: Path, dest: Path, n: int) -> Path:
+    """The first `n` example questions of `source` (a Q&A CSV or `{"question", "citations"}` lines) whose citations all
+    fall in KB_SLICE, written to `dest` in the same format."""
+    from kotune.legal.statutes import find_citations
+
+    def in_slice(text: str) -> bool:
+        cited = find_citations(text)
+        return bool(cited) and all(map(in_kb_slice, cited))
+
+    if source.suffix == ".csv":
+        with source.open(encoding="utf-8", newline="") as f:
+            return write_csv(dest, [r for r in csv.DictReader(f) if in_slice(r["answer"])][:n])
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    dest.write_text("".join([x for x in lines if in_slice(" ".join(json.loads(x)["citations"]))][:n]), encoding="utf-8")
+    return dest
 
 
 from serving import citing_bot  # noqa: E402,F401  (one session fixture for the server and page tests)

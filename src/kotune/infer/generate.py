@@ -212,8 +212,10 @@ class Chatbot:
 
     def _recent(self, history) -> list[tuple[str, str]]:
         """The latest earlier turns whose question and answer fit, together, in `generation.history_tokens`."""
+        if not history:
+            return []
         budget, kept, used = self.gen.history_tokens, [], 0
-        for q, a in reversed(list(history or ()) if budget > 0 else []):
+        for q, a in reversed(list(history) if budget > 0 else []):
             n = len(self.tok(q.strip() + "\n" + a.strip(), add_special_tokens=False)["input_ids"])
             if used + n > budget:
                 break

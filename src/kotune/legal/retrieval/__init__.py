@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,16 +38,25 @@ def article_text(a: Article) -> str:
     return f"{a.cite} {a.title}. " + a.summary + " " + " ".join(a.keywords)
 
 
+_KIWI: list = []  # one analyser per process: building one costs about a second, its first call another
+_KIWI_LOCK = threading.Lock()  # and one caller at a time (the server's thread, a training run, an eval)
+
+
 class Morphemes:
     def __init__(self):
-        try:
-            from kiwipiepy import Kiwi
-        except ImportError:
-            raise ImportError("retrieval needs the extra: pip install 'kotune[retrieval]'") from None
-        self.kiwi = Kiwi()
+        with _KIWI_LOCK:
+            if not _KIWI:
+                try:
+                    from kiwipiepy import Kiwi
+                except ImportError:
+                    raise ImportError("retrieval needs the extra: pip install 'kotune[retrieval]'") from None
+                _KIWI.append(Kiwi())
+        self.kiwi = _KIWI[0]
 
     def __call__(self, text: str) -> list[str]:
-        return [t.form for t in self.kiwi.tokenize(text) if t.tag.startswith(_KEEP)]
+        with _KIWI_LOCK:
+            tokens = self.kiwi.tokenize(text)
+        return [t.form for t in tokens if t.tag.startswith(_KEEP)]
 
 
 @dataclass
