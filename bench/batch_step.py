@@ -60,7 +60,8 @@ def head_times(rows=(1, 2, 4, 8), repeat: int = 10) -> None:
             t = time.perf_counter()
             for _ in range(repeat):
                 torch.nn.functional.linear(x, w)
-            print(f"LM head {str(dtype).split('.')[-1]}, {m} row(s): {(time.perf_counter() - t) / repeat * 1000:.1f} ms")
+            ms = (time.perf_counter() - t) / repeat * 1000
+            print(f"LM head {str(dtype).split('.')[-1]}, {m} row(s): {ms:.1f} ms")
 
 
 if __name__ == "__main__":
