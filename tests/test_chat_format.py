@@ -375,3 +375,21 @@ def test_chat_format_trains_and_saves_the_template(bare_model, tmp_path):
     finally:
         worker.close()
     assert batched.text == alone.text and batched.new_tokens == alone.new_tokens
+
+
+def test_validate_encodes_a_chat_config_through_its_template(chat_model, bare_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from kotune.cli import app
+
+    data = _jsonl(tmp_path / "c.jsonl", _conversations())
+    cfg = tiny_config(chat_model, data, tmp_path / "r", data={"format": "chat", "max_length": 512})
+    path = tmp_path / "chat.yaml"
+    path.write_text(cfg.to_yaml(), encoding="utf-8")
+    r = CliRunner().invoke(app, ["validate", str(data), "--config", str(path)])
+    assert r.exit_code == 0 and "tokens: p50" in r.output and r.output.rstrip().endswith("ok"), r.output
+    # a model without a template: the error names the option, no traceback
+    cfg = tiny_config(bare_model, data, tmp_path / "r2", data={"format": "chat", "max_length": 512})
+    path.write_text(cfg.to_yaml(), encoding="utf-8")
+    r = CliRunner().invoke(app, ["validate", str(data), "--config", str(path)])
+    assert r.exit_code == 2 and "data.chat_template" in r.output and "Traceback" not in r.output, r.output

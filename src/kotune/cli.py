@@ -289,6 +289,7 @@ def validate(
 
     cfg = _config(config, [], {})
     d, task = cfg.data, cfg.model.task
+    chat = d.format == "chat"
     try:
         examples, report = load_examples(
             file,
@@ -297,6 +298,7 @@ def validate(
             answer_column=target_column(d, task),
             bad_rows="skip",
             duplicates="keep",
+            chat=chat,
         )
     except DataError as e:
         fail(e)
@@ -308,6 +310,8 @@ def validate(
         cats[ex.category or "(none)"] = cats.get(ex.category or "(none)", 0) + 1
     typer.echo("categories: " + ", ".join(f"{k} {v}" for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
     if config is not None:
+        from .chat import encode_all_chat, require_chat_template
+        from .config.load import chat_template_text
         from .model import load_tokenizer, resolve_model
         from .prompt import encode_all, length_stats
 
@@ -317,7 +321,13 @@ def validate(
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
         )
-        _, long_rows, errors, lengths = encode_all(tok, examples, d.template, d.max_length)
+        if chat:  # as training renders them: the tokenizer's chat template, or the config's
+            if d.chat_template:
+                tok.chat_template = guarded(chat_template_text, d.chat_template)
+            guarded(require_chat_template, tok, cfg.model.name)
+            _, long_rows, errors, lengths = encode_all_chat(tok, examples, d.max_length, system=d.system_prompt)
+        else:
+            _, long_rows, errors, lengths = encode_all(tok, examples, d.template, d.max_length)
         s = length_stats(lengths, d.max_length)
         typer.echo(
             f"tokens: p50 {s['p50']}, p95 {s['p95']}, max {s['max']}; over max_length {d.max_length}: "
