@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .config.load import chat_template_text
 from .data import chat_turns
 from .errors import TemplateError
 from .prompt import IGNORE, Encoded, trained_spans
@@ -36,6 +37,14 @@ def require_chat_template(tokenizer, model: str | None = None) -> None:
         f"`data.format: chat` needs a chat template, and the tokenizer of {name} has none: set `data.chat_template` "
         "to a Jinja template (or a file holding one), or use `data.format: plain`."
     )
+
+
+def use_chat_template(tokenizer, chat_template: str | None, model: str | None = None) -> None:
+    """Give `tokenizer` the config's `data.chat_template` (Jinja text or a file), if set, and require that it then has
+    a template: what training and `kotune validate` render conversations with."""
+    if chat_template:
+        tokenizer.chat_template = chat_template_text(chat_template)
+    require_chat_template(tokenizer, model)
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool, source: str = "", chat_template=None) -> str:

@@ -310,8 +310,7 @@ def validate(
         cats[ex.category or "(none)"] = cats.get(ex.category or "(none)", 0) + 1
     typer.echo("categories: " + ", ".join(f"{k} {v}" for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
     if config is not None:
-        from .chat import encode_all_chat, require_chat_template
-        from .config.load import chat_template_text
+        from .chat import encode_all_chat, use_chat_template
         from .model import load_tokenizer, resolve_model
         from .prompt import encode_all, length_stats
 
@@ -322,9 +321,7 @@ def validate(
             revision=cfg.model.revision,
         )
         if chat:  # as training renders them: the tokenizer's chat template, or the config's
-            if d.chat_template:
-                tok.chat_template = guarded(chat_template_text, d.chat_template)
-            guarded(require_chat_template, tok, cfg.model.name)
+            guarded(use_chat_template, tok, d.chat_template, cfg.model.name)
             _, long_rows, errors, lengths = encode_all_chat(tok, examples, d.max_length, system=d.system_prompt)
         else:
             _, long_rows, errors, lengths = encode_all(tok, examples, d.template, d.max_length)

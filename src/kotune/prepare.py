@@ -10,9 +10,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .chat import chat_stop_ids, check_chat_encoded, require_chat_template
+from .chat import chat_stop_ids, check_chat_encoded, use_chat_template
 from .config import ConfigError, KotuneConfig, input_column, target_column
-from .config.load import chat_template_text
 from .data import DataError, load_examples
 from .grounding import for_training
 from .model import load_tokenizer, resolve_model
@@ -117,9 +116,7 @@ def prepare(cfg: KotuneConfig) -> Prepared:
     if chat:
         # The run folder saves this tokenizer (`save_pretrained` writes its chat template), so answering renders
         # prompts with the template training used.
-        if d.chat_template:
-            tok.chat_template = chat_template_text(d.chat_template)
-        require_chat_template(tok, cfg.model.name)
+        use_chat_template(tok, d.chat_template, cfg.model.name)
     grounding = for_training(cfg.retrieval, train_ex, eval_ex, cfg.training.seed)
     train_ctx, eval_ctx = (grounding.train_contexts, grounding.eval_contexts) if grounding else (None, None)
     labels = label2id = None

@@ -203,12 +203,8 @@ class Chatbot:
         if self.chat:
             return chat_prompt_ids(self.tok, question, text, self._recent(history), self.system)
         prompt, _ = split_template(self.template, question.strip(), context=text)
-        ids = encode_prompt(self.tok, prompt)
-        earlier = self._history_text(history)
-        if not earlier:
-            return ids
-        # one string, so a BOS token is added once, at the very start
-        return encode_prompt(self.tok, earlier + prompt)
+        # one string with the earlier turns, so a BOS token is added once, at the very start
+        return encode_prompt(self.tok, self._history_text(history) + prompt)
 
     def _recent(self, history) -> list[tuple[str, str]]:
         """The latest earlier turns whose question and answer fit, together, in `generation.history_tokens`."""

@@ -20,7 +20,7 @@ from ..runfolder import EXAMPLES_FILE, KB_FOLDER, OUT_OF_SCOPE_FILE
 from .answer import ABSTAIN_MESSAGE, SentenceGate, quantities, refusal, rule_line
 from .citations import apply_citation_policy, check_citations
 from .constrain import CitationConstraint
-from .retrieval import Retriever
+from .retrieval import RRF_K, Retriever
 from .retrieval.examples import example_pairs, load_examples_file, save_examples, training_contexts
 from .statutes import DEFAULT_KB, format_cite, load_kb
 
@@ -67,11 +67,12 @@ class StatuteGrounding:
         if joined is None or s.follow_up == "joined":
             return [h.article for h in self.retriever.search(joined or question, k=k, method=s.method)]
         # fused: an article that ranks well for the follow-up alone or read with the previous question
-        ranked: dict = {}
+        score, article = {}, {}
         for text in (question, joined):
             for rank, h in enumerate(self.retriever.search(text, k=max(20, k), method=s.method), start=1):
-                ranked[h.article.key] = (ranked.get(h.article.key, (0.0, h.article))[0] + 1.0 / (60 + rank), h.article)
-        return [a for _, a in sorted(ranked.values(), key=lambda x: -x[0])[:k]]
+                score[h.article.key] = score.get(h.article.key, 0.0) + 1.0 / (RRF_K + rank)
+                article[h.article.key] = h.article
+        return [article[key] for key in sorted(score, key=score.get, reverse=True)[:k]]
 
     def context_text(self, sources: list, question: str) -> str:
         if not sources:
