@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kotune.infer.batch import BatchDecoder, Sequence, supports_batching
-from kotune.infer.fastgen import FastGenerator, convert_model
+from kotune.infer.fastgen import FastGenerator, _shortlist_head, convert_model
 
 
 def _gpt2():
@@ -55,7 +55,11 @@ def _alone(engine, prompt, n):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("build", [_gpt2, _gemma], ids=["gpt2", "gemma3-sliding"])
 def test_greedy_output_is_the_same_alone_or_in_a_batch(build, precision):
-    engine = FastGenerator(convert_model(build().eval(), precision, fp16_head=precision == "bfloat16"))
+    # bf16: the CPU's shortlist head, with a shortlist of 8 of the 300 tokens so that its approximate logits (fp16
+    # alone, bf16 in a batch) really differ between the two runs
+    engine = FastGenerator(
+        convert_model(build().eval(), precision, shortlist_head=precision == "bfloat16", shortlist=8)
+    )
     assert supports_batching(engine)
     prompts = _prompts()
     alone = [_alone(engine, p, 30) for p in prompts]
@@ -73,7 +77,7 @@ def test_greedy_output_is_the_same_alone_or_in_a_batch(build, precision):
 
 
 def test_a_row_that_leaves_early_changes_no_other_row():
-    engine = FastGenerator(convert_model(_gpt2().eval(), "bfloat16", fp16_head=True))
+    engine = FastGenerator(convert_model(_gpt2().eval(), "bfloat16", shortlist_head=True))
     prompts = _prompts()
     alone = [_alone(engine, p, 20) for p in prompts]
     decoder = BatchDecoder(engine)
@@ -121,3 +125,19 @@ def test_each_row_keeps_its_own_stop_ids_budget_and_sampling():
     assert seqs[0].new == greedy_alone
     assert seqs[1].new[-1] == stop and seqs[1].stopped and len(seqs[1].new) <= 5
     assert len(seqs[2].new) == 7 and not seqs[2].stopped
+
+
+def test_the_shortlist_head_is_exact_on_its_shortlist_whatever_the_batch():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter((torch.randn(5000, 64) * 0.3).to(torch.bfloat16), requires_grad=False)
+    head = _shortlist_head(weight, k=16)
+    x = torch.randn(8, 1, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        together = head(x)[:, 0]
+        alone = torch.cat([head(x[i : i + 1])[:, 0] for i in range(8)])
+    exact = (x[:, 0].double() @ weight.double().T).float()  # fp64 products of the bf16 values, rounded once
+    assert not torch.equal(together, alone)  # the approximate rest of the vocabulary differs (fp16 vs bf16) ...
+    top = exact.topk(4).indices
+    for row in (together, alone):  # ... the most likely tokens do not: bit for bit the exact logits
+        assert torch.equal(row.gather(1, top), exact.gather(1, top))
+    assert torch.equal(together.argmax(-1), exact.argmax(-1)) and torch.equal(alone.argmax(-1), exact.argmax(-1))

@@ -94,13 +94,13 @@ def test_warped_scores_match_hf_processors():
     assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
 
 
-@pytest.mark.parametrize("precision,fp16_head", [("bfloat16", False), ("bfloat16", True), ("int8", False)])
-def test_reduced_precision_logits_stay_close(tiny_gemma_run, precision, fp16_head):
+@pytest.mark.parametrize("precision,shortlist_head", [("bfloat16", False), ("bfloat16", True), ("int8", False)])
+def test_reduced_precision_logits_stay_close(tiny_gemma_run, precision, shortlist_head):
     model, tok, _ = load_run(tiny_gemma_run)
     ids = torch.tensor([Chatbot(model, tok, "질문: {question}\n답변: {answer}", None).prompt_ids(QUESTIONS[1])])
     with torch.inference_mode():
         ref = model(input_ids=ids).logits[0, -1].float()
-        low = convert_model(load_run(tiny_gemma_run)[0], precision, fp16_head=fp16_head)
+        low = convert_model(load_run(tiny_gemma_run)[0], precision, shortlist_head=shortlist_head)
         got = low(input_ids=ids).logits[0, -1].float()
     assert torch.nn.functional.cosine_similarity(ref, got, dim=0) > 0.99
     out = FastGenerator(low, precision).generate(ids, max_new_tokens=5, eos_token_id=tok.eos_token_id)
