@@ -7,8 +7,9 @@ import torch
 from kotune.infer.sampling import next_tokens, warp_scores
 
 
-def _full_sort_top_p(scores, top_k, top_p):
-    """The reference: top-k, then top-p over the whole sorted row (HF's warpers, in their order)."""
+def _full_sort_top_p(scores, top_k, top_p, temperature=1.0):
+    """The reference: temperature, top-k, then top-p over the whole sorted row (HF's warpers, in their order)."""
+    scores = scores / temperature
     kth = torch.topk(scores, top_k).values[:, -1:]
     scores = scores.masked_fill(scores < kth, float("-inf"))
     ordered, order = torch.sort(scores)
@@ -20,11 +21,11 @@ def _full_sort_top_p(scores, top_k, top_p):
 def test_top_p_over_the_top_k_candidates_drops_what_a_full_sort_drops():
     torch.manual_seed(0)
     seen = torch.zeros(4, 1, dtype=torch.long)
-    for vocab, k, p in [(50, 20, 0.8), (4096, 50, 0.9), (1000, 5, 0.5), (4096, 50, 0.99)]:
+    for vocab, k, p, t in [(50, 20, 0.8, 1.0), (4096, 50, 0.9, 0.7), (1000, 5, 0.5, 1.3), (4096, 50, 0.99, 1.0)]:
         for _ in range(10):
             logits = torch.randn(4, vocab) * 3
-            got = warp_scores(logits, seen, do_sample=True, top_k=k, top_p=p)
-            want = _full_sort_top_p(logits, k, p)
+            got = warp_scores(logits, seen, do_sample=True, temperature=t, top_k=k, top_p=p)
+            want = _full_sort_top_p(logits, k, p, t)
             assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(
                 got[~got.isinf()], want[~want.isinf()]
             )
