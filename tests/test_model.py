@@ -117,3 +117,14 @@ def test_merged_logits_equal_base_plus_adapter(any_run, tmp_path):
         torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
         plain = AutoModelForCausalLM.from_pretrained(cfg_name).eval()(ids).logits
     assert not torch.allclose(plain, merged(ids).logits, atol=1e-4)
+
+
+def test_a_thread_can_give_back_its_parallel_workers_and_run_again():
+    import torch
+
+    from kotune.memory import release_parallel_threads
+
+    a = torch.randn(256, 256)
+    want = a @ a
+    assert isinstance(release_parallel_threads(), bool)  # True where torch runs on an OpenMP runtime (Linux wheels)
+    assert torch.equal(a @ a, want)  # the team comes back on the next parallel op

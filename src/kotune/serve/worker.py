@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ..config import apply_overrides
 from ..infer.batch import BatchDecoder, Sequence, supports_batching
 from ..infer.sampling import stop_ids
+from ..memory import release_parallel_threads
 
 log = logging.getLogger("kotune")
 
@@ -78,6 +79,7 @@ class Worker:
         self._decoder = BatchDecoder(bot.model) if batchable else None
         if max_batch > 1 and not batchable:
             log.info("serving one request at a time: this engine or `context_contrast` cannot batch")
+        release_parallel_threads()  # from here on only the generation thread runs the model (memory.py says why)
         self._thread = threading.Thread(target=self._loop, name="kotune-generate", daemon=True)
         self._thread.start()
 

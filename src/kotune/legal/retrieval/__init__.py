@@ -254,11 +254,10 @@ class Retriever:
                 _embed(list(article.paragraphs), query=False),
             )
         tokens, vectors = self._paragraphs[article.key]
-        words = set(self.morph(question))
+        morphemes, qvec = self.query(question)  # computed once a question, shared with search and scope
+        words = set(morphemes)
         by_words = sorted(range(len(tokens)), key=lambda i: (-sum(idf(t) for t in words & tokens[i]), i))
-        by_vector = [
-            int(i) for i in (-np.einsum("ij,j->i", vectors, _embed([question], query=True)[0])).argsort(kind="stable")
-        ]
+        by_vector = [int(i) for i in (-np.einsum("ij,j->i", vectors, qvec)).argsort(kind="stable")]
         score = {i: 1 / (RRF_K + by_words.index(i)) + 1 / (RRF_K + by_vector.index(i)) for i in range(len(tokens))}
         return sorted(score, key=lambda i: (-score[i], i))
 
