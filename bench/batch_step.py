@@ -1,14 +1,20 @@
-"""What a running batch costs on this machine: prefill of one grounded prompt, and one decode step at batch 1…8.
+"""What a running batch costs on this machine: prefill of one grounded prompt, then decode steps at batch 1 and wider.
 
-    .venv/bin/python bench/batch_step.py --run runs/civil_law [--question "전세권이란 무엇인가요?"] [--steps 16]
+    .venv/bin/python bench/batch_step.py --run runs/civil_law [--widths 1 8] [--seconds 60] [--steps 10]
 
 Explains the serving figures: every request pays its own prefill (not batched: compute-bound on a CPU), then shares
-decode steps with the others. Then the LM head's product alone for 1…8 rows in fp16 and bf16, the step's largest part.
+decode steps with the others. The widths are measured in turn, round after round, for --seconds, and the medians are
+printed with each width's tokens/s against batch 1 (the median of the rounds' ratios): on a shared host a single
+measurement moves by a third from one minute to the next, so the rounds pair each width with a batch-1 measurement
+taken moments before. Rows sample as the run's config says (the recipe: temperature 0.7, top-k 50, top-p 0.9).
+Then the LM head alone (Gemma 3's 262 144 x 640, random weights) for 1…8 rows: fp16 and bf16 products, and the
+engine's shortlist head (fastgen.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 
@@ -16,52 +22,84 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
     ap.add_argument("--question", default="집주인이 계약 만료 때 보증금을 안 돌려주면 어떻게 해야 하나요?")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--widths", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--steps", type=int, default=10, help="Decode steps timed per width per round.")
     args = ap.parse_args()
 
     from kotune.infer.batch import BatchDecoder, Sequence
     from kotune.infer.generate import Chatbot
 
-    bot = Chatbot.from_run(args.run, greedy=True)
+    bot = Chatbot.from_run(args.run)
     plan = bot.plan(args.question)
-    prompt = plan.prompt
-    print(f"prompt: {len(prompt)} tokens")
+    kw = plan.kwargs
     engine = bot.model
-    for width in (1, 2, 4, 8):
-        dec = BatchDecoder(engine)
-        t = time.perf_counter()
-        for _ in range(width):
-            dec.add(Sequence(list(prompt), 10_000))
-        prefill = (time.perf_counter() - t) / width
-        dec.step()  # warm-up
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            dec.step()
-        step = (time.perf_counter() - t) / args.steps
+
+    def sequence():
+        return Sequence(
+            list(plan.prompt),
+            10_000,
+            do_sample=kw.get("do_sample", False),
+            temperature=kw.get("temperature"),
+            top_k=kw.get("top_k"),
+            top_p=kw.get("top_p"),
+            repetition_penalty=kw.get("repetition_penalty") or 1.0,
+            logits_processor=list(plan.processors or []),
+        )
+
+    widths = sorted(set([1] + args.widths))
+    steps: dict[int, list[float]] = {w: [] for w in widths}
+    prefill = []
+    deadline = time.perf_counter() + args.seconds
+    while time.perf_counter() < deadline or not steps[widths[-1]]:
+        for width in widths:
+            dec = BatchDecoder(engine)
+            for _ in range(width):
+                t = time.perf_counter()
+                dec.add(sequence())
+                prefill.append(time.perf_counter() - t)
+            dec.step()  # warm-up
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                dec.step()
+            steps[width].append((time.perf_counter() - t) / args.steps)
+    print(f"prompt: {len(plan.prompt)} tokens, prefill median {statistics.median(prefill):.2f} s a request")
+    for width in widths:
+        ms = statistics.median(steps[width]) * 1000
+        ratios = [(width / s) / (1 / one) for s, one in zip(steps[width], steps[1])]
         print(
-            f"batch {width}: prefill {prefill:.2f} s a request, decode step {step * 1000:.0f} ms "
-            f"({width / step:.1f} tokens/s)"
+            f"batch {width}: decode step {ms:.0f} ms (median of {len(steps[width])} rounds, "
+            f"{min(steps[width]) * 1000:.0f}-{max(steps[width]) * 1000:.0f}), {width / ms * 1000:.1f} tokens/s, "
+            f"{statistics.median(ratios):.2f}x batch 1"
         )
     del bot, engine, dec
     head_times()
 
 
 def head_times(rows=(1, 2, 4, 8), repeat: int = 10) -> None:
-    """The LM head's product (Gemma 3: 262 144 x 640) for 1…8 rows, fp16 and bf16, random weights."""
+    """The LM head (Gemma 3: 262 144 x 640) for 1…8 rows: fp16 and bf16 products and the shortlist head."""
     import torch
 
+    from kotune.infer.fastgen import _shortlist_head
+
     torch.manual_seed(0)
-    weight = torch.randn(262144, 640)
-    for dtype in (torch.float16, torch.bfloat16):
-        w = weight.to(dtype)
-        for m in rows:
-            x = torch.randn(m, 640).to(dtype)
-            torch.nn.functional.linear(x, w)
-            t = time.perf_counter()
-            for _ in range(repeat):
-                torch.nn.functional.linear(x, w)
-            ms = (time.perf_counter() - t) / repeat * 1000
-            print(f"LM head {str(dtype).split('.')[-1]}, {m} row(s): {ms:.1f} ms")
+    weight = torch.randn(262144, 640) * 0.02
+    bf16 = weight.to(torch.bfloat16)
+    heads = {
+        "fp16": lambda x, w=weight.to(torch.float16): torch.nn.functional.linear(x.to(torch.float16), w),
+        "bf16": lambda x: torch.nn.functional.linear(x, bf16),
+        "shortlist": _shortlist_head(torch.nn.Parameter(bf16, requires_grad=False)),
+    }
+    with torch.inference_mode():
+        for name, head in heads.items():
+            for m in rows:
+                x = torch.randn(m, 1, 640).to(torch.bfloat16)
+                head(x)
+                t = time.perf_counter()
+                for _ in range(repeat):
+                    head(x)
+                ms = (time.perf_counter() - t) / repeat * 1000
+                print(f"LM head {name}, {m} row(s): {ms:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,18 @@
         [--max-batch 8]
     .venv/bin/python bench/load_server.py --url http://127.0.0.1:8000 [--api-key KEY]
 
-With --run the server is started in this process (uvicorn in a thread, loopback, a free port); with --url
-an already running server is used (loopback addresses only). Each client sends a streaming chat request,
+With --run the server is started as its own process (`kotune serve` on loopback, a free port), as clients elsewhere
+would meet it: clients in the server's process would compete with it for the interpreter lock; with --url an already
+running server is used (loopback addresses only). Before measuring, each question is asked once (--warmup): the first
+time a question's articles are used, their paragraphs are embedded and cached, which would otherwise weigh on
+whichever client count runs first. Each client sends a streaming chat request,
 reads it to the end, and sends the next one until --duration has passed; requests under way then finish.
 Several --clients values run one after another against the same server (one process, the same model), so their
 figures compare: `--clients 1 8` gives the single stream beside 8 at once. Time to first token (TTFT) is measured to
 the first non-empty content piece, so it includes the time a request waits in the server's queue. A grounded answer
 streams its article's rule before the model writes: `TTFT model` is the time to the first piece after it (the first
 piece the model generated; the same as TTFT for answers without a rule). Prints a markdown table and writes the
-figures as JSON (--output), with the process's peak RSS.
+figures as JSON (--output), with the server process's peak RSS (with --run).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncio
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -87,7 +90,10 @@ async def one_request(client, url: str, model: str, question: str, max_tokens: i
     return {"ttft": ttft, "ttft_model": model_first, "latency": total, "tokens": tokens}
 
 
-async def run_load(url: str, model: str, clients: int, duration: float, max_tokens: int, api_key: str | None) -> dict:
+async def run_load(
+    url: str, model: str, clients: int, duration: float, max_tokens: int, api_key: str | None, questions: int = 0
+) -> dict:
+    """`questions`: each client sends at least this many requests (the warm-up), whatever the duration."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -96,7 +102,7 @@ async def run_load(url: str, model: str, clients: int, duration: float, max_toke
 
     async def client_loop(i: int, client) -> None:
         n = 0
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline or n < questions:
             results.append(
                 await one_request(client, url, model, QUESTIONS[(i + n) % len(QUESTIONS)], max_tokens, headers)
             )
@@ -132,6 +138,62 @@ async def run_load(url: str, model: str, clients: int, duration: float, max_toke
     }
 
 
+@contextmanager
+def server_process(run: str, max_queue: int, max_batch: int, api_key: str | None, startup_s: float = 900.0):
+    """`kotune serve RUN` in its own process on a free loopback port: yields (base URL, pid), stops it on exit."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "kotune", "serve", run, "--port", str(port), "--max_queue", str(max_queue)]
+    cmd += ["--max_batch", str(max_batch), "--timeout", "0"]
+    env = {**os.environ, **({"KOTUNE_API_KEY": api_key} if api_key else {})}
+    log = tempfile.TemporaryFile()  # the server's own log (a line per request): shown only if it fails to start
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                tail = log.read().decode("utf-8", "replace")[-2000:]
+                raise SystemExit(f"`{' '.join(cmd)}` exited with {proc.returncode} before serving:\n{tail}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the server did not answer /health within {startup_s:.0f} s")
+            time.sleep(1)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def peak_rss_mb(pid: int) -> int | None:
+    """The process's peak resident set (VmHWM), in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        return None
+    return None
+
+
 def table(r: dict) -> str:
     def f(x):
         return "–" if x is None else f"{x:.2f}"
@@ -161,39 +223,40 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--duration", type=float, default=60.0, help="Seconds during which clients start new requests.")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument(
+        "--warmup", action=argparse.BooleanOptionalAction, default=True, help="Ask each question once first."
+    )
     ap.add_argument("--output", default=None, help="Write the figures as JSON here.")
     args = ap.parse_args(argv)
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         ap.error("--url must be a loopback address: this bench only loads servers on this machine")
 
     if args.run:
-        from kotune.serve import Limits, create_app, running_server
-
-        limits = Limits(max_queue=max(args.clients) + 8, max_batch=args.max_batch, request_timeout_s=None)
-        app = create_app(args.run, api_key=args.api_key, limits=limits)
-        server = running_server(app)
-        model = app.state.model_id
+        server = server_process(args.run, max(args.clients) + 8, args.max_batch, args.api_key)
+        model = Path(args.run).resolve().name
     else:
         import httpx
 
         server = nullcontext((args.url.rstrip("/"), None))
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = httpx.get(f"{args.url.rstrip('/')}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-    import resource
-
     reports = []
-    with server as (url, _):
+    with server as (url, pid):
+        if args.warmup:
+            asyncio.run(run_load(url, model, 1, 0.0, args.max_tokens, args.api_key, questions=len(QUESTIONS)))
         for clients in args.clients:
             report = asyncio.run(run_load(url, model, clients, args.duration, args.max_tokens, args.api_key))
             report["run"], report["max_batch"] = args.run, args.max_batch
-            report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            if pid is not None:
+                report["peak_rss_mb"] = peak_rss_mb(pid)
             print(table(report), flush=True)
             if report["errors"]:
                 print("errors:", *report["error_samples"], sep="\n  ")
             reports.append(report)
     if len(reports) > 1:
-        one = next((r for r in reports if r["clients"] == 1), None)
+        one = None  # each run against the latest single-client run before it (`--clients 1 8 1 8` pairs them)
         for r in reports:
+            one = r if r["clients"] == 1 else one
             if one and one["tokens_per_s"]:
                 r["x_single_stream"] = round(r["tokens_per_s"] / one["tokens_per_s"], 2)
                 print(f"{r['clients']} clients: {r['x_single_stream']}x the single stream's tokens/s")

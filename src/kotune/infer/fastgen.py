@@ -90,10 +90,10 @@ def _shortlist_head(weight, k: int = SHORTLIST):
             else:
                 logits = torch.nn.functional.linear(rows.to(torch.bfloat16), self.weight).float()
             top = logits.topk(min(self.k, logits.shape[-1]), sorted=False).indices
-            exact = rows.double()
-            for i in range(rows.shape[0]):
-                logits[i, top[i]] = torch.mv(self.weight[top[i]].double(), exact[i]).float()
-            return logits.view(*x.shape[:-1], -1)
+            # fp64 sums of exact products, rounded to fp32 once: the same value whichever kernel or order sums them
+            picked = self.weight[top.flatten()].view(*top.shape, -1).double()
+            exact = torch.bmm(picked, rows.double()[:, :, None])[:, :, 0].float()
+            return logits.scatter_(1, top, exact).view(*x.shape[:-1], -1)
 
     return ShortlistHead()
 
