@@ -22,14 +22,15 @@ def release_parallel_threads() -> bool:
     """Free the calling thread's OpenMP worker threads (torch runs its CPU ops on them), so that another thread can
     run the model at full speed. Each thread that runs a parallel op gets its own team of workers; once the process
     holds more of them than there are CPUs, the OpenMP runtime stops spinning between ops and puts its workers to sleep
-    after every op: measured, a decode step then took 1.5x as long (500 wake-ups a step). The server loads the model
-    in one thread and decodes in another, so the loading thread gives its team back (`omp_pause_resource_all`,
+    after every op: a decode step then takes a third longer or more (bench/decode_threads.py). The server loads the
+    model in one thread and decodes in another, so the loading thread gives its team back (`omp_pause_resource_all`,
     OpenMP 5.0; the team is recreated if that thread runs an op again). Returns whether a runtime took the call."""
     import ctypes
     import glob
 
     import torch
 
+    # torch's own runtime first (the one its ops use), then any OpenMP library this process has loaded
     paths = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*.so*")))
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:

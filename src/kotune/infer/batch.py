@@ -212,7 +212,7 @@ class BatchDecoder:
 ROW_ATTENTION = "kotune_rows"
 
 
-def _one_query(module, query, key, value, scaling, softcap):
+def _one_query(query, key, value, scaling, softcap):
     """Attention of one row's single query over its keys [1, kv heads, L, d], in fp32: the same arithmetic for a row
     alone or in a batch. On a CPU it takes a third to a fifth of the time of the SDPA kernel's call for one query."""
     import torch
@@ -264,7 +264,7 @@ def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             )
         else:
             k, v = key[i : i + 1, :, span[0] : span[1]], value[i : i + 1, :, span[0] : span[1]]
-            out = _one_query(module, query[i : i + 1], k, v, scaling, softcap)
+            out = _one_query(query[i : i + 1], k, v, scaling, softcap)
         outs.append(out)
     return torch.cat(outs), None
 
