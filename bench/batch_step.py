@@ -7,9 +7,9 @@ decode steps with the others. The widths are measured in turn, round after round
 printed with each width's tokens/s against batch 1 (the median of the rounds' ratios): on a shared host a single
 measurement moves by a third from one minute to the next, so the rounds pair each width with a batch-1 measurement
 taken moments before. Rows sample as the run's config says (the recipe: temperature 0.7, top-k 50, top-p 0.9).
-Then the LM head alone (Gemma 3's 262 144 x 640, random weights) for 1…8 rows: fp16 and bf16 products, and the
-engine's shortlist head (fastgen.py); and one row's decode attention (Gemma 3 270M: 4 heads, 1 kv head, d 256) over
-120…512 keys, through the SDPA kernel and through `_one_query` (batch.py).
+Then the LM head alone (Gemma 3's 262 144 x 640, random weights) for 1…8 rows: fp16, bf16 and dynamic-int8
+products, and the engine's shortlist head (fastgen.py); and one row's decode attention (Gemma 3 270M: 4 heads, 1 kv
+head, d 256) over 120…512 keys, through the SDPA kernel and through `_one_query` (batch.py).
 """
 
 from __future__ import annotations
@@ -79,10 +79,11 @@ def main() -> None:
 
 
 def head_times(rows=(1, 2, 4, 8), repeat: int = 10) -> None:
-    """The LM head (Gemma 3: 262 144 x 640) for 1…8 rows: fp16 and bf16 products and the shortlist head."""
+    """The LM head (Gemma 3: 262 144 x 640) for 1…8 rows: fp16, bf16 and dynamic-int8 products and the
+    shortlist head."""
     import torch
 
-    from kotune.infer.fastgen import _shortlist_head
+    from kotune.infer.fastgen import _shortlist_head, int8_linear
 
     torch.manual_seed(0)
     weight = torch.randn(262144, 640) * 0.02
@@ -90,6 +91,7 @@ def head_times(rows=(1, 2, 4, 8), repeat: int = 10) -> None:
     heads = {
         "fp16": lambda x, w=weight.to(torch.float16): torch.nn.functional.linear(x.to(torch.float16), w),
         "bf16": lambda x: torch.nn.functional.linear(x, bf16),
+        "int8": lambda x, lin=int8_linear(bf16): lin(x.float()),
         "shortlist": _shortlist_head(torch.nn.Parameter(bf16, requires_grad=False)),
     }
     with torch.inference_mode():

@@ -55,8 +55,8 @@ def _alone(engine, prompt, n):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("build", [_gpt2, _gemma], ids=["gpt2", "gemma3-sliding"])
 def test_greedy_output_is_the_same_alone_or_in_a_batch(build, precision):
-    # bf16: the CPU's shortlist head, with a shortlist of 8 of the 300 tokens so that its approximate logits (fp16
-    # alone, bf16 in a batch) really differ between the two runs
+    # bf16: the CPU's shortlist head, with a shortlist of 8 of the 300 tokens so that its approximate logits (int8,
+    # the activations scaled per call) really differ between the two runs
     engine = FastGenerator(
         convert_model(build().eval(), precision, shortlist_head=precision == "bfloat16", shortlist=8)
     )
@@ -136,7 +136,7 @@ def test_the_shortlist_head_is_exact_on_its_shortlist_whatever_the_batch():
         together = head(x)[:, 0]
         alone = torch.cat([head(x[i : i + 1])[:, 0] for i in range(8)])
     exact = (x[:, 0].double() @ weight.double().T).float()  # fp64 products of the bf16 values, rounded once
-    assert not torch.equal(together, alone)  # the approximate rest of the vocabulary differs (fp16 vs bf16) ...
+    assert not torch.equal(together, alone)  # the approximate rest of the vocabulary differs (int8 scales per call) ...
     top = exact.topk(4).indices
     for row in (together, alone):  # ... the most likely tokens do not: bit for bit the exact logits
         assert torch.equal(row.gather(1, top), exact.gather(1, top))

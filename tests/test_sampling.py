@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kotune.infer.sampling import next_tokens, warp_scores
+from kotune.infer.sampling import draw, next_tokens, sample, warp, warp_scores
 
 
 def _full_sort_top_p(scores, top_k, top_p, temperature=1.0):
@@ -79,3 +79,25 @@ def test_top_p_without_top_k_keeps_what_a_full_sort_keeps():
             want = _full_sort_nucleus(logits, p)
             assert torch.equal(torch.isinf(got), torch.isinf(want))
             assert torch.equal(got[~got.isinf()], want[~want.isinf()])
+
+
+def test_drawing_among_the_survivors_picks_what_the_whole_row_picks():
+    # top-k, and top-p alone on peaked rows, draw over their survivors only; flat rows and ties fall back to the row
+    torch.manual_seed(0)
+    cases = [
+        (50000, 6.0, 0.7, 50, 0.9),
+        (50000, 6.0, 1.0, None, 0.9),
+        (4096, 0.1, 1.0, None, 0.9),
+        (300, 2.0, 1.3, 10, None),
+    ]
+    for vocab, scale, t, k, p in cases:
+        logits = torch.randn(64, vocab) * scale
+        for seed in range(5):
+            g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            want = draw(warp(logits, t, k, p), [g1] * 64)
+            got = sample(logits, [g2] * 64, t, k, p)
+            assert (got == want).float().mean() > 0.98  # the same uniform draw (rounding may move a boundary)
+            assert torch.isfinite(warp(logits, t, k, p).gather(1, got[:, None])).all()
+    tied = torch.zeros(4, 100)
+    got = sample(tied, [torch.Generator().manual_seed(0)] * 4, None, 10, 0.9)  # a tie: the whole row's draw
+    assert torch.equal(got, draw(warp(tied, None, 10, 0.9), [torch.Generator().manual_seed(0)] * 4))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .sampling import draw, penalise, warp
+from .sampling import penalise, sample
 
 
 @dataclass(eq=False)
@@ -98,7 +98,7 @@ class BatchDecoder:
         tokens = [0] * len(seqs)
         for key, rows in groups.items():
             sub = scores if len(rows) == len(seqs) else scores[rows]
-            picked = sub.argmax(-1) if key is None else draw(warp(sub, *key), [seqs[i].generator for i in rows])
+            picked = sub.argmax(-1) if key is None else sample(sub, [seqs[i].generator for i in rows], *key)
             for i, t in zip(rows, picked.tolist()):
                 tokens[i] = t
         return tokens

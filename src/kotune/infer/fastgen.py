@@ -66,33 +66,40 @@ SHORTLIST = 1024  # the citation constraint looks at most at the 64 x 16 most li
 
 def _shortlist_head(weight, k: int = SHORTLIST):
     """LM head for bf16 inference on a CPU: a fast approximate product over the whole vocabulary, then the `k`
-    highest logits of each row recomputed exactly. The approximate product is fp16 for one row (a matrix-vector
-    product, about 1.8x faster than bf16 on CPUs) and bf16 for several (the CPU's native bf16 matmul: 8 rows cost
-    about 1.3x one, against 5.6x in fp16). The two round differently, so a row's logits would depend on its
-    batch; the exact pass removes that: the shortlisted logits are the fp64 dot products of the bf16 weights with
-    the hidden state, rounded to fp32, the same whatever the batch, the shortlist's order or the thread count. Greedy
-    decoding picks among them (the approximation error, ~0.1, is far below the gap between the top token and the
-    1024th), so a request decodes the same tokens alone or in a batch. `weight` (bf16) may be the embedding's."""
+    highest logits of each row recomputed exactly.
+
+    The approximate product is dynamic int8 (fbgemm's int8 GEMM, half the bytes of a 16-bit head: one row or eight
+    cost about the same, a fifth of bf16's eight rows); where the CPU has no int8 kernels, fp16 for one row and bf16
+    for several. Its rows depend on the batch (int8 scales the activations per call; fp16 and bf16 round
+    differently). The exact pass removes that: the shortlisted logits are the fp64 dot products of the bf16 weights
+    with the hidden state, rounded to fp32, the same whatever the batch, the shortlist's order or the thread count.
+    Greedy decoding picks among them (the approximation error, ~0.1, is far below the gap between the top token and
+    the 1024th), so a request decodes the same tokens alone or in a batch. `weight` (bf16) may be the embedding's."""
     import torch
 
-    half = weight.detach().to(torch.float16)
+    approx = int8_linear(weight) if "fbgemm" in torch.backends.quantized.supported_engines else None
+    half = weight.detach().to(torch.float16) if approx is None else None
 
     class ShortlistHead(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.weight = weight
-            self.half, self.k = half, k
+            self.approx, self.half, self.k = approx, half, k
 
         def forward(self, x):
             rows = x.reshape(-1, x.shape[-1])
-            if rows.shape[0] == 1:
+            if self.approx is not None:
+                logits = self.approx(rows.float())
+            elif rows.shape[0] == 1:
                 logits = torch.nn.functional.linear(rows.to(torch.float16), self.half).float()
             else:
                 logits = torch.nn.functional.linear(rows.to(torch.bfloat16), self.weight).float()
             top = logits.topk(min(self.k, logits.shape[-1]), sorted=False).indices
-            # fp64 sums of exact products, rounded to fp32 once: the same value whichever kernel or order sums them
-            picked = self.weight[top.flatten()].view(*top.shape, -1).double()
-            exact = torch.bmm(picked, rows.double()[:, :, None])[:, :, 0].float()
+            # fp64 sums of exact products, rounded to fp32 once: the same value whichever kernel or order sums them.
+            # Row by row: the fp64 copy of eight rows' shortlists (42 MB) would be fresh pages every step.
+            exact = torch.empty(top.shape, dtype=torch.float32, device=x.device)
+            for i, (ids, row) in enumerate(zip(top, rows.double())):
+                exact[i] = torch.mv(self.weight[ids].double(), row).float()
             return logits.scatter_(1, top, exact).view(*x.shape[:-1], -1)
 
     return ShortlistHead()

@@ -48,10 +48,10 @@ def warp(scores, temperature: float | None = None, top_k: int | None = None, top
     """The sampling warpers in `generate`'s order: temperature, top-k, top-p (removed tokens get -inf)."""
     import torch
 
-    if top_k and top_k < scores.shape[-1]:
-        fast = _warp_top_k(scores, temperature, top_k, top_p)
-        if fast is not None:
-            return fast
+    few = _survivors(scores, temperature, top_k, top_p)
+    if few is not None:
+        ids, kept = few
+        return torch.full_like(scores, float("-inf")).scatter(1, ids, kept)
     if temperature and temperature != 1.0:
         scores = scores / temperature
     candidates = None  # with top-k: the ids that survive it, so top-p sorts k scores instead of the vocabulary
@@ -64,10 +64,6 @@ def warp(scores, temperature: float | None = None, top_k: int | None = None, top
         if bool((torch.isfinite(scores).sum(-1) == k).all()):
             candidates = ids
     if top_p is not None and top_p < 1.0:
-        if not top_k:  # (top-k with a tie at the k-th score sorts the whole row, as the test of ties expects)
-            fast = _nucleus_among_top(scores, top_p)
-            if fast is not None:
-                return fast
         # Tokens top-k removed have probability 0 and sort first, so they change no cumulative sum: sorting only the
         # candidates gives the same drops.
         row = scores if candidates is None else scores.gather(1, candidates)
@@ -76,6 +72,30 @@ def warp(scores, temperature: float | None = None, top_k: int | None = None, top
             drop = torch.zeros_like(scores, dtype=torch.bool).scatter(1, candidates, drop)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
+
+
+def sample(scores, generators, temperature: float | None = None, top_k: int | None = None, top_p=None):
+    """`draw(warp(scores, ...), generators)`, over the survivors alone when the warpers leave a few (top-k, or a
+    nucleus among the 1024 most likely): no softmax, cumulative sum or -inf row over the whole vocabulary. The
+    survivors are drawn from in vocabulary order, as the full row would be, so a uniform draw picks the same token."""
+    few = _survivors(scores, temperature, top_k, top_p)
+    if few is None:
+        return draw(warp(scores, temperature, top_k, top_p), generators)
+    ids, kept = few
+    ids, order = ids.sort(-1)
+    return ids.gather(1, draw(kept.gather(1, order), generators)[:, None])[:, 0]
+
+
+def _survivors(scores, temperature, top_k, top_p):
+    """(ids, warped scores) of the tokens the warpers keep, or None when they keep too many to list (no top-k and a
+    flat distribution, or a tie at the k-th score): then only the whole row gives `warp`'s answer."""
+    if top_k and top_k < scores.shape[-1]:
+        return _top_k_survivors(scores, temperature, top_k, top_p)
+    if top_p is not None and top_p < 1.0 and not top_k:
+        if temperature and temperature != 1.0:
+            scores = scores / temperature
+        return _nucleus_among_top(scores, top_p)
+    return None
 
 
 def _nucleus_drops(row, top_p: float):
@@ -88,9 +108,9 @@ def _nucleus_drops(row, top_p: float):
     return drop.scatter(1, order, drop)
 
 
-def _warp_top_k(scores, temperature, top_k: int, top_p):
+def _top_k_survivors(scores, temperature, top_k: int, top_p):
     """`warp` with top-k, computed on the k survivors only (each pass over a 262k vocabulary costs about a
-    millisecond a row): the same scores, or None when a row ties at its k-th score (then more than k survive)."""
+    millisecond a row): their ids and scores, or None when a row ties at its k-th score (then more than k survive)."""
     import torch
 
     top, ids = torch.topk(scores, top_k + 1)
@@ -101,14 +121,14 @@ def _warp_top_k(scores, temperature, top_k: int, top_p):
     kept, ids = top[:, :top_k], ids[:, :top_k]
     if top_p is not None and top_p < 1.0:
         kept = kept.masked_fill(_nucleus_drops(kept, top_p), float("-inf"))
-    return torch.full_like(scores, float("-inf")).scatter(1, ids, kept)
+    return ids, kept
 
 
 def _nucleus_among_top(scores, top_p: float, k: int = 1024):
     """Top-p without top-k, without sorting the vocabulary (a 262k-entry sort costs ~12 ms a token on 2 cores): when
     the k most likely tokens already hold more than `top_p` of the probability, every other token is dropped anyway,
     and the drops among the k follow from their probabilities plus the mass outside them. None when they do not
-    (a flat distribution): then the caller sorts the whole row."""
+    (a flat distribution): then the caller sorts the whole row. Returns the k ids and their scores (-inf if dropped)."""
     import torch
 
     k = min(k, scores.shape[-1])
@@ -122,17 +142,18 @@ def _nucleus_among_top(scores, top_p: float, k: int = 1024):
     cum = (1 - mass) + probs.flip(-1).cumsum(-1)
     drop = (cum <= (1 - top_p)).flip(-1)
     drop[:, 0] = False  # the most likely token always stays
-    kept = top.masked_fill(drop, float("-inf"))
-    return torch.full_like(scores, float("-inf")).scatter(1, ids, kept)
+    return ids, top.masked_fill(drop, float("-inf"))
 
 
-def next_tokens(logits, seen, *, do_sample: bool = False, generator=None, logits_processor=None, **warp_kw):
+def next_tokens(
+    logits, seen, *, do_sample=False, generator=None, logits_processor=None, repetition_penalty=1.0, **warp_kw
+):
     """Next ids [batch]: argmax of the penalised logits, or a sample from the warped ones.
     `logits_processor` (as in `generate`, e.g. constrained citations) runs before the sampling warpers, as there."""
-    scores = warp_scores(logits, seen, do_sample=do_sample, logits_processor=logits_processor, **warp_kw)
+    scores = penalise(logits.float(), seen, repetition_penalty, logits_processor)
     if not do_sample:
         return scores.argmax(-1)
-    return draw(scores, [generator] * scores.shape[0])
+    return sample(scores, [generator] * scores.shape[0], **warp_kw)
 
 
 def draw(scores, generators):
