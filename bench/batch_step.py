@@ -8,8 +8,8 @@ printed with each width's tokens/s against batch 1 (the median of the rounds' ra
 measurement moves by a third from one minute to the next, so the rounds pair each width with a batch-1 measurement
 taken moments before. Rows sample as the run's config says (the recipe: temperature 0.7, top-k 50, top-p 0.9).
 Then the LM head alone (Gemma 3's 262 144 x 640, random weights) for 1…8 rows: fp16, bf16 and dynamic-int8
-products, and the engine's shortlist head (fastgen.py); and one row's decode attention (Gemma 3 270M: 4 heads, 1 kv
-head, d 256) over 120…512 keys, through the SDPA kernel and through `_one_query` (batch.py).
+products, and the engine's shortlist head (fastgen.py); and one layer's decode attention (Gemma 3 270M: 4 heads, 1
+kv head, d 256) for 1 and 8 rows over 120…512 keys, through the SDPA kernel and through `_row_attention` (batch.py).
 """
 
 from __future__ import annotations
@@ -106,12 +106,13 @@ def head_times(rows=(1, 2, 4, 8), repeat: int = 10) -> None:
                 print(f"LM head {name}, {m} row(s): {ms:.1f} ms")
 
 
-def attention_times(lengths=(120, 250, 512), repeat: int = 300) -> None:
-    """One row's single-query attention (4 query heads, 1 kv head, d 256, bf16): SDPA against `_one_query`."""
+def attention_times(lengths=(120, 250, 512), rows=(1, 8), repeat: int = 100) -> None:
+    """One layer's decode attention (one query a row; Gemma 3 270M: 4 heads, 1 kv head, d 256, bf16): one SDPA call
+    for the rows, against `_row_attention`'s loop over them."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from kotune.infer.batch import _one_query
+    from kotune.infer.batch import _row_attention
 
     class Module:
         num_key_value_groups, is_causal, training = 4, True, False
@@ -126,12 +127,15 @@ def attention_times(lengths=(120, 250, 512), repeat: int = 300) -> None:
     torch.manual_seed(0)
     scale = 256**-0.5
     with torch.inference_mode():
-        for n in lengths:
-            q = torch.randn(1, 4, 1, 256).to(torch.bfloat16)
-            k, v = (torch.randn(1, 1, n, 256).to(torch.bfloat16) for _ in range(2))
-            sdpa = us(lambda: sdpa_attention_forward(Module(), q, k, v, None, scaling=scale))
-            mine = us(lambda: _one_query(q, k, v, scale, None))
-            print(f"attention, one query over {n} keys: SDPA {sdpa:.0f} us, _one_query {mine:.0f} us")
+        for b in rows:
+            for n in lengths:
+                q = torch.randn(b, 4, 1, 256).to(torch.bfloat16)
+                k, v = (torch.randn(b, 1, n, 256).to(torch.bfloat16) for _ in range(2))
+                sdpa = us(lambda: sdpa_attention_forward(Module(), q, k, v, None, scaling=scale))
+                mine = us(lambda: _row_attention(Module(), q, k, v, None, scaling=scale))
+                print(
+                    f"attention, {b} row(s), one query over {n} keys: SDPA {sdpa:.0f} us, _row_attention {mine:.0f} us"
+                )
 
 
 if __name__ == "__main__":

@@ -212,26 +212,38 @@ class BatchDecoder:
 ROW_ATTENTION = "kotune_rows"
 
 
-def _one_query(query, key, value, scaling, softcap):
-    """Attention of one row's single query over its keys [1, kv heads, L, d], in fp32: the same arithmetic for a row
-    alone or in a batch. On a CPU it takes a third to a fifth of the time of the SDPA kernel's call for one query."""
+def _one_query(q, key, value, softcap):
+    """Attention of one row's single query: `q` [kv heads, heads sharing each, d] in fp32, already scaled; `key`,
+    `value` [kv heads, L, d] its own keys. fp32 throughout: the same arithmetic for a row alone or in a batch."""
     import torch
 
-    heads, kv_heads = query.shape[1], key.shape[1]
-    q = query[0, :, 0].float().reshape(kv_heads, heads // kv_heads, -1)  # grouped-query: heads sharing a kv head
-    scores = torch.matmul(q, key[0].float().transpose(1, 2))
-    scores = scores * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = torch.matmul(q, key.float().transpose(1, 2))
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    out = torch.matmul(scores.softmax(-1), value[0].float())
-    return out.reshape(1, 1, heads, -1).to(query.dtype)  # [batch, query, heads, d], as the SDPA path returns
+    return torch.matmul(scores.softmax(-1), value.float()).reshape(-1, q.shape[-1])
+
+
+def _spans(attention_mask, rows: int, width: int) -> list:
+    """Each row's keys as (start, end) of the frame, or None where its unmasked keys are not one contiguous span."""
+    import torch
+
+    if attention_mask is None:
+        return [(0, width)] * rows
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    valid = valid[:, 0, -1, :].expand(rows, -1)
+    first = valid.int().argmax(1)
+    end = width - valid.flip(1).int().argmax(1)
+    count = valid.sum(1)
+    return [(a, b) if b - a == n else None for a, b, n in zip(*torch.stack([first, end, count]).tolist())]
 
 
 def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
     """SDPA, except for a decode step (one query per row): there each row attends to its own contiguous span of keys,
     with no mask, through `_one_query`, exactly as it would alone. Attention over a left-padded frame is not
     bit-identical to attention over the row's keys alone (the kernel blocks the keys differently), and with bf16
-    weights that is enough to change a greedy token now and then."""
+    weights that is enough to change a greedy token now and then. The rows' products are a few hundred thousand
+    multiply-adds each: on one thread they take about half the time they take on two (the second thread's wake-up
+    costs more than it saves), so the loop runs on one."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -239,34 +251,33 @@ def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap, **kwargs
         )
-    if attention_mask is None:
-        spans = [(0, key.shape[2])] * query.shape[0]
-    else:
-        valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        valid = valid[:, 0, -1, :].expand(query.shape[0], -1)
-        spans = []
-        for i in range(query.shape[0]):
-            cols = valid[i].nonzero()[:, 0]
-            start, end = int(cols[0]), int(cols[-1]) + 1
-            spans.append((start, end) if end - start == len(cols) else None)
-    outs = []
-    for i, span in enumerate(spans):
-        if span is None:  # not one span (no such mask is built here): the masked kernel for this row
-            out, _ = sdpa_attention_forward(
-                module,
-                query[i : i + 1],
-                key[i : i + 1],
-                value[i : i + 1],
-                attention_mask[i : i + 1],
-                scaling=scaling,
-                softcap=softcap,
-                **kwargs,
-            )
-        else:
-            k, v = key[i : i + 1, :, span[0] : span[1]], value[i : i + 1, :, span[0] : span[1]]
-            out = _one_query(query[i : i + 1], k, v, scaling, softcap)
-        outs.append(out)
-    return torch.cat(outs), None
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    scale = scaling if scaling is not None else dim**-0.5
+    # grouped-query attention: the query heads that share a kv head, together
+    q = (query[:, :, 0].float() * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
+    out = torch.empty(rows, heads, dim, dtype=torch.float32, device=query.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, span in enumerate(_spans(attention_mask, rows, key.shape[2])):
+            if span is None:  # not one span (no such mask is built here): the masked kernel for this row
+                one, _ = sdpa_attention_forward(
+                    module,
+                    query[i : i + 1],
+                    key[i : i + 1],
+                    value[i : i + 1],
+                    attention_mask[i : i + 1],
+                    scaling=scaling,
+                    softcap=softcap,
+                    **kwargs,
+                )
+                out[i] = one[0, 0].float()
+            else:
+                out[i] = _one_query(q[i], key[i, :, span[0] : span[1]], value[i, :, span[0] : span[1]], softcap)
+    finally:
+        torch.set_num_threads(threads)
+    return out[:, None].to(query.dtype), None  # [batch, query, heads, d], as the SDPA path returns
 
 
 def use_row_attention(model) -> bool:
