@@ -354,8 +354,8 @@ class GenerationSection(_Section):
         "auto",
         description="Weights of the `torch` engine. `auto`: bf16 on a CPU with native bf16 (AVX-512 BF16 / AMX) or a "
         "bf16 GPU, else fp32 "
-        "(with bf16 on CPU the LM head is an fp16 product for one row and a bf16 one for a batch, each row's 1024 "
-        "most likely logits recomputed exactly, so a request decodes the same alone or batched). "
+        "(with bf16 on CPU the LM head is a fast dynamic-int8 product, then each row's 1024 most likely logits "
+        "recomputed exactly from the bf16 weights, so a request decodes the same alone or batched). "
         "`int8`: dynamic int8 on CPU (fastest, but it changes many greedy tokens; see docs/benchmarks.md).",
     )
     gguf_file: str | None = Field(
