@@ -15,7 +15,9 @@ figures compare: `--clients 1 8` gives the single stream beside 8 at once. Time 
 the first non-empty content piece, so it includes the time a request waits in the server's queue. A grounded answer
 streams its article's rule before the model writes: `TTFT model` is the time to the first piece after it (the first
 piece the model generated; the same as TTFT for answers without a rule). Prints a markdown table and writes the
-figures as JSON (--output), with the server process's peak RSS (with --run).
+figures as JSON (--output), with the server process's peak RSS (with --run) and, from /health before and after each
+client count, where the generation thread's time went: its share admitting requests (planning, retrieval, prefill,
+during which the batch waits), the mean decode step and the rows it carried.
 """
 
 from __future__ import annotations
@@ -138,6 +140,28 @@ async def run_load(
     }
 
 
+def server_time(url: str) -> dict | None:
+    """The generation thread's time counters from /health (None from a server without them)."""
+    import httpx
+
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    return {k: health[k] for k in ("admit_s", "decode_s", "steps", "step_rows")} if "admit_s" in health else None
+
+
+def thread_split(before: dict | None, after: dict | None) -> dict | None:
+    """Between two readings: the share of the generation thread's busy time spent admitting requests, the mean
+    decode step and the mean rows a step carried."""
+    if not before or not after:
+        return None
+    d = {k: after[k] - before[k] for k in after}
+    busy, steps = d["admit_s"] + d["decode_s"], d["steps"]
+    return {
+        "admit_share": round(d["admit_s"] / busy, 3) if busy else 0.0,
+        "step_ms": round(1000 * d["decode_s"] / steps, 1) if steps else 0.0,
+        "rows_per_step": round(d["step_rows"] / steps, 2) if steps else 0.0,
+    }
+
+
 @contextmanager
 def server_process(run: str, max_queue: int, max_batch: int, api_key: str | None, startup_s: float = 900.0):
     """`kotune serve RUN` in its own process on a free loopback port: yields (base URL, pid), stops it on exit."""
@@ -245,11 +269,19 @@ def main(argv: list[str] | None = None) -> dict:
         if args.warmup:
             asyncio.run(run_load(url, model, 1, 0.0, args.max_tokens, args.api_key, questions=len(QUESTIONS)))
         for clients in args.clients:
+            before = server_time(url)
             report = asyncio.run(run_load(url, model, clients, args.duration, args.max_tokens, args.api_key))
             report["run"], report["max_batch"] = args.run, args.max_batch
+            report["generation_thread"] = thread_split(before, server_time(url))
             if pid is not None:
                 report["peak_rss_mb"] = peak_rss_mb(pid)
             print(table(report), flush=True)
+            if report["generation_thread"]:
+                g = report["generation_thread"]
+                print(
+                    f"generation thread: {g['admit_share']:.0%} admitting requests (plan, retrieval, prefill), "
+                    f"decode steps of {g['step_ms']:.0f} ms carrying {g['rows_per_step']:.1f} rows on average"
+                )
             if report["errors"]:
                 print("errors:", *report["error_samples"], sep="\n  ")
             reports.append(report)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kotune.infer.sampling import draw, next_tokens, sample, warp, warp_scores
+from kotune.infer.sampling import _top_k_survivors, draw, next_tokens, sample, warp, warp_scores
 
 
 def _full_sort_top_p(scores, top_k, top_p, temperature=1.0):
@@ -101,3 +101,18 @@ def test_drawing_among_the_survivors_picks_what_the_whole_row_picks():
     tied = torch.zeros(4, 100)
     got = sample(tied, [torch.Generator().manual_seed(0)] * 4, None, 10, 0.9)  # a tie: the whole row's draw
     assert torch.equal(got, draw(warp(tied, None, 10, 0.9), [torch.Generator().manual_seed(0)] * 4))
+
+
+def test_a_constrained_row_with_fewer_than_k_tokens_left_takes_the_short_path():
+    # a citation constraint leaves a handful of tokens and sets the rest to -inf: their tie at -inf is no reason to
+    # sort the whole vocabulary, and the result is the full sort's
+    torch.manual_seed(0)
+    logits = torch.full((3, 50000), float("-inf"))
+    for row, n in enumerate((3, 20, 49)):
+        logits[row, torch.randperm(50000)[:n]] = torch.randn(n) * 2
+    assert _top_k_survivors(logits, 0.7, 50, 0.9) is not None
+    got = warp(logits, 0.7, 50, 0.9)
+    want = _full_sort_top_p(logits, 50, 0.9, 0.7)
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[~got.isinf()], want[~want.isinf()])
+    picked = sample(logits, [torch.Generator().manual_seed(0)] * 3, 0.7, 50, 0.9)
+    assert torch.isfinite(logits.gather(1, picked[:, None])).all()

@@ -358,6 +358,8 @@ def test_load_bench_runs_without_errors(tiny_run, tmp_path):
     assert report["errors"] == 0 and report["requests"] >= 4
     assert report["ttft_s"]["p50"] <= report["latency_s"]["p50"] and report["tokens_per_s"] > 0
     assert json.loads(out.read_text(encoding="utf-8"))["requests"] == report["requests"]
+    split = report["generation_thread"]  # from the server's /health counters
+    assert 0 < split["admit_share"] < 1 and split["step_ms"] > 0 and 1 <= split["rows_per_step"] <= 4
 
 
 def test_requests_share_the_running_batch_and_each_answers_as_alone(bot):
@@ -373,6 +375,8 @@ def test_requests_share_the_running_batch_and_each_answers_as_alone(bot):
     finally:
         worker.close()
     assert got == expected
+    stats = worker.stats  # the generation thread's time, as /health reports it
+    assert stats.admit_s > 0 and stats.decode_s > 0 and stats.steps <= stats.step_rows <= 4 * stats.steps
     assert max(widest) == 4, "at most max_batch requests decode at once, and they did share the batch"
     assert worker.stats.served == len(QUESTIONS) and worker.pending == 0
 

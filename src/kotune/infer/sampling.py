@@ -110,13 +110,16 @@ def _nucleus_drops(row, top_p: float):
 
 def _top_k_survivors(scores, temperature, top_k: int, top_p):
     """`warp` with top-k, computed on the k survivors only (each pass over a 262k vocabulary costs about a
-    millisecond a row): their ids and scores, or None when a row ties at its k-th score (then more than k survive)."""
+    millisecond a row, a sort of it ten): their ids and scores, or None when a row ties at its k-th finite score
+    (then more than k survive)."""
     import torch
 
     top, ids = torch.topk(scores, top_k + 1)
     if temperature and temperature != 1.0:
         top = top / temperature  # the k+1 largest after the division too: it keeps the order (ties may appear)
-    if not bool((top[:, top_k] < top[:, top_k - 1]).all()):
+    # A tie at the k-th score keeps more than k tokens, unless the tie is at -inf: then fewer than k tokens are left
+    # (a citation constraint allows a handful) and top-k keeps them all, which are among these k.
+    if not bool(((top[:, top_k] < top[:, top_k - 1]) | (top[:, top_k - 1] == float("-inf"))).all()):
         return None
     kept, ids = top[:, :top_k], ids[:, :top_k]
     if top_p is not None and top_p < 1.0:

@@ -343,6 +343,10 @@ async def health(request: Request):
         "cancelled": s.cancelled,
         "failed": s.failed,
         "timed_out": s.timed_out,
+        "admit_s": round(s.admit_s, 3),
+        "decode_s": round(s.decode_s, 3),
+        "steps": s.steps,
+        "step_rows": s.step_rows,
     }
 
 

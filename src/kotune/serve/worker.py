@@ -43,6 +43,12 @@ class Stats:
     cancelled: int = 0
     failed: int = 0
     timed_out: int = 0
+    # Where the generation thread's time goes: admitting requests (planning, retrieval, prefill; the whole answer
+    # when the engine cannot batch) against decode steps, and how many rows the steps carried.
+    admit_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    step_rows: int = 0
 
 
 @dataclass(eq=False)  # identity: two jobs with the same question are still two jobs
@@ -123,9 +129,13 @@ class Worker:
             for job in expired:
                 self._end(job, error=TimedOut())
             for job in admit:
+                t = time.perf_counter()
                 self._start(job)
+                self.stats.admit_s += time.perf_counter() - t
             if self._running:
+                t = time.perf_counter()
                 self._step()
+                self.stats.decode_s += time.perf_counter() - t
 
     def _expired_waiting(self) -> list[Job]:
         now = time.monotonic()
@@ -237,6 +247,8 @@ class Worker:
                 self._end(run.job, error=error)
         if not self._running:
             return
+        self.stats.steps += 1
+        self.stats.step_rows += len(self._decoder)
         try:
             done = {id(s) for s in self._decoder.step()}
         except Exception as e:  # noqa: BLE001 — the batch is lost; every request in it fails, the server goes on
