@@ -154,3 +154,22 @@ def test_repeat_guard_leaves_open_citations_and_the_prompt_alone(tiny_gpt2):
     scores = torch.zeros(1, len(tok))
     guard(torch.tensor([looped]), scores)
     assert not torch.isfinite(scores).all()
+
+
+def test_a_candidates_text_from_a_window_is_its_text_after_the_whole_answer(tiny_gpt2):
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    proc = CitationConstraint(tok, [[A303]], prompt_len=0)
+    text = "임차인은 보증금을 돌려받을 때까지 집을 비워 주지 않아도 됩니다. 동시이행의 항변권입니다. (근거: 민법 제3"
+    answer = tok(text, add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    candidates = list(range(tok.vocab_size))
+    for end in range(1, len(answer) + 1):  # every prefix, so windows start inside characters too
+        gen = answer[:end]
+        text = tok.decode(gen, skip_special_tokens=True)
+        picked = rng.sample(candidates, 40)
+        whole = [tok.decode(gen + [t], skip_special_tokens=True)[len(text) :] for t in picked]
+        assert proc.pieces(gen, text, picked) == whole
