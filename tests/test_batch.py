@@ -141,3 +141,33 @@ def test_the_shortlist_head_is_exact_on_its_shortlist_whatever_the_batch():
     for row in (together, alone):  # ... the most likely tokens do not: bit for bit the exact logits
         assert torch.equal(row.gather(1, top), exact.gather(1, top))
     assert torch.equal(together.argmax(-1), exact.argmax(-1)) and torch.equal(alone.argmax(-1), exact.argmax(-1))
+
+
+@pytest.mark.parametrize("headroom", [3, 256], ids=["runs-out-of-room", "room-ahead"])
+@pytest.mark.parametrize("build", [_gpt2, _gemma], ids=["gpt2", "gemma3-sliding"])
+def test_the_cache_appends_in_place_and_decodes_as_concatenation_does(monkeypatch, build, headroom):
+    import kotune.infer.batch as batch
+    import kotune.infer.fastgen as fastgen
+
+    engine = FastGenerator(convert_model(build().eval(), "float32"))
+    prompts = _prompts()
+    monkeypatch.setattr(fastgen, "appending", lambda cache: cache)  # the dynamic cache's own torch.cat
+    concatenated = [_alone(engine, p, 30) for p in prompts]
+    monkeypatch.undo()
+    monkeypatch.setattr(batch, "HEADROOM", headroom)
+    assert [_alone(engine, p, 30) for p in prompts] == concatenated
+    decoder = BatchDecoder(engine)
+    seqs = [Sequence(p, 30) for p in prompts]
+    for s in seqs[:3]:
+        decoder.add(s)
+    buffers = []
+    for _ in range(6):
+        decoder.step()
+        buffers.append([layer._kbuf.data_ptr() for layer in decoder.cache.layers])
+    moves = sum(a != b for a, b in zip(buffers, buffers[1:]))
+    assert (moves > 0) == (headroom == 3)  # with room ahead every step writes into the same buffers
+    for s in seqs[3:]:
+        decoder.add(s)
+    while len(decoder):
+        decoder.step()
+    assert [s.new for s in seqs] == concatenated

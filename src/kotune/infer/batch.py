@@ -48,9 +48,72 @@ def _layers(cache) -> list | None:
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+    known = (DynamicLayer, DynamicSlidingWindowLayer, *_appending_classes().values())
+    if not layers or any(type(layer) not in known for layer in layers):
         return None
     return layers
+
+
+HEADROOM = 256  # columns allocated ahead, per layer, so a decode step appends in place
+
+
+def _append(layer, key_states, value_states, *args, **kwargs):
+    """`update` of an appending layer: the new columns are written into a buffer with room ahead instead of
+    concatenated (a copy of the whole cache, every layer, every step). Holds the same values as the dynamic layer's
+    `torch.cat`, so attention sees the same keys. `keys`/`values` stay views of the buffer; when something else
+    replaces them (a batch merges or drops rows) or the room runs out, the next call copies them into a new buffer."""
+    import torch
+
+    if not layer.is_initialized or layer.keys is None:  # reset since: the dynamic layer's own first update
+        return super(type(layer), layer).update(key_states, value_states, *args, **kwargs)
+    add = key_states.shape[-2]
+    if layer.keys is not layer._view or layer._end + add > layer._kbuf.shape[2]:
+        keys, values = layer.keys, layer.values
+        n = keys.shape[-2]
+        shape = (*keys.shape[:2], n + add + HEADROOM, keys.shape[3])
+        layer._kbuf = torch.empty(shape, dtype=keys.dtype, device=keys.device)
+        layer._vbuf = torch.empty(shape, dtype=values.dtype, device=values.device)
+        layer._kbuf[:, :, :n], layer._vbuf[:, :, :n] = keys, values
+        layer._end = n
+    start, end = layer._end - layer.keys.shape[-2], layer._end + add
+    layer._kbuf[:, :, layer._end : end] = key_states
+    layer._vbuf[:, :, layer._end : end] = value_states
+    layer._end = end
+    full_keys, full_values = layer._kbuf[:, :, start:end], layer._vbuf[:, :, start:end]
+    window = getattr(layer, "sliding_window", None)
+    if window is None:
+        layer.keys, layer.values = full_keys, full_values
+    else:  # as the sliding layer: keep the last window - 1 columns, return them with the new ones
+        layer.cumulative_length += add
+        layer.keys, layer.values = full_keys[:, :, -window + 1 :], full_values[:, :, -window + 1 :]
+    layer._view = layer.keys
+    return full_keys, full_values
+
+
+_APPENDING: dict = {}
+
+
+def _appending_classes() -> dict:
+    """The dynamic layer classes, each with an appending subclass (built once, transformers imported lazily)."""
+    if not _APPENDING:
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        for base in (DynamicLayer, DynamicSlidingWindowLayer):
+            _APPENDING[base] = type(f"Appending{base.__name__}", (base,), {"update": _append})
+    return _APPENDING
+
+
+def appending(cache):
+    """Switch a dynamic cache's layers (after the prefill) to append in place; returns the cache. Layers of other
+    kinds, and sliding layers that record their past, are left as they are."""
+    classes = _appending_classes()
+    for layer in getattr(cache, "layers", ()):
+        cls = classes.get(type(layer))
+        if cls is not None and getattr(layer, "is_initialized", False) and not getattr(layer, "record_past", False):
+            layer.__class__ = cls
+            layer._view = layer._kbuf = layer._vbuf = None
+            layer._end = 0
+    return cache
 
 
 def _kept(layer, width: int) -> int:
@@ -127,6 +190,7 @@ class BatchDecoder:
             return
         if _layers(cache) is None:
             raise TypeError(f"cannot batch a {type(cache).__name__}: only dynamic caches are merged")
+        appending(cache)
         row_mask = torch.ones(1, len(seq.prompt), dtype=torch.long, device=device)
         last = torch.tensor([token], device=device)
         pos = torch.tensor([len(seq.prompt)], device=device)

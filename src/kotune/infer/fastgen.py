@@ -22,7 +22,7 @@ from ..errors import ModelError
 from ..memory import cpu_has_bf16, cpu_threads, cuda_has_bf16
 from ..model import load_run
 from ..runfolder import require_run
-from .batch import use_row_attention
+from .batch import appending, use_row_attention
 from .llamacpp import load_llamacpp
 from .sampling import next_tokens, stop_ids
 
@@ -253,10 +253,14 @@ class FastGenerator:
             c_mask = torch.ones_like(contrast_ids) if contrast_mask is None else contrast_mask
             c_ids, c_pos, c_cache = contrast_ids, (c_mask.long().cumsum(-1) - 1).clamp(min=0), None
         with torch.inference_mode():
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 logits, cache = self._forward(step_ids, mask, step_pos, cache)
+                if step == 0:  # after the prefill: later steps append to the cache in place (batch.py)
+                    appending(cache)
                 if contrast:
                     c_logits, c_cache = self._forward(c_ids, c_mask, c_pos, c_cache)
+                    if step == 0:
+                        appending(c_cache)
                     logits = (1 + contrast_weight) * logits.float().log_softmax(
                         -1
                     ) - contrast_weight * c_logits.float().log_softmax(-1)
