@@ -40,6 +40,36 @@ def _gemma():
     return Gemma3ForCausalLM(cfg)
 
 
+def _deepseek():
+    # multi-head latent attention: keys and values of different widths in the cache and in attention
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )
+    return DeepseekV3ForCausalLM(cfg)
+
+
 PROMPT_LENGTHS = (5, 23, 11, 40, 3, 17)
 
 
@@ -53,7 +83,7 @@ def _alone(engine, prompt, n):
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-@pytest.mark.parametrize("build", [_gpt2, _gemma], ids=["gpt2", "gemma3-sliding"])
+@pytest.mark.parametrize("build", [_gpt2, _gemma, _deepseek], ids=["gpt2", "gemma3-sliding", "deepseek-mla"])
 def test_greedy_output_is_the_same_alone_or_in_a_batch(build, precision):
     # bf16: the CPU's shortlist head, with a shortlist of 8 of the 300 tokens so that its approximate logits (int8,
     # the activations scaled per call) really differ between the two runs
@@ -144,7 +174,7 @@ def test_the_shortlist_head_is_exact_on_its_shortlist_whatever_the_batch():
 
 
 @pytest.mark.parametrize("headroom", [3, 256], ids=["runs-out-of-room", "room-ahead"])
-@pytest.mark.parametrize("build", [_gpt2, _gemma], ids=["gpt2", "gemma3-sliding"])
+@pytest.mark.parametrize("build", [_gpt2, _gemma, _deepseek], ids=["gpt2", "gemma3-sliding", "deepseek-mla"])
 def test_the_cache_appends_in_place_and_decodes_as_concatenation_does(monkeypatch, build, headroom):
     import kotune.infer.batch as batch
     import kotune.infer.fastgen as fastgen

@@ -70,9 +70,9 @@ def _append(layer, key_states, value_states, *args, **kwargs):
     if layer.keys is not layer._view or layer._end + add > layer._kbuf.shape[2]:
         keys, values = layer.keys, layer.values
         n = keys.shape[-2]
-        shape = (*keys.shape[:2], n + add + HEADROOM, keys.shape[3])
-        layer._kbuf = torch.empty(shape, dtype=keys.dtype, device=keys.device)
-        layer._vbuf = torch.empty(shape, dtype=values.dtype, device=values.device)
+        room = n + add + HEADROOM  # keys and values may differ in width (latent attention: MLA)
+        layer._kbuf = keys.new_empty((*keys.shape[:2], room, keys.shape[3]))
+        layer._vbuf = values.new_empty((*values.shape[:2], room, values.shape[3]))
         layer._kbuf[:, :, :n], layer._vbuf[:, :, :n] = keys, values
         layer._end = n
     start, end = layer._end - layer.keys.shape[-2], layer._end + add
@@ -284,7 +284,7 @@ def _one_query(q, key, value, softcap):
     scores = torch.matmul(q, key.float().transpose(1, 2))
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    return torch.matmul(scores.softmax(-1), value.float()).reshape(-1, q.shape[-1])
+    return torch.matmul(scores.softmax(-1), value.float()).reshape(-1, value.shape[-1])
 
 
 def _spans(attention_mask, rows: int, width: int) -> list:
@@ -320,7 +320,7 @@ def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     scale = scaling if scaling is not None else dim**-0.5
     # grouped-query attention: the query heads that share a kv head, together
     q = (query[:, :, 0].float() * scale).reshape(rows, kv_heads, heads // kv_heads, dim)
-    out = torch.empty(rows, heads, dim, dtype=torch.float32, device=query.device)
+    out = torch.empty(rows, heads, value.shape[-1], dtype=torch.float32, device=query.device)  # MLA: v ≠ q width
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

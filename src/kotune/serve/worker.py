@@ -44,7 +44,8 @@ class Stats:
     failed: int = 0
     timed_out: int = 0
     # Where the generation thread's time goes: admitting requests (planning, retrieval, prefill; the whole answer
-    # when the engine cannot batch) against decode steps, and how many rows the steps carried.
+    # when the engine cannot batch) against decode steps (with the finishing of the answers that end in them), and
+    # how many rows the steps carried.
     admit_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0
