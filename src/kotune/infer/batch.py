@@ -62,7 +62,6 @@ def _append(layer, key_states, value_states, *args, **kwargs):
     concatenated (a copy of the whole cache, every layer, every step). Holds the same values as the dynamic layer's
     `torch.cat`, so attention sees the same keys. `keys`/`values` stay views of the buffer; when something else
     replaces them (a batch merges or drops rows) or the room runs out, the next call copies them into a new buffer."""
-    import torch
 
     if not layer.is_initialized or layer.keys is None:  # reset since: the dynamic layer's own first update
         return super(type(layer), layer).update(key_states, value_states, *args, **kwargs)
