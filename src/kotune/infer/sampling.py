@@ -52,25 +52,15 @@ def warp(scores, temperature: float | None = None, top_k: int | None = None, top
     if few is not None:
         ids, kept = few
         return torch.full_like(scores, float("-inf")).scatter(1, ids, kept)
+    # Only reached when the survivors cannot be listed (a tie at the k-th finite score, or a flat row without top-k):
+    # the whole row, as `generate`'s warpers do it.
     if temperature and temperature != 1.0:
         scores = scores / temperature
-    candidates = None  # with top-k: the ids that survive it, so top-p sorts k scores instead of the vocabulary
     if top_k:
-        k = min(top_k, scores.shape[-1])
-        top, ids = torch.topk(scores, k)
-        kth = top[:, -1:]
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-        # A tie with the k-th score keeps more than k tokens; then top-p sorts the whole row, as before.
-        if bool((torch.isfinite(scores).sum(-1) == k).all()):
-            candidates = ids
     if top_p is not None and top_p < 1.0:
-        # Tokens top-k removed have probability 0 and sort first, so they change no cumulative sum: sorting only the
-        # candidates gives the same drops.
-        row = scores if candidates is None else scores.gather(1, candidates)
-        drop = _nucleus_drops(row, top_p)
-        if candidates is not None:
-            drop = torch.zeros_like(scores, dtype=torch.bool).scatter(1, candidates, drop)
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = scores.masked_fill(_nucleus_drops(scores, top_p), float("-inf"))
     return scores
 
 
